@@ -304,7 +304,7 @@ class RAVLT(nn.Module):
         layer_scale = _per_stage(layer_scale_init_value, num_stages)
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i in range(num_stages):
@@ -431,7 +431,7 @@ class RAVLT(nn.Module):
         return self.forward_neck(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean((2, 3), keepdim=True))
+        x = self.head_drop(F.adaptive_avg_pool2d(x, 1))
         return x.flatten(1) if pre_logits else self.head(x).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -453,7 +453,11 @@ RAVLT_CONFIGS = {
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.Tensor]:
     """Accept a raw state dict or a training checkpoint (`model`, `state_dict` or `model_ema` entry),
-    with or without DistributedDataParallel's `module.` prefix."""
+    with or without DistributedDataParallel's `module.` prefix.
+
+    `model` comes first: it holds the weights the authors' DeiT-style `--eval` reports. (timm's loader for
+    `pretrained_cfg_overlay=dict(file=...)` picks `model_ema` itself before calling this, by timm convention.)
+    """
     for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]

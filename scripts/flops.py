@@ -1,0 +1,109 @@
+"""Parameters and FLOPs of RAVLT, counted with fvcore beside the paper's table.
+
+Convention (the authors'): fvcore's FlopCountAnalysis with its default handles, where one multiply-add
+counts as one FLOP; element-wise work (activations, softmax, RoPE) is not counted. We report the total
+with the attention matrix products (q.k^T, attn.v, the linear-attention KV products) and without them
+(convolutions, norms and pooling only). fvcore does not know `scaled_dot_product_attention`, which our
+softmax blocks call, so it is counted here as its two matrix products.
+
+    python scripts/flops.py                       # all four variants at 224x224
+    python scripts/flops.py --model RAVLT_S --input-size 384
+    python scripts/flops.py --input-size 512 768 --json
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+from math import prod
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fvcore's import
+import timm  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from fvcore.nn.jit_handles import get_shape  # noqa: E402
+
+import models  # noqa: E402  (registers the RAVLT models)
+
+# The authors' README: params (M) and FLOPs (G) at 224x224.
+PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}
+
+# Operators that compute attention products (RAVLT has no linear layers, so these are all attention).
+ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'scaled_dot_product_attention')
+
+
+def sdpa_flop_jit(inputs, outputs) -> int:
+    """q.k^T and attn.v of scaled_dot_product_attention: B*h*Lq*Lk*(E + Ev) multiply-adds."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: torch.nn.Module, inputs) -> dict:
+    """fvcore FLOPs of model(inputs), in total and per operator (fvcore names, `aten::` dropped)."""
+    model.eval()
+    analysis = (FlopCountAnalysis(model, inputs)
+                .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
+                .unsupported_ops_warnings(False)
+                .uncalled_modules_warnings(False))
+    with torch.no_grad():
+        return {'total': analysis.total(), 'by_operator': dict(analysis.by_operator())}
+
+
+def measure(name: str, input_size=(224, 224)) -> dict:
+    """Params and FLOPs of one classification model at batch 1."""
+    model = timm.create_model(models.resolve_model_name(name))
+    flops = count_flops(model, torch.randn(1, 3, *input_size))
+    attention = sum(v for k, v in flops['by_operator'].items() if k in ATTENTION_OPS)
+    return {'model': name, 'input_size': list(input_size), 'params': count_params(model),
+            'flops': flops['total'], 'flops_no_attn': flops['total'] - attention}
+
+
+def format_table(rows) -> str:
+    lines = ['| model | input | params (M) | GFLOPs | GFLOPs w/o attn products | paper params (M) | paper GFLOPs |',
+             '|---|---|---|---|---|---|---|']
+    for r in rows:
+        paper = PUBLISHED.get(models.resolve_model_name(r['model']), ('-', '-'))
+        lines.append(f"| {r['model']} | {r['input_size'][0]}x{r['input_size'][1]} | {r['params'] / 1e6:.2f} | "
+                     f"{r['flops'] / 1e9:.3f} | {r['flops_no_attn'] / 1e9:.3f} | {paper[0]} | {paper[1]} |")
+    return '\n'.join(lines)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('RAVLT params and FLOPs', add_help=True)
+    parser.add_argument('--model', nargs='+', default=['RAVLT_T', 'RAVLT_S', 'RAVLT_B', 'RAVLT_L'],
+                        help='RAVLT_T ... RAVLT_L, ravlt_t ... or any timm model name')
+    parser.add_argument('--input-size', nargs='+', type=int, default=[224], metavar='H [W]',
+                        help='input height and width (one number for a square input)')
+    parser.add_argument('--json', action='store_true', help='print a JSON list instead of a table')
+    return parser
+
+
+def main(args) -> int:
+    if len(args.input_size) > 2 or min(args.input_size) < 1:
+        print('error: --input-size takes one or two positive integers (H [W])', file=sys.stderr)
+        return 2
+    size = (args.input_size[0], args.input_size[-1])
+    known = set(timm.list_models())
+    unknown = [m for m in args.model if models.resolve_model_name(m) not in known]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; choose RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L "
+              f"or a timm model name", file=sys.stderr)
+        return 2
+    rows = [measure(m, size) for m in args.model]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        print('\nFLOPs: fvcore, one multiply-add = one FLOP, element-wise ops not counted; the paper\'s '
+              'figures sit near the column without the attention matrix products.')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,48 @@
+"""scripts/flops.py reproduces the authors' fvcore params/FLOPs table."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, 'scripts')
+import flops  # noqa: E402
+
+# Measured on the authors' code: fvcore at 1x3x224x224, default handles.
+AUTHORS = {
+    'RAVLT_T': (14.90, 2.626, 2.425),
+    'RAVLT_S': (25.59, 4.899, 4.527),
+    'RAVLT_B': (48.24, 10.616, 9.838),
+    'RAVLT_L': (95.24, 17.256, 16.139),
+}
+
+
+@pytest.mark.parametrize('name', ['RAVLT_S', 'RAVLT_B', 'RAVLT_L'])
+def test_params_and_flops_match_authors(name):
+    row = flops.measure(name, (224, 224))
+    params, gflops, gflops_no_attn = AUTHORS[name]
+    assert round(row['params'] / 1e6, 2) == params
+    assert round(row['flops'] / 1e9, 3) == gflops
+    assert round(row['flops_no_attn'] / 1e9, 3) == gflops_no_attn
+
+
+def test_cli_json_and_non_square_input():
+    out = subprocess.run([sys.executable, 'scripts/flops.py', '--model', 'RAVLT_T', '--json'],
+                         capture_output=True, text=True, check=True).stdout
+    (row,) = json.loads(out)
+    assert set(row) == {'model', 'input_size', 'params', 'flops', 'flops_no_attn'}
+    assert row['input_size'] == [224, 224]
+    assert (round(row['params'] / 1e6, 2), round(row['flops'] / 1e9, 3), round(row['flops_no_attn'] / 1e9, 3)) \
+        == AUTHORS['RAVLT_T']
+    # Non-square: conv FLOPs scale with the token count, so 224x448 is about twice 224x224.
+    wide = flops.measure('RAVLT_T', (224, 448))
+    assert wide['input_size'] == [224, 448]
+    assert 1.9 < wide['flops_no_attn'] / row['flops_no_attn'] < 2.05
+    assert wide['flops'] - wide['flops_no_attn'] > 2 * (row['flops'] - row['flops_no_attn'])  # quadratic part
+
+
+def test_cli_rejects_bad_arguments():
+    for args in (['--model', 'RAVLT_X'], ['--input-size', '0']):
+        result = subprocess.run([sys.executable, 'scripts/flops.py', *args], capture_output=True, text=True)
+        assert result.returncode == 2
+        assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
