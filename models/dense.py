@@ -153,7 +153,11 @@ class SemanticFPNDecoder(nn.Module):
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values()
-        return self.merge([head(p) for head, p in zip(self.scale_heads, pyramid)])
+        outputs = [head(p) for head, p in zip(self.scale_heads, pyramid)]
+        # Sizes not divisible by 32 leave the upsampled coarse levels off by a few pixels (as mmseg, resize).
+        size = outputs[0].shape[-2:]
+        return self.merge([o if o.shape[-2:] == size else F.interpolate(o, size, mode='bilinear', align_corners=False)
+                           for o in outputs])
 
 
 class UPerNetHead(nn.Module):

@@ -33,7 +33,10 @@ __all__ = ['RAVLT', 'RankAugmentedLinearAttention', 'SoftmaxAttention', 'RAVLT_C
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of a (B, C, H, W) map (the authors' `LayerNorm2d`, key `.norm`)."""
+    """LayerNorm over the channels of a (B, C, H, W) map (the authors' `LayerNorm2d`, key `.norm`).
+
+    The network runs channels-last, where both permutes below are free views.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -49,9 +52,10 @@ class RotaryEmbedding2d(nn.Module):
     """2-D rotary position embedding tables for one stage.
 
     The persistent buffer `angle` (head_dim / 2 values, each frequency twice, interleaved) is part of
-    the authors' checkpoints. A token at row h, column w rotates the first half of the head dim by
-    h * angle and the second half by w * angle. Tables are returned as (head_dim, H * W), matching the
-    (B, heads, head_dim, N) layout the attention works in, and cached per size, device and dtype.
+    the authors' checkpoints. Channels (2i, 2i + 1) of a head are a pair that turns by one angle: a
+    token at row h, column w turns the pairs of the first half of the head dim by h * angle and those
+    of the second half by w * angle. Tables are (H * W, head_dim / 2), row-major tokens by pairs, and
+    cached per size, device and dtype.
     """
 
     def __init__(self, head_dim: int):
@@ -61,15 +65,13 @@ class RotaryEmbedding2d(nn.Module):
         self._cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tables(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        angle = self.angle
+        angle = self.angle[0::2]  # one angle per pair (the buffer holds each twice)
         rows = torch.arange(height, device=angle.device, dtype=angle.dtype)
         cols = torch.arange(width, device=angle.device, dtype=angle.dtype)
-        pos_h = (rows[:, None] * angle[None, :]).T[:, :, None].expand(-1, height, width)  # (d/2, H, W)
-        pos_w = (cols[:, None] * angle[None, :]).T[:, None, :].expand(-1, height, width)
-        pos = torch.cat([pos_h, pos_w], dim=0).flatten(1)  # (d, H*W), row-major tokens
-        # Fold the sign of the pair rotation into the sin table: x * cos + swap(x) * sin_signed.
-        sign = torch.tensor([-1.0, 1.0], device=angle.device, dtype=angle.dtype).repeat(pos.shape[0] // 2)
-        return torch.sin(pos) * sign[:, None], torch.cos(pos)
+        pos_h = (rows[:, None] * angle)[:, None, :].expand(-1, width, -1)  # (H, W, d/4)
+        pos_w = (cols[:, None] * angle)[None, :, :].expand(height, -1, -1)
+        pos = torch.cat([pos_h, pos_w], dim=-1).flatten(0, 1)  # (H*W, d/2)
+        return torch.sin(pos), torch.cos(pos)
 
     def forward(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -84,10 +86,29 @@ class RotaryEmbedding2d(nn.Module):
         return tables
 
 
-def apply_rope(x: torch.Tensor, sin_signed: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x (..., head_dim, N): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
-    swapped = x.unflatten(-2, (-1, 2)).flip(-2).flatten(-3, -2)  # (x1, x0) per pair
-    return x * cos + swapped * sin_signed
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, shift: float = 0.0,
+               inplace: bool = False) -> torch.Tensor:
+    """RoPE of x + shift: each channel pair (x0, x1) = x[..., 2i:2i + 2] of x (..., head_dim) turns to
+    (x0 cos - x1 sin, x1 cos + x0 sin); sin and cos broadcast against (..., head_dim / 2). Computed in
+    at least the tables' precision; the result has x's dtype.
+
+    `inplace` lets float32 / float64 results overwrite x (only where autograd does not need x).
+    """
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    if torch.compiler.is_compiling() or x.stride(-1) != 1:
+        # The real form: Inductor fuses it into one kernel.
+        x0, x1 = (x.to(dtype) + shift).unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
+    # Eager: a pair is a complex number, so the rotation (and the shift) is one multiply-add, one pass over
+    # x. Pairs are adjacent in memory on channels-last maps, so the complex view is free.
+    inplace = inplace and x.dtype == dtype
+    pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)))
+    turn = torch.complex(cos.to(dtype), sin.to(dtype))
+    if inplace:
+        rotated = (pairs.add_(complex(shift, shift)) if shift else pairs).mul_(turn)
+    else:
+        rotated = torch.addcmul(turn * complex(shift, shift), pairs, turn) if shift else pairs * turn
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 class GatedAttentionBase(nn.Module):
@@ -105,48 +126,83 @@ class GatedAttentionBase(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def attend(self, q, k, v, sin, cos):
-        """q, k, v: (B, heads, head_dim, N) -> (B, heads, head_dim, N)."""
+    def attend(self, qk: torch.Tensor, v: torch.Tensor, lepe: torch.Tensor, sin: torch.Tensor,
+               cos: torch.Tensor) -> torch.Tensor:
+        """attention(q, k, v) + lepe, token-major: qk (B, N, 2, heads, head_dim) holds q and k; v and
+        lepe are (B, N, heads, head_dim), as is the result. qk and lepe may be overwritten."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)
-        lepe = self.lepe(v)
-        # Heads are contiguous channel groups: (B, C, H, W) -> (B, heads, head_dim, N) is a view.
-        q, k, v = (t.reshape(B, self.num_heads, self.head_dim, H * W) for t in (q, k, v))
-        out = self.attend(q, k, v, sin, cos).reshape(B, C, H, W)
-        return self.proj((out + lepe) * o)
+        x = x.contiguous(memory_format=torch.channels_last)  # free inside RAVLT, which runs channels-last
+        if torch.is_autocast_enabled(x.device.type):  # cast once, not once per conv
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # q|k, v and o as three convs on slices of the one weight, so that each is a dense map:
+        # elementwise work on a dense map is several times faster than on channel slices of a 4C map.
+        w, b = self.qkvo.weight, self.qkvo.bias
+        qk = F.conv2d(x, w[:2 * C], b[:2 * C])
+        v = F.conv2d(x, w[2 * C:3 * C], b[2 * C:3 * C])
+        o = F.conv2d(x, w[3 * C:], b[3 * C:])
+
+        def tokens(t):  # (B, g * C, H, W) -> (B, N, g, heads, head_dim): a view of a channels-last map
+            return t.permute(0, 2, 3, 1).reshape(B, H * W, -1, self.num_heads, self.head_dim)
+
+        out = self.attend(tokens(qk), tokens(v)[:, :, 0], tokens(self.lepe(v))[:, :, 0], sin, cos)
+        out = out.mul_(tokens(o)[:, :, 0]).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        return self.proj(out)
 
 
 class RankAugmentedLinearAttention(GatedAttentionBase):
-    """RALA: linear attention whose keys are re-weighted by alpha = softmax_tokens(scale * mean(q) . k).
+    """RALA: linear attention whose keys are re-weighted by alpha = softmax_tokens(scale * mean(q') . k').
 
-    With k' = N * alpha * k (per token), out = RoPE(q) (RoPE(k')^T v / N) / (q . mean_tokens(k') + 1e-6).
-    The N and 1/N cancel, so below k' / N = alpha * k is used throughout.
+    With q' = elu(q) + 1, k' = elu(k) + 1 and k'' = N * alpha * k' (per token):
+    out = RoPE(q') (RoPE(k'')^T v / N) / (q' . mean_tokens(k'') + 1e-6). The N and 1/N cancel, so
+    alpha * k' is used throughout. Heads are computed as (N, head_dim) x (head_dim, head_dim) products.
     """
 
-    def attend(self, q, k, v, sin, cos):
-        q = F.elu(q) + 1.0
-        k = F.elu(k) + 1.0
-        q_mean = q.mean(dim=-1, keepdim=True)  # (B, h, d, 1)
-        alpha = torch.softmax(self.scale * (q_mean.transpose(-1, -2) @ k), dim=-1)  # (B, h, 1, N)
-        k = k * alpha
-        kv = apply_rope(k, sin, cos) @ v.transpose(-1, -2)  # (B, h, d_k, d_v)
-        denom = k.sum(dim=-1, keepdim=True).transpose(-1, -2) @ q + 1e-6  # (B, h, 1, N)
-        return (kv.transpose(-1, -2) @ apply_rope(q, sin, cos)) / denom
+    def attend(self, qk, v, lepe, sin, cos):
+        # Eager under no_grad overwrites intermediates in place; autograd needs them, and Inductor plans
+        # its own buffers (and Dynamo does not take strided `out=`).
+        inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        # elu in place on the conv output (autograd keeps the result). q' and k' are never formed:
+        # the + 1 joins each use below.
+        e_q, e_k = F.elu_(qk).unbind(2)  # (B, N, h, d)
+        q_mean = e_q.mean(1, keepdim=True) + 1.0  # mean_tokens(q'), (B, 1, h, d)
+        # Products as einsum: faster than multiply-and-sum, and fvcore counts them as the authors' matmuls.
+        scores = torch.einsum('bnhd,bhd->bnh', e_k, q_mean[:, 0]) + q_mean.sum(-1)  # q_mean . k', (B, N, h)
+        alpha = torch.softmax(self.scale * scores, dim=1).unsqueeze(-1)
+        k = torch.addcmul(alpha, e_k, alpha, out=e_k if inplace else None)  # alpha * k'
+        k_sum = k.sum(1, keepdim=True)  # (B, 1, h, d)
+        denom = (torch.einsum('bnhd,bhd->bnh', e_q, k_sum[:, 0]).unsqueeze(-1)
+                 + (k_sum.sum(-1, keepdim=True) + 1e-6))  # q' . k_sum
+        k = apply_rope(k, sin[:, None], cos[:, None], inplace=True)  # no backward needs alpha * k'
+        q = apply_rope(e_q, sin[:, None], cos[:, None], shift=1.0, inplace=inplace)  # RoPE(q')
+        heads = [torch.bmm(q[:, :, i], torch.bmm(k[:, :, i].transpose(1, 2), v[:, :, i]))
+                 for i in range(self.num_heads)]  # per head: strided views need no copies
+        out = heads[0].unsqueeze(2) if self.num_heads == 1 else torch.stack(heads, dim=2)
+        return lepe.addcdiv_(out, denom)
 
 
 class SoftmaxAttention(GatedAttentionBase):
-    """Softmax attention with 2-D RoPE on q and k (stages 3-4)."""
+    """Softmax attention with 2-D RoPE on q and k (stages 3-4), through scaled_dot_product_attention."""
 
-    def attend(self, q, k, v, sin, cos):
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return out.transpose(-1, -2)
+    def attend(self, qk, v, lepe, sin, cos):
+        qk = apply_rope(qk, sin[:, None, None], cos[:, None, None], inplace=True)  # no backward needs qk
+        q, k = qk.permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
+        return lepe.add_(out.transpose(1, 2))
 
 
 ATTENTION_TYPES = {'rala': RankAugmentedLinearAttention, 'softmax': SoftmaxAttention}
+
+
+def conv_plus_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """x + conv(x) for a depthwise 'same' conv, as one conv: the identity joins the kernel's centre tap."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x + conv(x)  # the sum keeps x's precision; the folded conv would round it to the autocast dtype
+    identity = torch.zeros_like(conv.weight)
+    identity[:, :, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1
+    return F.conv2d(x, conv.weight + identity, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class ConvFeedForward(nn.Module):
@@ -159,9 +215,9 @@ class ConvFeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.fc1(x))
-        x = x + self.dwconv(x)
-        return self.fc2(x)
+        x = self.fc1(x)
+        x = F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)  # GELU's backward needs its input
+        return self.fc2(conv_plus_input(self.dwconv, x))
 
 
 class RAVLTBlock(nn.Module):
@@ -181,10 +237,18 @@ class RAVLTBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init_value)))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos(x)
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), sin, cos))
-        x = x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
-        return x
+        # Channels-last throughout: 1x1 convs, LayerNorm and the token-major attention need no copies.
+        x = conv_plus_input(self.pos, x.contiguous(memory_format=torch.channels_last))
+        x = self.add_residual(x, self.gamma_1, self.attn(self.norm1(x), sin, cos))
+        return self.add_residual(x, self.gamma_2, self.ffn(self.norm2(x)))
+
+    def add_residual(self, x: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + drop_path(gamma * y); x is this block's own intermediate, so under no_grad it is updated in place."""
+        if self.training and isinstance(self.drop_path, DropPath):
+            return x + self.drop_path(gamma * y)
+        if torch.is_grad_enabled() or x.dtype != torch.promote_types(gamma.dtype, y.dtype):
+            return torch.addcmul(x, gamma, y)  # (under autocast the sum is float32, as the authors')
+        return x.addcmul_(gamma, y)
 
 
 class Downsample(nn.Module):
@@ -245,7 +309,8 @@ class PatchEmbed(nn.Module):
         self.proj = conv_stem(in_chans, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        # The network runs channels-last from here on (faster convs, copy-free LayerNorm and attention).
+        return self.proj(x.contiguous(memory_format=torch.channels_last))
 
 
 def _per_stage(value, num_stages: int) -> list:

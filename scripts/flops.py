@@ -26,6 +26,7 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 import models  # noqa: E402  (registers the RAVLT models)
+from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model  # noqa: E402
 
 # The authors' README: params (M) and FLOPs (G) at 224x224.
 PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}
@@ -55,20 +56,30 @@ def count_flops(model: torch.nn.Module, inputs) -> dict:
         return {'total': analysis.total(), 'by_operator': dict(analysis.by_operator())}
 
 
-def measure(name: str, input_size=(224, 224)) -> dict:
-    """Params and FLOPs of one classification model at batch 1."""
-    model = timm.create_model(models.resolve_model_name(name))
-    flops = count_flops(model, torch.randn(1, 3, *input_size))
+def measure(name: str, input_size=(224, 224), task: str = 'classification') -> dict:
+    """Params and FLOPs of one model at batch 1: a classifier, or a dense model (models/dense.py) whose
+    FLOPs count what the authors' mmdet / mmseg count (FlopsForward)."""
+    if task == 'classification':
+        model = counted = timm.create_model(models.resolve_model_name(name))
+    else:
+        model = build_dense_model(task, models.resolve_model_name(name))
+        counted = FlopsForward(model)
+    flops = count_flops(counted, torch.randn(1, 3, *input_size))
     attention = sum(v for k, v in flops['by_operator'].items() if k in ATTENTION_OPS)
-    return {'model': name, 'input_size': list(input_size), 'params': count_params(model),
-            'flops': flops['total'], 'flops_no_attn': flops['total'] - attention}
+    row = {'model': name, 'input_size': list(input_size), 'params': count_params(model),
+           'flops': flops['total'], 'flops_no_attn': flops['total'] - attention}
+    return row if task == 'classification' else {'task': task, **row}
 
 
-def format_table(rows) -> str:
+def format_table(rows, task: str = 'classification') -> str:
     lines = ['| model | input | params (M) | GFLOPs | GFLOPs w/o attn products | paper params (M) | paper GFLOPs |',
              '|---|---|---|---|---|---|---|']
     for r in rows:
-        paper = PUBLISHED.get(models.resolve_model_name(r['model']), ('-', '-'))
+        if task == 'classification':
+            paper = PUBLISHED.get(models.resolve_model_name(r['model']), ('-', '-'))
+        else:
+            published = DENSE_PUBLISHED[task].get(models.resolve_model_name(r['model']), {})
+            paper = (published.get('params', '-'), published.get('gflops') or '-')
         lines.append(f"| {r['model']} | {r['input_size'][0]}x{r['input_size'][1]} | {r['params'] / 1e6:.2f} | "
                      f"{r['flops'] / 1e9:.3f} | {r['flops_no_attn'] / 1e9:.3f} | {paper[0]} | {paper[1]} |")
     return '\n'.join(lines)
@@ -78,28 +89,31 @@ def get_args_parser():
     parser = argparse.ArgumentParser('RAVLT params and FLOPs', add_help=True)
     parser.add_argument('--model', nargs='+', default=['RAVLT_T', 'RAVLT_S', 'RAVLT_B', 'RAVLT_L'],
                         help='RAVLT_T ... RAVLT_L, ravlt_t ... or any timm model name')
-    parser.add_argument('--input-size', nargs='+', type=int, default=[224], metavar='H [W]',
-                        help='input height and width (one number for a square input)')
+    parser.add_argument('--input-size', nargs='+', type=int, default=None, metavar='H [W]',
+                        help='input height and width (one number for a square input; default 224, for '
+                        'detection 800 1280, for segmentation 512 2048)')
+    parser.add_argument('--task', default='classification', choices=('classification',) + DENSE_TASKS,
+                        help='count a classifier or a RetinaNet / Mask R-CNN / Semantic FPN / UperNet model')
     parser.add_argument('--json', action='store_true', help='print a JSON list instead of a table')
     return parser
 
 
 def main(args) -> int:
-    if len(args.input_size) > 2 or min(args.input_size) < 1:
+    if args.input_size is not None and (len(args.input_size) > 2 or min(args.input_size) < 1):
         print('error: --input-size takes one or two positive integers (H [W])', file=sys.stderr)
         return 2
-    size = (args.input_size[0], args.input_size[-1])
-    known = set(timm.list_models())
+    size = (args.input_size[0], args.input_size[-1]) if args.input_size else DENSE_INPUT_SIZE.get(args.task, (224, 224))
+    known = set(timm.list_models()) if args.task == 'classification' else set(models.RAVLT_CONFIGS)
     unknown = [m for m in args.model if models.resolve_model_name(m) not in known]
     if unknown:
         print(f"error: unknown model(s) {', '.join(unknown)}; choose RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L "
               f"or a timm model name", file=sys.stderr)
         return 2
-    rows = [measure(m, size) for m in args.model]
+    rows = [measure(m, size, args.task) for m in args.model]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(format_table(rows))
+        print(format_table(rows, args.task))
         print('\nFLOPs: fvcore, one multiply-add = one FLOP, element-wise ops not counted; the paper\'s '
               'figures sit near the column without the attention matrix products.')
     return 0

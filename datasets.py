@@ -1,0 +1,120 @@
+"""Data sets and their transforms: ImageNet class folders (IMNET), CIFAR-100 (CIFAR), random images
+(FAKE) and scikit-learn's handwritten digits (DIGITS, shipped inside the package)."""
+import os
+
+import torch
+from PIL import Image, ImageOps
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data import auto_augment, create_transform
+from torchvision import datasets, transforms
+
+from utils import UsageError
+
+DATA_SETS = ('IMNET', 'CIFAR', 'FAKE', 'DIGITS')
+FAKE_SIZES = {True: 1024, False: 256}  # train / val images of the FAKE set
+DIGITS_VAL_SIZE = 360  # of load_digits' 1,797 images; the other 1,437 train
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, with 0 bits giving a black image as in Pillow < 13: the authors' RandAugment
+    policy (rand-m9-mstd0.5-inc1) asks for 0 bits whenever the sampled magnitude reaches 10, and
+    Pillow 13 raises on that."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    auto_augment.NAME_TO_OP[_name] = posterize
+
+
+class Digits(torch.utils.data.Dataset):
+    """scikit-learn's 8x8 handwritten digits (10 classes) with a fixed, stratified train/val split.
+    Images are returned as (3, 8, 8) tensors in [0, 1] for the transform to upscale."""
+
+    def __init__(self, train: bool, transform=None):
+        digits = load_digits()
+        indices = train_test_split(range(len(digits.target)), test_size=DIGITS_VAL_SIZE,
+                                   stratify=digits.target, random_state=0)[0 if train else 1]
+        self.images = torch.tensor(digits.images[indices], dtype=torch.float32) / 16.0
+        self.targets = torch.tensor(digits.target[indices]).tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index].expand(3, -1, -1)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def _image_folder(root: str, transform):
+    """An ImageFolder whose layout problems become one-line UsageErrors saying how to fix them."""
+    split = os.path.basename(root)
+    if not os.path.isdir(root):
+        raise UsageError(f'{os.path.dirname(root)} has no {split}/ folder: --data-set IMNET expects '
+                         f'DATA/train/<class>/<images> and DATA/val/<class>/<images>')
+    entries = os.listdir(root)
+    if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
+        raise UsageError(f'{root} has no class folders ({len(entries)} file(s) directly in it): put its images '
+                         'into one folder per class named as in train/ (for ImageNet val, e.g. with the '
+                         'widely used valprep.sh)')
+    try:
+        return datasets.ImageFolder(root, transform=transform)
+    except FileNotFoundError as e:
+        raise UsageError(f'{root}: {str(e).splitlines()[0]}') from None
+
+
+def build_dataset(is_train: bool, args):
+    """(dataset, number of classes) for `args.data_set`, the train or val split."""
+    transform = build_transform(is_train, args)
+    if args.data_set == 'DIGITS':
+        return Digits(is_train, transform), 10
+    if args.data_set == 'FAKE':
+        # Different offsets give train and val different images.
+        return datasets.FakeData(FAKE_SIZES[is_train], (3, args.input_size, args.input_size), 1000, transform,
+                                 random_offset=0 if is_train else FAKE_SIZES[True]), 1000
+    if not args.data_path:
+        raise UsageError(f'--data-set {args.data_set} needs --data-path')
+    if not os.path.isdir(args.data_path):
+        raise UsageError(f'--data-path {args.data_path} does not exist or is not a folder')
+    if args.data_set == 'CIFAR':
+        try:
+            return datasets.CIFAR100(args.data_path, train=is_train, transform=transform, download=False), 100
+        except RuntimeError:
+            raise UsageError(f'CIFAR-100 not found under {args.data_path}: extract '
+                             'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz there '
+                             '(giving DATA/cifar-100-python/train, test, meta)') from None
+    if not os.listdir(args.data_path):
+        raise UsageError(f'--data-path {args.data_path} is empty: --data-set IMNET expects '
+                         'DATA/train/<class>/<images> and DATA/val/<class>/<images>')
+    dataset = _image_folder(os.path.join(args.data_path, 'train' if is_train else 'val'), transform)
+    return dataset, len(dataset.classes)
+
+
+def build_transform(is_train: bool, args):
+    """The authors' (DeiT's) transforms: for training RandomResizedCrop, flip, RandAugment, colour
+    jitter and random erasing (a padded random crop at 32 px and below); for evaluation a resize of
+    the short side to input_size * 256 / 224 and a centre crop (no resize ratio above 224 px, none at
+    32 px and below), bicubic. DIGITS uses a light crop-and-upscale of its 8x8 images instead."""
+    size = args.input_size
+    if args.data_set == 'DIGITS':
+        resize = (transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15)) if is_train
+                  else transforms.Resize(size))
+        return transforms.Compose([resize, transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    if is_train:
+        transform = create_transform(size, is_training=True, color_jitter=args.color_jitter,
+                                     auto_augment=args.aa if args.aa and args.aa != 'none' else None,
+                                     interpolation=args.train_interpolation, re_prob=args.reprob,
+                                     re_mode=args.remode, re_count=args.recount)
+        if size <= 32:
+            transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+        return transform
+    crop_pct = 224 / 256 if 32 < size <= 224 else 1.0
+    return create_transform(size, is_training=False, interpolation='bicubic', crop_pct=crop_pct)

@@ -1,0 +1,225 @@
+"""scripts/rank_analysis.py and scripts/plot_logs.py: ranks, the attention paths against the model, files written."""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import models  # noqa: F401  (registers RAVLT with timm)
+from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention, RotaryEmbedding2d
+from scripts import plot_logs, rank_analysis
+from utils import UsageError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def tiny_ravlt():
+    """A two-stage float64 RAVLT (RALA then softmax) with every weight randomised, norms and biases included."""
+    torch.manual_seed(0)
+    model = timm.create_model('ravlt_t', num_classes=10, embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2),
+                              attn_types=('rala', 'softmax'), projection_dim=32).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def qkvo(batch=2, heads=2, head_dim=8, height=3, width=5):
+    torch.manual_seed(1)
+    q, k, v, o, lepe = torch.randn(5, batch, heads, head_dim, height * width, dtype=torch.float64)
+    sin, cos = RotaryEmbedding2d(head_dim).double()(height, width)
+    return q, k, v, o, lepe, sin, cos
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as img:
+        img.verify()
+
+
+def test_rank_of_constructed_matrices_is_recovered():
+    torch.manual_seed(0)
+    ranks = torch.tensor([[1, 5], [12, 20]])
+    singular = torch.logspace(0, -2, 20, dtype=torch.float64)  # all well above rtol = 1e-3 of the largest
+    matrices = torch.zeros(2, 2, 30, 20, dtype=torch.float64)
+    for i in range(2):
+        for h in range(2):
+            r = int(ranks[i, h])
+            u, _ = torch.linalg.qr(torch.randn(30, r, dtype=torch.float64))
+            w, _ = torch.linalg.qr(torch.randn(20, r, dtype=torch.float64))
+            matrices[i, h] = 3.0 * (u * singular[:r]) @ w.T
+    matrices[1, 1] += 1e-9 * torch.randn(30, 20, dtype=torch.float64)  # noise far below the tolerance
+    summary = rank_analysis.summarise(matrices, rtol=1e-3)
+    assert summary['rank'] == ranks.tolist()
+    assert summary['shape'] == [30, 20]
+    spectrum = torch.tensor(summary["spectrum"], dtype=torch.float64)  # mean over the two images, per head
+    expected = torch.zeros(2, 2, 20, dtype=torch.float64)
+    for i in range(2):
+        for h in range(2):
+            expected[i, h, :ranks[i, h]] = singular[:ranks[i, h]]
+    torch.testing.assert_close(spectrum, expected.mean(0), rtol=0, atol=1e-8)
+    # sigma_i / sigma_0 = 10^(-2i/19) > 0.5 for i = 0, 1, 2 only.
+    assert rank_analysis.summarise(matrices, rtol=0.5)['rank'] == [[1, 3], [3, 3]]
+    assert rank_analysis.summarise(torch.zeros(1, 1, 4, 3, dtype=torch.float64), 1e-3)['rank'] == [[0]]
+
+
+def test_rala_with_uniform_alpha_and_no_gate_is_plain_linear_attention():
+    q, k, v, o, lepe, sin, cos = qkvo()
+    uniform = torch.full((2, 2, 1, q.shape[-1]), 1.0 / q.shape[-1], dtype=torch.float64)
+    kv, out = rank_analysis.rala_path(q, k, v, o, lepe, sin, cos, scale=8 ** -0.5, alpha=uniform, gated=False)
+    plain_kv, plain_out = rank_analysis.plain_linear_attention(q, k, v, sin, cos)
+    assert kv.shape == (2, 2, 8, 8) and out.shape == (2, 2, 8, 15)
+    torch.testing.assert_close(kv, plain_kv, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(out, plain_out, rtol=1e-13, atol=1e-15)
+    # The real re-weighting and the gate do change both, so the equality above is not vacuous.
+    rala_kv, rala_out = rank_analysis.rala_path(q, k, v, o, lepe, sin, cos, scale=8 ** -0.5)
+    assert (rala_kv - plain_kv).abs().max() > 1e-3 and (rala_out - plain_out).abs().max() > 1e-3
+
+
+def test_attention_paths_reproduce_the_model():
+    model = tiny_ravlt()
+    inputs, outputs = {}, {}
+    for name, attn in rank_analysis.attention_modules(model):
+        attn.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args))
+        attn.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
+    images = torch.randn(2, 3, 40, 24, dtype=torch.float64)
+    with torch.no_grad():
+        model(images)
+        for name, attn in rank_analysis.attention_modules(model):
+            x, sin, cos = inputs[name]
+            B, C, H, W = x.shape
+            q, k, v, o, lepe = rank_analysis.block_tensors(attn, x)
+            if isinstance(attn, RankAugmentedLinearAttention):
+                _, features = rank_analysis.rala_path(q, k, v, o, lepe, sin, cos, attn.scale)
+            else:
+                assert isinstance(attn, SoftmaxAttention)
+                attn_matrix, features = rank_analysis.softmax_path(q, k, v, o, lepe, sin, cos, attn.scale)
+                torch.testing.assert_close(attn_matrix.sum(-1), torch.ones(B, attn.num_heads, H * W,
+                                                                           dtype=torch.float64))
+            torch.testing.assert_close(attn.proj(features.reshape(B, C, H, W)), outputs[name], rtol=1e-12, atol=1e-13)
+    assert sorted(outputs) == ['layers.0.blocks.0', 'layers.1.blocks.0']
+
+    report = rank_analysis.analyse(model, images, rtol=1e-3)
+    rala, softmax = report
+    assert (rala['attention'], rala['tokens'], rala['heads'], rala['head_dim']) == ('rala', 60, 1, 16)
+    assert rala['rala']['kv_buffer']['shape'] == [16, 16] and rala['rala']['output']['shape'] == [60, 16]
+    assert softmax['softmax']['attention_matrix']['shape'] == [15, 15]
+    assert all(1 <= r <= 15 for image in softmax['softmax']['attention_matrix']['rank'] for r in image)
+    # Output features have rank at most that of the KV buffer in plain linear attention (out = RoPE(q) kv).
+    plain = rala['plain_linear']
+    assert all(o <= k for oi, ki in zip(plain['output']['rank'], plain['kv_buffer']['rank']) for o, k in zip(oi, ki))
+
+
+TINY_KWARGS = {'embed_dims': [16, 32, 32, 32], 'depths': [2, 1, 1, 1], 'num_heads': [1, 2, 2, 4],
+               'projection_dim': 32}
+
+
+def run_rank_analysis(tmp_path, *extra):
+    out = tmp_path / 'rank'
+    rank_analysis.main(rank_analysis.get_args_parser().parse_args(
+        ['--num-images', '2', '--input-size', '32', '--output_dir', str(out), *extra]))
+    assert_png(out / 'rank.png')
+    return json.loads((out / 'rank.json').read_text())
+
+
+def test_rank_analysis_writes_png_and_json(tmp_path):
+    report = run_rank_analysis(tmp_path, '--model', 'RAVLT_T', '--model-kwargs', json.dumps(TINY_KWARGS))
+    assert report['weights'] == 'random init (no checkpoint)' and report['images'] == '2 DIGITS val images'
+    assert report['model'] == 'ravlt_t' and report['input_size'] == [3, 32, 32]
+    assert report['spectra_block'] == 'layers.0.blocks.0'
+    assert [b['block'] for b in report['blocks']] == ['layers.0.blocks.0', 'layers.0.blocks.1', 'layers.1.blocks.0',
+                                                      'layers.2.blocks.0', 'layers.3.blocks.0']
+    assert [b['attention'] for b in report['blocks']] == ['rala'] * 3 + ['softmax'] * 2
+    assert [b['tokens'] for b in report['blocks']] == [64, 64, 16, 4, 1]
+    stage2 = report['blocks'][2]['rala']
+    assert len(stage2['kv_buffer']['rank']) == 2 and len(stage2['kv_buffer']['rank'][0]) == 2  # images, heads
+    assert stage2['kv_buffer']['shape'] == [16, 16] and stage2['output']['shape'] == [16, 16]
+
+
+def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
+    # A checkpoint as main.py writes it: the model settings and input size come from its `args`.
+    torch.manual_seed(0)
+    trained = timm.create_model('ravlt_t', num_classes=10, **TINY_KWARGS)
+    ckpt = tmp_path / 'checkpoint.pth'
+    torch.save({'model': trained.state_dict(), 'epoch': 3,
+                'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS, 'input-size': 48}}, ckpt)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in range(3):
+        Image.new('RGB', (50, 40), (60 * i, 20, 200)).save(folder / f'{i}.png')
+    (folder / 'notes.txt').write_text('not an image')
+    out = tmp_path / 'rank'
+    rank_analysis.main(rank_analysis.get_args_parser().parse_args(
+        ['--checkpoint', str(ckpt), '--images', str(folder), '--num-images', '2',
+         '--spectra-block', 'layers.2.blocks.0', '--output_dir', str(out)]))
+    report = json.loads((out / 'rank.json').read_text())
+    assert report['weights'] == f'checkpoint {tmp_path.name}/checkpoint.pth' and report['images'] == f'2 images from {folder}'
+    assert report['input_size'] == [3, 48, 48]  # the training size stored in the checkpoint
+    assert report['blocks'][2]['tokens'] == 36 and report['spectra_block'] == 'layers.2.blocks.0'
+    assert_png(out / 'rank.png')
+    # The authors' checkpoints keep their settings in an argparse.Namespace.
+    assert rank_analysis.training_flag({'args': argparse.Namespace(input_size=224)}, 'input-size') == 224
+
+
+def test_rank_analysis_bad_input_is_one_line(tmp_path, capsys):
+    tiny = ['--model-kwargs', json.dumps(TINY_KWARGS)]
+    with pytest.raises(UsageError, match='--spectra-block layers.9.blocks.0 is not an attention block'):
+        run_rank_analysis(tmp_path, *tiny, '--spectra-block', 'layers.9.blocks.0')
+    with pytest.raises(UsageError, match='no .jpg/.png images in'):
+        run_rank_analysis(tmp_path, *tiny, '--images', str(tmp_path))
+    # The script's entry point: utils.run_cli turns the UsageError into one line and exit code 2.
+    args = rank_analysis.get_args_parser().parse_args(['--checkpoint', str(tmp_path / 'none.pth'),
+                                                       '--output_dir', str(tmp_path / 'out')])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(rank_analysis.main, args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f'error: checkpoint {tmp_path / "none.pth"} does not exist']
+    assert not (tmp_path / 'out').exists()
+
+
+def write_log(folder, entries):
+    folder.mkdir()
+    (folder / 'log.txt').write_text(''.join(json.dumps(e) + '\n' for e in entries))
+    return str(folder)
+
+
+def test_plot_logs_writes_png(tmp_path):
+    with_ema = write_log(tmp_path / 'a', [
+        {'epoch': e, 'n_parameters': 10, 'train_loss': 2.0 / (e + 1), 'train_lr': 1e-3, 'test_acc1': 10.0 * e,
+         'test_acc5': 50.0, 'test_loss': 1.0, 'test_ema_acc1': 9.0 * e} for e in range(4)])
+    resumed_no_ema = write_log(tmp_path / 'b', [
+        {'epoch': 0, 'train_loss': 2.0, 'train_lr': 1e-3, 'test_acc1': 5.0},
+        {'epoch': 1, 'train_loss': 1.5, 'train_lr': 1e-3, 'test_acc1': 7.0},
+        {'epoch': 1, 'train_loss': 1.4, 'train_lr': 1e-3, 'test_acc1': 8.0}])
+    logs = [plot_logs.read_log(with_ema), plot_logs.read_log(resumed_no_ema)]
+    assert list(logs[1]) == [0, 1] and logs[1][1]['test_acc1'] == 8.0  # the later line of a re-logged epoch
+    plot_logs.main(plot_logs.get_args_parser().parse_args([with_ema, resumed_no_ema, '--labels', 'ema', 'no ema']))
+    assert_png(tmp_path / 'a' / 'curves.png')
+    out = tmp_path / 'cmp.png'
+    plot_logs.main(plot_logs.get_args_parser().parse_args([resumed_no_ema, '--output', str(out)]))
+    assert_png(out)
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'is not a folder'),
+    ('', 'is empty'),
+    ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
+    ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
+])
+def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
+    run = tmp_path / 'run'
+    if content is not None:
+        run.mkdir()
+        (run / 'log.txt').write_text(content)
+    result = subprocess.run([sys.executable, 'scripts/plot_logs.py', str(run)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0]
+    assert not (run / 'curves.png').exists()

@@ -1,0 +1,480 @@
+"""Dense prediction: the backbone and its checkpoints, the torchvision / smp models, the COCO and
+ADE20K readers, the AP and mIoU evaluation, and main_det.py / main_seg.py on tiny synthetic data sets."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.scheduler import MultiStepLRScheduler
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+import engine_dense
+import main_det
+import main_seg
+import utils
+from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, CocoInstances, collate_lists
+from models.dense import (DENSE_PUBLISHED, FPN_CHANNELS, FlopsForward, RAVLTBackbone, SemanticSegmenter,
+                          UPerNetHead, build_dense_model, create_backbone, load_backbone_weights)
+from utils import UsageError
+
+TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4), drop_path_rate=0.0)
+TINY_JSON = json.dumps(TINY)
+CATEGORY_IDS = (3, 7)  # not contiguous on purpose
+COLORS = {3: (220, 40, 40), 7: (40, 40, 220)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic data sets in the real formats
+# ----------------------------------------------------------------------------------------------------
+
+def write_coco(root, split, num_images=4, size=(64, 96), categories=CATEGORY_IDS):
+    """Coloured rectangles (one colour per category) on grey, with boxes, polygons and one crowd region."""
+    (root / split).mkdir(parents=True)
+    (root / 'annotations').mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    height, width = size
+    images, annotations = [], []
+    for i in range(num_images):
+        pixels = np.full((height, width, 3), 128, np.uint8)
+        slot = width // len(categories)  # one column per category
+        for j, category in enumerate(categories):
+            offset = int(rng.integers(1, 8))
+            x, y = j * slot + offset, int(rng.integers(2, height - 34))
+            w, h = int(rng.integers(16, slot - offset)), int(rng.integers(16, 32))
+            pixels[y:y + h, x:x + w] = COLORS.get(category, (0, 200, 0))
+            annotations.append({'id': len(annotations) + 1, 'image_id': i + 1, 'category_id': category,
+                                'bbox': [x, y, w, h], 'area': w * h, 'iscrowd': 0,
+                                'segmentation': [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+        Image.fromarray(pixels).save(root / split / f'{i:04d}.png')
+        images.append({'id': i + 1, 'file_name': f'{i:04d}.png', 'height': height, 'width': width})
+    # A crowd region: ignored in training (and by COCOeval).
+    crowd = np.zeros((height, width), np.uint8)
+    crowd[:6, :6] = 1
+    counts = [int(c) for c in np.diff(np.r_[0, np.flatnonzero(np.diff(crowd.T.ravel())) + 1, crowd.size])]
+    annotations.append({'id': len(annotations) + 1, 'image_id': 1, 'category_id': categories[0],
+                        'bbox': [0, 0, 6, 6], 'area': 36, 'iscrowd': 1,
+                        'segmentation': {'size': [height, width], 'counts': counts}})
+    data = {'images': images, 'annotations': annotations,
+            'categories': [{'id': c, 'name': f'class{c}'} for c in categories]}
+    (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(data))
+    return data
+
+
+def write_ade(root, split, num_images=4, size=(48, 64), max_label=3):
+    """Label maps with 'other' (0) and classes 1..max_label as coloured horizontal bands."""
+    (root / 'images' / split).mkdir(parents=True)
+    (root / 'annotations' / split).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    height, width = size
+    for i in range(num_images):
+        labels = np.zeros(size, np.uint8)
+        bounds = np.sort(rng.integers(4, height - 4, max_label))
+        for label, top in enumerate(bounds, start=1):
+            labels[top:] = label
+        labels[:, :4] = 0
+        palette = np.array([[128, 128, 128], [200, 30, 30], [30, 200, 30], [30, 30, 200]] + [[90, 90, 0]] * 10,
+                           np.uint8)
+        Image.fromarray(palette[labels]).save(root / 'images' / split / f'ADE_{i:04d}.jpg', quality=95)
+        Image.fromarray(labels).save(root / 'annotations' / split / f'ADE_{i:04d}.png')
+
+
+@pytest.fixture(scope='module')
+def coco_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('coco')
+    write_coco(root, 'train2017')
+    write_coco(root, 'val2017')
+    return root
+
+
+@pytest.fixture(scope='module')
+def ade_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ade')
+    write_ade(root, 'training')
+    write_ade(root, 'validation', num_images=2)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbone
+# ----------------------------------------------------------------------------------------------------
+
+CLASSIFIER_KEYS = {'proj.weight', 'proj.bias', 'norm.weight', 'norm.bias', 'norm.running_mean', 'norm.running_var',
+                   'norm.num_batches_tracked', 'head.weight', 'head.bias'}
+EXTRA_NORM_KEYS = {f'extra_norms.{i}.norm.{p}' for i in range(4) for p in ('weight', 'bias')}
+
+
+def test_backbone_keys_are_the_authors_dense_backbone_keys():
+    """The authors' GLTA backbone = their classification keys without the classifier, plus extra_norms."""
+    with open('tests/fixtures/state_dict_manifest.json') as f:
+        manifest = {k: tuple(s) for k, s, _ in json.load(f)['RAVLT_T']}
+    expected = {k: s for k, s in manifest.items() if k not in CLASSIFIER_KEYS}
+    expected.update({k: (dim,) for k in EXTRA_NORM_KEYS for dim in [(64, 128, 256, 512)[int(k.split('.')[1])]]})
+    backbone = create_backbone('ravlt_t')
+    assert {k: tuple(v.shape) for k, v in backbone.state_dict().items()} == expected
+    assert [n.norm.eps for n in backbone.extra_norms] == [1e-6] * 4
+
+
+def test_backbone_outputs_are_normed_timm_features():
+    torch.manual_seed(0)
+    backbone = RAVLTBackbone(**TINY).eval()
+    for norm in backbone.extra_norms:  # non-trivial affine parameters
+        torch.nn.init.normal_(norm.norm.weight)
+        torch.nn.init.normal_(norm.norm.bias)
+    features_only = timm.create_model('ravlt_t', features_only=True, **TINY).eval()
+    missing, unexpected = features_only.model.load_state_dict(backbone.state_dict(), strict=False)
+    assert set(unexpected) == EXTRA_NORM_KEYS and not missing
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        outputs, reference = backbone(x), features_only(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 128, 2, 3)]
+    for i, (out, ref) in enumerate(zip(outputs, reference)):
+        norm = backbone.extra_norms[i].norm
+        expected = torch.nn.functional.layer_norm(ref.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight,
+                                                  norm.bias, 1e-6).permute(0, 3, 1, 2)
+        torch.testing.assert_close(out, expected)
+
+
+def test_backbone_loads_imagenet_and_authors_dense_checkpoints():
+    torch.manual_seed(0)
+    classifier = timm.create_model('ravlt_t', num_classes=10, **TINY)
+    imagenet = {'model': classifier.state_dict(), 'epoch': 3}
+    model = build_dense_model('maskrcnn', 'RAVLT_T', 2, TINY, min_size=64, max_size=96)
+    missing, unexpected = load_backbone_weights(model, imagenet)
+    assert set(missing) == EXTRA_NORM_KEYS and set(unexpected) == CLASSIFIER_KEYS
+    backbone = model.backbone.body.state_dict()
+    for key, value in classifier.state_dict().items():
+        if key not in CLASSIFIER_KEYS:
+            assert torch.equal(backbone[key], value), key
+
+    # The authors' mmdet checkpoint: `state_dict` with `backbone.*`, `neck.*`, `rpn_head.*` ...
+    authors = {'meta': {'epoch': 12, 'CLASSES': ('a', 'b')},
+               'state_dict': {**{f'backbone.{k}': v + 1 for k, v in backbone.items()},
+                              'neck.lateral_convs.0.conv.weight': torch.zeros(256, 16, 1, 1)}}
+    other = build_dense_model('semfpn', 'ravlt_t', 2, TINY)
+    assert load_backbone_weights(other, authors) == ([], [])
+    assert all(torch.equal(other.backbone.state_dict()[k], v + 1) for k, v in backbone.items())
+
+    # Our own dense checkpoint (`model`, keys `backbone.body.*`) feeds another task's backbone too.
+    assert load_backbone_weights(other, {'model': model.state_dict()}) == ([], [])
+    with pytest.raises(ValueError, match='differ in shape'):
+        load_backbone_weights(build_dense_model('semfpn', 'ravlt_t', 2, dict(TINY, embed_dims=(16, 32, 64, 96))),
+                              imagenet)
+    with pytest.raises(ValueError, match='no RAVLT weights'):
+        load_backbone_weights(other, {'model': {'fc.weight': torch.zeros(2, 2)}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+def test_retinanet_follows_the_authors_config():
+    torch.manual_seed(0)
+    # C5 of 256 channels = the FPN width: P6 must still come from C5, not from P5.
+    model = build_dense_model('retinanet', 'ravlt_t', 3, dict(TINY, embed_dims=(32, 64, 128, 256)),
+                              min_size=64, max_size=96).eval()
+    body, fpn = model.backbone.body, model.backbone.fpn
+    assert body.out_indices == (1, 2, 3) and len(fpn.inner_blocks) == 3
+    assert not any(p.requires_grad for p in body.extra_norms[0].parameters())  # unused: frozen
+    seen = {}
+    fpn.extra_blocks.p6.register_forward_hook(lambda m, inputs, out: seen.update(p6_input=inputs[0]))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = model.backbone(x)
+        c5 = body(x)[-1]
+    torch.testing.assert_close(seen['p6_input'], c5)
+    assert list(features) == ['0', '1', '2', 'p6', 'p7']
+    assert [f.shape[-1] for f in features.values()] == [12, 6, 3, 2, 1]  # strides 8 ... 128
+    sizes = model.anchor_generator.sizes
+    assert len(sizes) == 5 and all(len(s) == 3 for s in sizes)
+    np.testing.assert_allclose(sizes[0], [32, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)])
+    assert model.anchor_generator.aspect_ratios[0] == (0.5, 1.0, 2.0)
+    assert model.head.classification_head.num_classes == 3  # no background column
+    assert len(model.head.classification_head.conv) == 4
+
+
+def test_param_counts_near_the_papers():
+    """Full-size models built from the library parts are within 2.5% of the README's (rounded) counts."""
+    for task, variant in (('maskrcnn', 'ravlt_t'), ('upernet', 'ravlt_s')):
+        with torch.device('meta'):
+            model = build_dense_model(task, variant)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        published = DENSE_PUBLISHED[task][variant]['params']
+        assert abs(params - published) / published < 0.025, (task, variant, params)
+
+
+def test_segmenter_losses_and_logits():
+    torch.manual_seed(0)
+    for task in ('semfpn', 'upernet'):
+        model = small_model(task, 5)
+        images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+        masks[:, :8] = IGNORE_INDEX
+        losses = model.train()(images, masks)
+        assert set(losses) == ({'loss_seg', 'loss_aux'} if task == 'upernet' else {'loss_seg'})
+        with torch.no_grad():
+            logits = model.eval()(images[:, :, :48])
+        assert logits.shape == (2, 5, 48, 64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data sets
+# ----------------------------------------------------------------------------------------------------
+
+def test_coco_reader_maps_categories_and_drops_crowds(coco_root):
+    train = CocoInstances(str(coco_root), 'train2017', True, with_masks=True, first_label=1)
+    assert train.num_classes == 2 and train.category_of(1) == 3 and train.category_of(2) == 7
+    image, target = train[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 64, 96) and 0 <= image.min() <= image.max() <= 1
+    assert target['labels'].tolist() == [1, 2]  # the crowd region of image 1 is gone
+    assert target['masks'].shape == (2, 64, 96) and target['boxes'].shape == (2, 4)
+    box = target['boxes'][0].round().int().tolist()
+    assert target['masks'][0, box[1]:box[3], box[0]:box[2]].float().mean() > 0.9
+    retina = CocoInstances(str(coco_root), 'train2017', True, with_masks=False, first_label=0)
+    assert retina[0][1]['labels'].tolist() == [0, 1] and 'masks' not in retina[0][1]
+    val = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
+    assert len(val) == 4 and val[2][1] == {'image_id': 3}
+
+
+def test_ade_reader_and_transforms(ade_root):
+    train = ADE20KSegmentation(str(ade_root), 'training', True, num_classes=3, img_scale=(128, 32), crop_size=40)
+    val = ADE20KSegmentation(str(ade_root), 'validation', False, num_classes=3, img_scale=(128, 32))
+    raw = np.array(Image.open(ade_root / 'annotations' / 'validation' / 'ADE_0000.png'))
+    image, mask = val[0]
+    assert image.shape == (3, 32, 43) and mask.shape == raw.shape  # labels keep their size
+    assert torch.equal(mask, torch.from_numpy(np.where(raw == 0, IGNORE_INDEX, raw.astype(np.int64) - 1)))
+    torch.manual_seed(0)
+    shapes, padded = set(), False
+    for i in range(8):
+        image, mask = train[i % len(train)]
+        shapes.add((tuple(image.shape), tuple(mask.shape)))
+        assert set(mask.unique().tolist()) <= {0, 1, 2, IGNORE_INDEX}
+        padded |= bool((image.abs().sum(0) == 0).any())
+    assert shapes == {((3, 40, 40), (40, 40))} and padded  # rescaled 0.5-2x of 32 px: some crops need padding
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------
+
+def _ground_truth_outputs(dataset, keep_categories):
+    """Detections equal to the ground truth (non-crowd annotations) of every image."""
+    outputs = []
+    for image_id in dataset.coco_dataset.ids:
+        anns = [a for a in dataset.coco.imgToAnns[image_id] if not a['iscrowd'] and a['category_id'] in keep_categories]
+        boxes = torch.tensor([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        masks = torch.stack([torch.from_numpy(dataset.coco.annToMask(a)).float() for a in anns])[:, None] \
+            if anns else torch.zeros(0, 1, 64, 96)
+        labels = torch.tensor([dataset.category_ids.index(a['category_id']) + dataset.first_label for a in anns])
+        outputs.append((image_id, {'boxes': boxes, 'labels': labels, 'scores': torch.ones(len(anns)), 'masks': masks}))
+    return outputs
+
+
+def test_coco_ap_of_ground_truth_is_100_and_of_half_the_classes_50(coco_root):
+    dataset = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
+    for keep, expected in ((CATEGORY_IDS, 100.0), (CATEGORY_IDS[:1], 50.0)):
+        results = [r for image_id, output in _ground_truth_outputs(dataset, keep)
+                   for r in engine_dense.coco_results(output, image_id, dataset.category_of)]
+        stats = engine_dense.coco_metrics(dataset.coco, results, ('bbox', 'segm'))
+        assert stats['bbox_AP'] == pytest.approx(expected) and stats['segm_AP'] == pytest.approx(expected)
+    assert engine_dense.coco_metrics(dataset.coco, [], ('bbox',))['bbox_AP'] == 0.0
+
+
+class FixedPrediction(torch.nn.Module):
+    def __init__(self, prediction, num_classes):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(prediction, num_classes).permute(2, 0, 1)[None].float()
+
+    def forward(self, images):
+        return self.logits
+
+
+def test_miou_by_hand():
+    labels = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE_INDEX, 1]])
+    prediction = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 3, fp 1 -> 3/4; class 2: tp 1, fn 1 (the ignored pixel
+    # does not count) -> 1/2; class 3 is absent from labels and predictions and left out.
+    loader = [(torch.zeros(1, 3, 2, 4), labels[None])]
+    stats = engine_dense.evaluate_segmentation(FixedPrediction(prediction, 4), loader, 4, IGNORE_INDEX,
+                                               torch.device('cpu'))
+    assert stats['mIoU'] == pytest.approx(100 * (1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert stats['aAcc'] == pytest.approx(100 * 5 / 7)
+    assert stats['mAcc'] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def small_model(task, num_classes):
+    """The task's model from the same classes, with narrower heads (the full ones take seconds per CPU step)."""
+    if task == 'maskrcnn':
+        model = build_dense_model(task, 'ravlt_t', num_classes, TINY, min_size=64, max_size=96,
+                                  rpn_batch_size_per_image=64, rpn_post_nms_top_n_train=100,
+                                  rpn_post_nms_top_n_test=50, box_batch_size_per_image=64)
+        model.roi_heads.box_head = TwoMLPHead(FPN_CHANNELS * 7 * 7, 64)
+        model.roi_heads.box_predictor = FastRCNNPredictor(64, num_classes + 1)
+        model.roi_heads.mask_head = MaskRCNNHeads(FPN_CHANNELS, [32, 32], 1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(32, 32, num_classes + 1)
+        return model
+    if task == 'upernet':
+        body = create_backbone('ravlt_t', **TINY)
+        return SemanticSegmenter(body, UPerNetHead(body.out_channels, channels=64), num_classes, aux_stage=2)
+    kwargs = dict(min_size=64, max_size=96) if task == 'retinanet' else {}
+    return build_dense_model(task, 'ravlt_t', num_classes, TINY, **kwargs)
+
+
+@pytest.mark.parametrize('task', ['retinanet', 'maskrcnn', 'semfpn', 'upernet'])
+def test_training_steps_lower_the_loss(task, coco_root, ade_root):
+    torch.manual_seed(0)
+    if task in ('retinanet', 'maskrcnn'):
+        dataset = CocoInstances(str(coco_root), 'train2017', True, task == 'maskrcnn', main_det.FIRST_LABEL[task])
+        batch = collate_lists([dataset[0], dataset[1]])
+        num_classes = 2
+    else:
+        dataset = ADE20KSegmentation(str(ade_root), 'training', True, 3, img_scale=(64, 48), crop_size=48)
+        batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+        num_classes = 3
+    model = small_model(task, num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = MultiStepLRScheduler(optimizer, decay_t=[1000], t_in_epochs=False)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    losses = []
+    for epoch in range(2):
+        stats, _ = engine_dense.train_one_epoch(model, [batch] * 4, optimizer, scheduler, torch.device('cpu'), epoch,
+                                                0, 1000, scaler, print_freq=100)
+        losses.append(stats['loss'])
+    assert losses[1] < 0.9 * losses[0], losses
+
+
+def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
+    torch.manual_seed(0)
+    dataset = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
+    model = small_model('maskrcnn', 2)
+    model.roi_heads.score_thresh = 0.0  # an untrained model: keep its low-scoring detections
+    stats = engine_dense.evaluate_coco(model, torch.utils.data.DataLoader(dataset, 2, collate_fn=collate_lists),
+                                       dataset, ('bbox', 'segm'), torch.device('cpu'))
+    assert {'bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_APl'} <= set(stats)
+    assert all(0.0 <= stats[k] <= 100.0 for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50'))
+
+
+def test_flops_count_the_authors_dummy_forward():
+    """As mmdet's get_flops: Mask R-CNN's box head on 1000 proposals, its mask head on 100."""
+    sys.path.insert(0, 'scripts')
+    import flops
+    torch.manual_seed(0)
+    model = small_model('maskrcnn', 2)  # box head 12544 -> 64 -> 64, 3 classes (with background)
+    counted = flops.count_flops(FlopsForward(model), torch.randn(1, 3, 64, 96))['by_operator']
+    assert counted['linear'] == 1000 * (FPN_CHANNELS * 49 * 64 + 64 * 64 + 64 * 3 + 64 * 3 * 4)
+    mask_head_convs = 100 * 14 * 14 * 9 * (FPN_CHANNELS * 32 + 32 * 32)
+    assert counted['conv'] > mask_head_convs
+    row = flops.measure('RAVLT_T', (64, 128), task='semfpn')
+    assert row['task'] == 'semfpn' and row['params'] == sum(p.numel() for p in build_dense_model(
+        'semfpn', 'ravlt_t').parameters()) and 0 < row['flops_no_attn'] < row['flops']
+
+
+def test_optimizer_groups_follow_the_authors_norm_rule():
+    upernet, semfpn = small_model('upernet', 3), small_model('semfpn', 3)
+    decay, no_decay = engine_dense.param_groups(upernet, 0.01, norm_no_decay=True)
+    names = {id(p): n for n, p in upernet.named_parameters()}
+    assert {names[id(p)] for p in no_decay['params']} == {
+        n for n, _ in upernet.named_parameters() if n.startswith('backbone.') and 'norm' in n}
+    assert any('conv_norm_relu' in names[id(p)] for p in decay['params'])  # smp's name; the authors' 'bn' decays
+    assert (decay['weight_decay'], no_decay['weight_decay']) == (0.01, 0.0)
+    decay, no_decay = engine_dense.param_groups(semfpn, 1e-4, norm_no_decay=False)
+    assert not no_decay['params'] and len(decay['params']) == len(list(semfpn.parameters()))
+
+
+def test_3x_config_sets_the_recipe(coco_root):
+    args = engine_dense.parse_args(main_det.get_args_parser(), main_det.RECIPES,
+                                   ['--config', 'configs/det_maskrcnn_3x.yaml', '--data-path', str(coco_root)])
+    assert (args.task, args.epochs, args.lr_steps, args.multiscale) == ('maskrcnn', 36, [27, 33], True)
+    assert (args.weight_decay, args.warmup_iters, args.warmup_ratio) == (0.05, 500, 1e-3)
+    args = engine_dense.parse_args(main_seg.get_args_parser(), main_seg.RECIPES, ['--task', 'upernet'])
+    assert (args.lr, args.iters, args.warmup_iters, args.poly_power, args.min_lr) == (6e-5, 160000, 1500, 1.0, 0.0)
+
+
+def det_args(coco_root, out, task, *extra):
+    return ['--task', task, '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--data-path', str(coco_root),
+            '--img-scale', '64', '96', '--device', 'cpu', '--num_workers', '0', '--batch-size', '2', '--lr', '1e-3',
+            '--warmup-iters', '2', '--print-freq', '100', '--output_dir', str(out), *extra]
+
+
+def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path):
+    task = 'retinanet'  # Mask R-CNN's full heads are slow on the CPU; the run is the same
+    stats = main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '2', '--lr-steps', '1'))
+    assert set(stats) == {f'bbox_{n}' for n in ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']}
+    assert all(0.0 <= v <= 100.0 or v == -100.0 for v in stats.values())  # -1 (x100): no objects of that size
+    log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in log] == [0, 1] and log[-1]['step'] == 4 and 'test_bbox_AP' in log[-1]
+    assert log[-1]['train_lr'] == pytest.approx(1e-4)  # x0.1 after epoch 1
+    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert checkpoint['epoch'] == 1 and checkpoint['meta']['classes'] == ['class3', 'class7']
+
+    # The checkpoint evaluates to the same numbers.
+    assert main_det.cli(det_args(coco_root, tmp_path / 'eval', task, '--eval', '--resume',
+                                 str(tmp_path / 'checkpoint.pth'))) == stats
+    # Training continues where it stopped.
+    main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '3', '--lr-steps', '1'))
+    log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in log] == [0, 1, 2] and log[-1]['step'] == 6
+
+
+def seg_args(ade_root, out, task, *extra):
+    return ['--task', task, '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--data-path', str(ade_root),
+            '--num-classes', '3', '--img-scale', '64', '48', '--crop-size', '48', '--device', 'cpu',
+            '--num_workers', '0', '--batch-size', '2', '--lr', '1e-3', '--print-freq', '100', '--output_dir', str(out),
+            *extra]
+
+
+def test_main_seg_trains_evaluates_and_resumes(ade_root, tmp_path):
+    stats = main_seg.cli(seg_args(ade_root, tmp_path, 'semfpn', '--iters', '3', '--eval-interval', '2',
+                                  '--min-lr', '0', '--poly-power', '1'))
+    assert set(stats) == {'mIoU', 'mAcc', 'aAcc'} and 0 <= stats['mIoU'] <= 100
+    log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    # 2 steps per epoch, 3 steps in all: evaluated after epoch 0 (step 2) and at the end (step 3).
+    assert [(r['epoch'], r['step'], 'test_mIoU' in r) for r in log] == [(0, 2, True), (1, 3, True)]
+    assert log[-1]['train_lr'] == pytest.approx(1e-3 * (1 - 2 / 3))  # poly, power 1, step 2 of 3
+    assert main_seg.cli(seg_args(ade_root, tmp_path / 'eval', 'semfpn', '--eval', '--resume',
+                                 str(tmp_path / 'checkpoint.pth'))) == stats
+    assert json.loads((tmp_path / 'eval' / 'eval_results.json').read_text()) == stats
+    main_seg.cli(seg_args(ade_root, tmp_path, 'semfpn', '--iters', '5', '--eval-interval', '100', '--min-lr', '0',
+                          '--poly-power', '1'))
+    log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
+    assert [(r['epoch'], r['step']) for r in log][2:] == [(2, 5)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------
+
+def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_root, tmp_path, capsys):
+    with pytest.raises(UsageError, match='instances_val2017.json not found'):
+        main_det.cli(det_args(tmp_path, tmp_path / 'a', 'retinanet'))
+    other = tmp_path / 'other'
+    write_coco(other, 'train2017', categories=(3, 7, 9))
+    write_coco(other, 'val2017')
+    with pytest.raises(UsageError, match='define different categories'):
+        main_det.cli(det_args(other, tmp_path / 'b', 'retinanet'))
+    with pytest.raises(UsageError, match='holds label 3 but --num-classes is 2'):
+        main_seg.cli(seg_args(ade_root, tmp_path / 'c', 'semfpn', '--num-classes', '2'))
+    # A checkpoint trained on 2 classes evaluated on 3.
+    write_coco(tmp_path / 'three', 'val2017', categories=(3, 7, 9))
+    model = build_dense_model('retinanet', 'ravlt_t', 2, TINY)
+    utils.save_checkpoint({'model': model.state_dict(), 'meta': {'task': 'retinanet', 'model': 'ravlt_t',
+                                                                  'classes': ['class3', 'class7']}},
+                          tmp_path / 'two.pth')
+    with pytest.raises(UsageError, match='trained on 2 classes, this data set has 3'):
+        main_det.cli(det_args(tmp_path / 'three', tmp_path / 'd', 'retinanet', '--eval', '--resume',
+                              str(tmp_path / 'two.pth')))
+    with pytest.raises(UsageError, match='holds no RAVLT weights'):
+        utils.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
+        main_seg.cli(seg_args(ade_root, tmp_path / 'e', 'semfpn', '--eval', '--pretrained', str(tmp_path / 'fc.pth')))
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(main_det.cli, det_args(tmp_path, tmp_path / 'f', 'maskrcnn'))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err

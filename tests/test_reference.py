@@ -1,0 +1,169 @@
+"""The fast attention, RoPE and block code equals the literal reference (models/reference.py), and the
+model compiles with torch.compile(fullgraph=True), exports with torch.export, runs under bf16 autocast and
+takes channels-last input."""
+import pytest
+import timm
+import torch
+
+import models  # noqa: F401  (registers the RAVLT models)
+from models import reference
+from models.ravlt import RAVLTBlock, RotaryEmbedding2d, apply_rope
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(module, seed=0):
+    """Non-trivial float64 weights everywhere (layer scales and norm affines included)."""
+    gen = torch.Generator().manual_seed(seed)
+    module.double()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() > 1 else 0.5)
+                    + (1.0 if name.endswith('norm.weight') else 0.0))
+    return module
+
+
+def make_block(kind, heads, head_dim, seed=0):
+    block = randomize_(RAVLTBlock(heads * head_dim, heads, attn_type=kind, mlp_ratio=2.5), seed)
+    rope = RotaryEmbedding2d(head_dim).double()
+    return block, rope
+
+
+CASES = [  # kind, heads, head_dim, (H, W), batch
+    ('rala', 1, 8, (7, 5), 2),
+    ('rala', 2, 4, (13, 9), 1),
+    ('rala', 3, 8, (4, 11), 2),
+    ('softmax', 1, 8, (7, 5), 2),
+    ('softmax', 2, 12, (13, 9), 1),
+    ('softmax', 5, 4, (3, 6), 3),
+]
+
+
+@pytest.mark.parametrize('kind, heads, head_dim, size, batch', CASES)
+def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, head_dim, size, batch):
+    block, rope = make_block(kind, heads, head_dim)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, heads * head_dim, *size, generator=gen, dtype=torch.float64)
+    sin, cos = rope(*size)
+    angle = rope.angle
+    for fast, slow, module in [(lambda t: block.attn(t, sin, cos), lambda t: reference.attention(block.attn, t, angle),
+                                block.attn),
+                               (lambda t: block(t, sin, cos), lambda t: reference.block(block, t, angle), block)]:
+        outs, grads = [], []
+        for fn in (fast, slow):
+            module.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = fn(xi)
+            (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            outs.append(y.detach())
+            grads.append([xi.grad] + [p.grad.clone() for p in module.parameters()])
+        assert rel_err(outs[0], outs[1]) < 1e-12
+        for g_fast, g_ref in zip(*grads):
+            assert rel_err(g_fast, g_ref) < 1e-11
+        with torch.no_grad():  # the in-place path taken without autograd
+            assert rel_err(fast(x.clone()), outs[1]) < 1e-12
+
+
+def test_no_grad_path_leaves_inputs_untouched():
+    block, rope = make_block('rala', 2, 8)
+    x = torch.randn(2, 16, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        block(x, *rope(9, 7))
+        block.attn(x, *rope(9, 7))
+    assert torch.equal(x, kept)
+
+
+def test_rope_tables_are_cached_per_size_device_and_dtype():
+    rope = RotaryEmbedding2d(16)
+    first = rope(7, 5)
+    assert rope(7, 5)[0] is first[0]
+    assert rope(5, 7)[0] is not first[0] and rope(5, 7)[0].shape == (35, 8)
+    rope.double()
+    assert rope(7, 5)[0].dtype == torch.float64
+    sin, cos = reference.rope_tables(rope.angle, 7, 5)
+    torch.testing.assert_close(rope(7, 5)[0], sin[:, 0::2], rtol=0, atol=0)
+    torch.testing.assert_close(rope(7, 5)[1], cos[:, 1::2], rtol=0, atol=0)
+
+
+def test_rope_real_form_equals_complex_form():
+    """torch.compile (and pairs not adjacent in memory) take the real form, eager the complex multiply;
+    float16 input is turned in float32 (the tables' dtype) and returned as float16."""
+    rope = RotaryEmbedding2d(8)
+    sin, cos = rope(3, 4)
+    x = torch.randn(2, 8, 12).transpose(1, 2)  # (2, 12, 8) with the pairs strided
+    for shift in (0.0, 1.0):
+        real = apply_rope(x, sin, cos, shift=shift)
+        complex_form = apply_rope(x.contiguous(), sin, cos, shift=shift)
+        torch.testing.assert_close(real, complex_form, rtol=1e-6, atol=1e-6)
+        expected = reference.rope(x.double() + shift, *(t.double().repeat_interleave(2, -1) for t in (sin, cos)))
+        torch.testing.assert_close(complex_form.double(), expected, rtol=1e-6, atol=1e-6)
+        half = apply_rope(x.contiguous().half(), sin, cos, shift=shift)
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float(), complex_form, rtol=2e-3, atol=2e-3)
+
+
+def small_model(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('ravlt_t', embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+                             projection_dim=64, num_classes=10, **kwargs)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 56, 40)
+    compiled = torch.compile(model, fullgraph=True)  # any graph break raises
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    # Training: the whole forward and backward trace as one graph too.
+    model.train()
+    train_compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    grads = []
+    for fn in (model, train_compiled):
+        model.zero_grad()
+        torch.manual_seed(3)
+        fn(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_torch_export_ravlt_t_matches_eager():
+    torch.manual_seed(0)
+    model = timm.create_model('ravlt_t').eval()
+    x = torch.randn(1, 3, 96, 64)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(program.module()(x), expected, rtol=1e-4, atol=1e-5)
+    other = torch.randn(1, 3, 96, 64)  # the exported program is not tied to its example input
+    torch.testing.assert_close(program.module()(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_runs_and_is_close_to_fp32():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low.float(), expected) < 0.05
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x).float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_channels_last_input_gives_the_same_output():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        nchw = model(x)
+        channels_last = model(x.contiguous(memory_format=torch.channels_last))
+        model_cl = model.to(memory_format=torch.channels_last)(x)
+    torch.testing.assert_close(channels_last, nchw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model_cl, nchw, rtol=1e-5, atol=1e-6)
