@@ -244,7 +244,7 @@ def time_runners(runners, args):
 def summarize(runner: Runner, seconds) -> dict:
     row = {'model': runner.name, 'mode': runner.mode}
     if seconds:
-        q1, median, q3 = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else seconds * 3
+        q1, median, q3 = statistics.quantiles(seconds, n=4, method='inclusive') if len(seconds) > 1 else seconds * 3
         row.update(img_per_s=runner.batch_size / median, img_per_s_p25=runner.batch_size / q3,
                    img_per_s_p75=runner.batch_size / q1, ms_per_step=median * 1e3)
     return row
