@@ -111,6 +111,12 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, shift: flo
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
+def can_overwrite() -> bool:
+    """Whether eager inference may overwrite its own intermediates. Autograd needs them (and an in-place op
+    on a view costs it a zero-filled copy of the whole map in the backward); Inductor plans its own buffers."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
 class GatedAttentionBase(nn.Module):
     """What RALA and softmax attention share: one 1x1 conv to q, k, v, o; a 5x5 depthwise LePE of v;
     the output gated by o and projected: proj((attend(q, k, v) + lepe(v)) * o)."""
@@ -129,7 +135,7 @@ class GatedAttentionBase(nn.Module):
     def attend(self, qk: torch.Tensor, v: torch.Tensor, lepe: torch.Tensor, sin: torch.Tensor,
                cos: torch.Tensor) -> torch.Tensor:
         """attention(q, k, v) + lepe, token-major: qk (B, N, 2, heads, head_dim) holds q and k; v and
-        lepe are (B, N, heads, head_dim), as is the result. qk and lepe may be overwritten."""
+        lepe are (B, N, heads, head_dim), as is the result. qk and lepe are overwritten if can_overwrite()."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
@@ -144,12 +150,12 @@ class GatedAttentionBase(nn.Module):
         v = F.conv2d(x, w[2 * C:3 * C], b[2 * C:3 * C])
         o = F.conv2d(x, w[3 * C:], b[3 * C:])
 
-        def tokens(t):  # (B, g * C, H, W) -> (B, N, g, heads, head_dim): a view of a channels-last map
-            return t.permute(0, 2, 3, 1).reshape(B, H * W, -1, self.num_heads, self.head_dim)
+        def tokens(t, *groups):  # (B, g * C, H, W) -> (B, N, [g,] heads, head_dim): a view of a channels-last map
+            return t.permute(0, 2, 3, 1).reshape(B, H * W, *groups, self.num_heads, self.head_dim)
 
-        out = self.attend(tokens(qk), tokens(v)[:, :, 0], tokens(self.lepe(v))[:, :, 0], sin, cos)
-        out = out.mul_(tokens(o)[:, :, 0]).reshape(B, H, W, C).permute(0, 3, 1, 2)
-        return self.proj(out)
+        out = self.attend(tokens(qk, 2), tokens(v), tokens(self.lepe(v)), sin, cos)
+        out = out.mul_(tokens(o)) if can_overwrite() else out * tokens(o)
+        return self.proj(out.reshape(B, H, W, C).permute(0, 3, 1, 2))
 
 
 class RankAugmentedLinearAttention(GatedAttentionBase):
@@ -161,12 +167,9 @@ class RankAugmentedLinearAttention(GatedAttentionBase):
     """
 
     def attend(self, qk, v, lepe, sin, cos):
-        # Eager under no_grad overwrites intermediates in place; autograd needs them, and Inductor plans
-        # its own buffers (and Dynamo does not take strided `out=`).
-        inplace = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-        # elu in place on the conv output (autograd keeps the result). q' and k' are never formed:
-        # the + 1 joins each use below.
-        e_q, e_k = F.elu_(qk).unbind(2)  # (B, N, h, d)
+        inplace = can_overwrite()
+        # q' and k' are never formed: the + 1 joins each use below.
+        e_q, e_k = (F.elu_(qk) if inplace else F.elu(qk)).unbind(2)  # (B, N, h, d)
         q_mean = e_q.mean(1, keepdim=True) + 1.0  # mean_tokens(q'), (B, 1, h, d)
         # Products as einsum: faster than multiply-and-sum, and fvcore counts them as the authors' matmuls.
         scores = torch.einsum('bnhd,bhd->bnh', e_k, q_mean[:, 0]) + q_mean.sum(-1)  # q_mean . k', (B, N, h)
@@ -175,25 +178,58 @@ class RankAugmentedLinearAttention(GatedAttentionBase):
         k_sum = k.sum(1, keepdim=True)  # (B, 1, h, d)
         denom = (torch.einsum('bnhd,bhd->bnh', e_q, k_sum[:, 0]).unsqueeze(-1)
                  + (k_sum.sum(-1, keepdim=True) + 1e-6))  # q' . k_sum
-        k = apply_rope(k, sin[:, None], cos[:, None], inplace=True)  # no backward needs alpha * k'
+        k = apply_rope(k, sin[:, None], cos[:, None], inplace=inplace)
         q = apply_rope(e_q, sin[:, None], cos[:, None], shift=1.0, inplace=inplace)  # RoPE(q')
-        heads = [torch.bmm(q[:, :, i], torch.bmm(k[:, :, i].transpose(1, 2), v[:, :, i]))
-                 for i in range(self.num_heads)]  # per head: strided views need no copies
+        # Per head, (N, d) x (d, d) products on strided views, which need no copies.
+        kv = [torch.bmm(k[:, :, i].transpose(1, 2), v[:, :, i]) for i in range(self.num_heads)]
+        if inplace:
+            # (q / denom) kv is accumulated straight into lepe: no (B, N, C) result to allocate and add.
+            q = q.div_(denom)
+            for i in range(self.num_heads):
+                lepe[:, :, i].baddbmm_(q[:, :, i], kv[i])
+            return lepe
+        heads = [torch.bmm(q[:, :, i], kv[i]) for i in range(self.num_heads)]
         out = heads[0].unsqueeze(2) if self.num_heads == 1 else torch.stack(heads, dim=2)
-        return lepe.addcdiv_(out, denom)
+        return torch.addcdiv(lepe, out, denom)
 
 
 class SoftmaxAttention(GatedAttentionBase):
     """Softmax attention with 2-D RoPE on q and k (stages 3-4), through scaled_dot_product_attention."""
 
     def attend(self, qk, v, lepe, sin, cos):
-        qk = apply_rope(qk, sin[:, None, None], cos[:, None, None], inplace=True)  # no backward needs qk
+        qk = apply_rope(qk, sin[:, None, None], cos[:, None, None], inplace=can_overwrite())
         q, k = qk.permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
-        return lepe.add_(out.transpose(1, 2))
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
+        return lepe.add_(out) if can_overwrite() else lepe + out
 
 
 ATTENTION_TYPES = {'rala': RankAugmentedLinearAttention, 'softmax': SoftmaxAttention}
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, in place on a map that autograd does not track (its backward needs the input)."""
+    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
+
+
+class GELU(nn.GELU):
+    """nn.GELU through `gelu` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x)
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(conv(x)). A BatchNorm in inference is an affine map per channel, folded here into the conv's
+    weight and bias: one pass and one map fewer. Not while tracing, so that fvcore counts the network as
+    the authors wrote it."""
+    if (norm.training or not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None
+            or torch.jit.is_tracing()):
+        return norm(conv(x))
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
 
 
 def conv_plus_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -215,9 +251,7 @@ class ConvFeedForward(nn.Module):
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        x = F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)  # GELU's backward needs its input
-        return self.fc2(conv_plus_input(self.dwconv, x))
+        return self.fc2(conv_plus_input(self.dwconv, gelu(self.fc1(x))))
 
 
 class RAVLTBlock(nn.Module):
@@ -245,8 +279,13 @@ class RAVLTBlock(nn.Module):
     def add_residual(self, x: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + drop_path(gamma * y); x is this block's own intermediate, so under no_grad it is updated in place."""
         if self.training and isinstance(self.drop_path, DropPath):
-            return x + self.drop_path(gamma * y)
-        if torch.is_grad_enabled() or x.dtype != torch.promote_types(gamma.dtype, y.dtype):
+            # timm's DropPath (the same random draws) with its per-sample factor joined to gamma: one pass over y.
+            keep = 1 - self.drop_path.drop_prob
+            factor = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
+            if self.drop_path.scale_by_keep and keep > 0:
+                factor.div_(keep)
+            return torch.addcmul(x, gamma * factor, y)
+        if not can_overwrite() or x.dtype != torch.promote_types(gamma.dtype, y.dtype):
             return torch.addcmul(x, gamma, y)  # (under autocast the sum is float32, as the authors')
         return x.addcmul_(gamma, y)
 
@@ -260,7 +299,12 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(x))
+        return conv_norm(self.reduction, self.norm, x)
+
+
+# glibc serves allocations above 32 MiB with fresh pages from the OS, every time: on CPU, a stage-1 FFN
+# map of a batch of 16 at 224x224 (45 MiB) costs more in page faults than its convolution takes.
+INFERENCE_CHUNK_BYTES = 24 * 2 ** 20
 
 
 class RAVLTStage(nn.Module):
@@ -278,6 +322,25 @@ class RAVLTStage(nn.Module):
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         sin, cos = self.RoPE(x.shape[2], x.shape[3])
+        chunk = self.inference_chunk(x)
+        if chunk >= x.shape[0]:
+            return self.run_blocks(x, sin, cos)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        for start in range(0, x.shape[0], chunk):
+            out[start:start + chunk] = self.run_blocks(x[start:start + chunk], sin, cos)
+        return out
+
+    def inference_chunk(self, x: torch.Tensor) -> int:
+        """How many images CPU inference passes through the blocks at once: enough to keep the FFN's hidden
+        map (the largest) under INFERENCE_CHUNK_BYTES. Every image is computed alone, so slicing the batch
+        changes no result; it keeps the maps in cache and in memory the allocator reuses."""
+        if (torch.is_grad_enabled() or x.device.type != 'cpu' or torch.compiler.is_compiling()
+                or torch.jit.is_tracing() or len(self.blocks) == 0):
+            return x.shape[0]
+        image_bytes = self.blocks[0].ffn.fc1.out_channels * x.shape[2] * x.shape[3] * x.element_size()
+        return max(1, INFERENCE_CHUNK_BYTES // image_bytes)
+
+    def run_blocks(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, sin, cos)
@@ -294,9 +357,9 @@ def conv_stem(in_chans: int, dim: int) -> nn.Sequential:
     """Four 3x3 convs (stride 2, 1, 1, 2) with BatchNorm, GELU between: stride 4 overall."""
     half = dim // 2
     return nn.Sequential(
-        nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), GELU(),
+        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), GELU(),
+        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), GELU(),
         nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
     )
 
@@ -310,7 +373,13 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The network runs channels-last from here on (faster convs, copy-free LayerNorm and attention).
-        return self.proj(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        layers = list(self.proj)  # (conv, BatchNorm, GELU) x 3, then conv, BatchNorm
+        for i in range(0, len(layers), 3):
+            x = conv_norm(layers[i], layers[i + 1], x)
+            if i + 2 < len(layers):
+                x = layers[i + 2](x)
+        return x
 
 
 def _per_stage(value, num_stages: int) -> list:

@@ -231,8 +231,10 @@ def time_runners(runners, args):
             runner.step()
         runner.sync()
     times = {runner: [] for runner in runners}
-    for _ in range(args.iters):
-        for runner in runners:
+    for i in range(args.iters):
+        # Every other round in reverse order: a step's speed depends on what ran just before it (the
+        # allocator's state, the caches), and alternating shares that effect out evenly.
+        for runner in (runners if i % 2 == 0 else runners[::-1]):
             runner.sync()
             start = time.perf_counter()
             runner.step()

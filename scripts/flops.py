@@ -4,7 +4,8 @@ Convention (the authors'): fvcore's FlopCountAnalysis with its default handles, 
 counts as one FLOP; element-wise work (activations, softmax, RoPE) is not counted. We report the total
 with the attention matrix products (q.k^T, attn.v, the linear-attention KV products) and without them
 (convolutions, norms and pooling only). fvcore does not know `scaled_dot_product_attention`, which our
-softmax blocks call, so it is counted here as its two matrix products.
+softmax blocks call, so it is counted here as its two matrix products; nor the in-place `baddbmm_` with
+which RALA's inference path adds its last product to the LePE map, counted here as that product.
 
     python scripts/flops.py                       # all four variants at 224x224
     python scripts/flops.py --model RAVLT_S --input-size 384
@@ -32,7 +33,13 @@ from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsFo
 PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}
 
 # Operators that compute attention products (RAVLT has no linear layers, so these are all attention).
-ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'scaled_dot_product_attention')
+ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'baddbmm_', 'scaled_dot_product_attention')
+
+
+def baddbmm_flop_jit(inputs, outputs) -> int:
+    """The product of baddbmm(input, batch1, batch2): B*N*K*M multiply-adds (the addition is not counted)."""
+    b, n, k = get_shape(inputs[1])
+    return b * n * k * get_shape(inputs[2])[-1]
 
 
 def sdpa_flop_jit(inputs, outputs) -> int:
@@ -50,6 +57,8 @@ def count_flops(model: torch.nn.Module, inputs) -> dict:
     model.eval()
     analysis = (FlopCountAnalysis(model, inputs)
                 .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
+                .set_op_handle('aten::baddbmm', baddbmm_flop_jit)
+                .set_op_handle('aten::baddbmm_', baddbmm_flop_jit)
                 .unsupported_ops_warnings(False)
                 .uncalled_modules_warnings(False))
     with torch.no_grad():

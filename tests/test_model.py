@@ -194,6 +194,25 @@ def test_layer_scale_init_per_variant():
                 assert torch.equal(gamma.detach(), torch.full_like(gamma, value)), variant
 
 
+def test_training_drop_path_equals_timm_drop_path_on_the_scaled_branch():
+    """The block joins DropPath's per-sample factor to the layer scale; the result and the random draws are
+    those of x + timm's DropPath(gamma * y)."""
+    from timm.layers import DropPath
+    block = tiny(drop_path_rate=0.5).layers[3].blocks[0].train()
+    assert isinstance(block.drop_path, DropPath)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 64, 3, 2), torch.randn(64, 64, 3, 2)
+    gamma = torch.randn(1, 64, 1, 1)
+    torch.manual_seed(5)
+    ours = block.add_residual(x, gamma, y)
+    torch.manual_seed(5)
+    expected = x + block.drop_path(gamma * y)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    dropped = (ours - x).flatten(1).abs().sum(1) == 0
+    assert 0 < int(dropped.sum()) < 64  # some samples dropped, some kept
+    assert torch.equal(dropped, (expected - x).flatten(1).abs().sum(1) == 0)
+
+
 def test_grad_checkpointing_same_outputs_and_gradients():
     torch.manual_seed(0)
     model = tiny(drop_path_rate=0.2).train()

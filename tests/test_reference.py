@@ -179,3 +179,33 @@ def test_channels_last_input_gives_the_same_output():
         model_cl = model.to(memory_format=torch.channels_last)(x)
     torch.testing.assert_close(channels_last, nchw, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model_cl, nchw, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_inference_in_batch_slices_equals_the_whole_batch(monkeypatch):
+    """Stages pass a large batch through their blocks in slices (see INFERENCE_CHUNK_BYTES): same result."""
+    from models import ravlt
+    model = randomize_(small_model()).eval()
+    for module in model.modules():  # non-trivial BatchNorm statistics, folded into the convs in inference
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 3, 40, 56, dtype=torch.float64)
+    with torch.no_grad():
+        whole = model(x)
+    with torch.enable_grad():  # autograd takes the unsliced, out-of-place path with BatchNorm unfolded
+        tracked = model(x.clone().requires_grad_()).detach()
+    assert rel_err(whole, tracked) < 1e-12
+    stage = model.layers[0]
+    image_bytes = stage.blocks[0].ffn.fc1.out_channels * 10 * 14 * 8  # stage 1 runs at 10x14, float64
+    for per_chunk, expected_chunks in [(1, 5), (2, 3)]:
+        monkeypatch.setattr(ravlt, 'INFERENCE_CHUNK_BYTES', per_chunk * image_bytes)
+        with torch.no_grad():
+            assert stage.inference_chunk(stage.blocks[0].pos.weight.new_empty(5, 16, 10, 14)) == per_chunk
+            calls = []
+            handle = stage.blocks[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+            sliced = model(x)
+            handle.remove()
+        assert len(calls) == expected_chunks and sum(calls) == 5
+        assert rel_err(sliced, whole) < 1e-12
+        with torch.enable_grad():  # training and autograd see the whole batch
+            assert stage.inference_chunk(torch.empty(5, 16, 10, 14, dtype=torch.float64)) == 5
