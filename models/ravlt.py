@@ -331,14 +331,16 @@ class RAVLTStage(nn.Module):
         return out
 
     def inference_chunk(self, x: torch.Tensor) -> int:
-        """How many images CPU inference passes through the blocks at once: enough to keep the FFN's hidden
-        map (the largest) under INFERENCE_CHUNK_BYTES. Every image is computed alone, so slicing the batch
-        changes no result; it keeps the maps in cache and in memory the allocator reuses."""
+        """How many images CPU inference passes through the blocks at once: the batch in as few equal slices
+        as keep the FFN's hidden map (the largest) under INFERENCE_CHUNK_BYTES, one image at least. Every
+        image is computed alone, so slicing changes no result; it keeps the maps in cache and in memory the
+        allocator reuses."""
         if (torch.is_grad_enabled() or x.device.type != 'cpu' or torch.compiler.is_compiling()
                 or torch.jit.is_tracing() or len(self.blocks) == 0):
             return x.shape[0]
         image_bytes = self.blocks[0].ffn.fc1.out_channels * x.shape[2] * x.shape[3] * x.element_size()
-        return max(1, INFERENCE_CHUNK_BYTES // image_bytes)
+        slices = -(-x.shape[0] * image_bytes // INFERENCE_CHUNK_BYTES)  # ceil
+        return -(-x.shape[0] // max(slices, 1))  # slices of equal size (16 -> 8 + 8, not 14 + 2)
 
     def run_blocks(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

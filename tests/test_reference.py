@@ -197,8 +197,8 @@ def test_cpu_inference_in_batch_slices_equals_the_whole_batch(monkeypatch):
     assert rel_err(whole, tracked) < 1e-12
     stage = model.layers[0]
     image_bytes = stage.blocks[0].ffn.fc1.out_channels * 10 * 14 * 8  # stage 1 runs at 10x14, float64
-    for per_chunk, expected_chunks in [(1, 5), (2, 3)]:
-        monkeypatch.setattr(ravlt, 'INFERENCE_CHUNK_BYTES', per_chunk * image_bytes)
+    for budget, per_chunk, expected_chunks in [(1, 1, 5), (2, 2, 3), (4, 3, 2)]:  # (4: 3 + 2, not 4 + 1)
+        monkeypatch.setattr(ravlt, 'INFERENCE_CHUNK_BYTES', budget * image_bytes)
         with torch.no_grad():
             assert stage.inference_chunk(stage.blocks[0].pos.weight.new_empty(5, 16, 10, 14)) == per_chunk
             calls = []
