@@ -197,10 +197,11 @@ class SoftmaxAttention(GatedAttentionBase):
     """Softmax attention with 2-D RoPE on q and k (stages 3-4), through scaled_dot_product_attention."""
 
     def attend(self, qk, v, lepe, sin, cos):
-        qk = apply_rope(qk, sin[:, None, None], cos[:, None, None], inplace=can_overwrite())
+        inplace = can_overwrite()
+        qk = apply_rope(qk, sin[:, None, None], cos[:, None, None], inplace=inplace)
         q, k = qk.permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
-        return lepe.add_(out) if can_overwrite() else lepe + out
+        return lepe.add_(out) if inplace else lepe + out
 
 
 ATTENTION_TYPES = {'rala': RankAugmentedLinearAttention, 'softmax': SoftmaxAttention}

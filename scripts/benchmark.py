@@ -1,9 +1,10 @@
 """Throughput and peak memory of RAVLT beside other models, measured side by side in one run.
 
 Each model takes `--warmup` untimed steps, then `--iters` timed steps; the models take turns step by step
-(every other round in reverse order), so a busy machine slows them alike. We report the median images/s and the spread (25th-75th percentile). An
-eval step is a forward pass under `torch.no_grad()`; a train step is forward, cross-entropy on random labels
-and backward (no optimizer step, no fp16 loss scaling). On CUDA every step is timed between `torch.cuda.synchronize()` calls.
+(every other round in reverse order), so a busy machine slows them alike. We report the median images/s and
+the spread (25th-75th percentile). An eval step is a forward pass under `torch.no_grad()`; a train step is
+forward, cross-entropy on random labels and backward (no optimizer step, no fp16 loss scaling). On CUDA every
+step is timed between `torch.cuda.synchronize()` calls.
 
 Peak memory (`--memory`), after one untimed step: on CUDA, `torch.cuda.max_memory_allocated()` during one
 step above what was allocated before it. On the CPU each model and mode runs in a fresh Python process: it
