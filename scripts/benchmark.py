@@ -39,10 +39,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm  # noqa: E402
+import timm
 
-import models  # noqa: E402  (registers the RAVLT models)
+import models  # registers the RAVLT models
 
 AUTHORS_PREFIX = 'authors:'
 

@@ -13,21 +13,19 @@ which RALA's inference path adds its last product to the LePE map, counted here 
 """
 import argparse
 import json
-import os
 import sys
 import warnings
 from math import prod
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fvcore's import
-import timm  # noqa: E402
-from fvcore.nn import FlopCountAnalysis  # noqa: E402
-from fvcore.nn.jit_handles import get_shape  # noqa: E402
+import timm
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
 
-import models  # noqa: E402  (registers the RAVLT models)
-from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model  # noqa: E402
+import models  # registers the RAVLT models
+from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model
 
 # The authors' README: params (M) and FLOPs (G) at 224x224.
 PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}

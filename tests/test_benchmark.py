@@ -9,8 +9,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import benchmark  # noqa: E402
+from scripts import benchmark
 
 FAKE_AUTHORS = '''
 import timm

@@ -363,8 +363,7 @@ def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
 
 def test_flops_count_the_authors_dummy_forward():
     """As mmdet's get_flops: Mask R-CNN's box head on 1000 proposals, its mask head on 100."""
-    sys.path.insert(0, 'scripts')
-    import flops
+    from scripts import flops
     torch.manual_seed(0)
     model = small_model('maskrcnn', 2)  # box head 12544 -> 64 -> 64, 3 classes (with background)
     counted = flops.count_flops(FlopsForward(model), torch.randn(1, 3, 64, 96))['by_operator']

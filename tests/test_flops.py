@@ -5,8 +5,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, 'scripts')
-import flops  # noqa: E402
+from scripts import flops
 
 # Measured on the authors' code: fvcore at 1x3x224x224, default handles.
 AUTHORS = {
