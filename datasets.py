@@ -9,7 +9,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import auto_augment, create_transform
 from torchvision import datasets, transforms
 
-from utils import UsageError
+from cli import UsageError
 
 DATA_SETS = ('IMNET', 'CIFAR', 'FAKE', 'DIGITS')
 FAKE_SIZES = {True: 1024, False: 256}  # train / val images of the FAKE set
@@ -47,11 +47,21 @@ class Digits(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def sample_path(self, index: int) -> str:
+        return f'DIGITS image {index}'
+
     def __getitem__(self, index: int):
         image = self.images[index].expand(3, -1, -1)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder that names the file behind a sample (for one-line load errors)."""
+
+    def sample_path(self, index: int) -> str:
+        return self.samples[index][0]
 
 
 def _image_folder(root: str, transform):
@@ -66,7 +76,7 @@ def _image_folder(root: str, transform):
                          'into one folder per class named as in train/ (for ImageNet val, e.g. with the '
                          'widely used valprep.sh)')
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        return ImageFolder(root, transform=transform)
     except FileNotFoundError as e:
         raise UsageError(f'{root}: {str(e).splitlines()[0]}') from None
 

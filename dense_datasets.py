@@ -17,10 +17,20 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from utils import UsageError
+from cli import UsageError
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+def check_img_scale(img_scale):
+    """(long, short) of --img-scale, which takes LONG SHORT as mmdet / mmseg configs write it (1333 800,
+    2048 512); the reverse order is refused rather than guessed."""
+    long, short = img_scale
+    if long < short:
+        raise UsageError(f'--img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for ADE20K), got {long} '
+                         f'{short}: did you mean {short} {long}?')
+    return long, short
 
 
 def collate_lists(batch):
@@ -64,6 +74,10 @@ class CocoInstances(torch.utils.data.Dataset):
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.category_ids:
             raise UsageError(f'{annotation_file} defines no categories')
+        undefined = sorted({a['category_id'] for a in self.coco.dataset.get('annotations', [])} - set(self.category_ids))
+        if undefined:
+            raise UsageError(f'{annotation_file}: annotations use category ids that its categories do not define '
+                             f'({", ".join(map(str, undefined[:5]))}): add them to categories or drop those annotations')
         self.category_names = [self.coco.cats[c]['name'] for c in self.category_ids]
         self.first_label = first_label
         self.train = train
@@ -73,9 +87,17 @@ class CocoInstances(torch.utils.data.Dataset):
                 not a.get('iscrowd', 0) for a in self.coco.imgToAnns[self.coco_dataset.ids[i]])]
             keys = {'image_id', 'boxes', 'labels', 'iscrowd'} | ({'masks'} if with_masks else set())
             self.wrapped = wrap_dataset_for_transforms_v2(self.coco_dataset, target_keys=keys)
-            self.label_of = torch.full((max(self.category_ids) + 1,), -1, dtype=torch.int64)
+            self.label_of = torch.zeros(max(self.category_ids) + 1, dtype=torch.int64)
             self.label_of[self.category_ids] = torch.arange(len(self.category_ids)) + first_label
+        else:  # evaluation comes after a training epoch: a missing image must show before it
+            missing = [p for p in map(self.sample_path, range(len(self))) if not os.path.isfile(p)]
+            if missing:
+                raise UsageError(f'{len(missing)} images of {annotation_file} are missing, e.g. {missing[0]}')
         self.transform = build_detection_transform(train)
+
+    def sample_path(self, index: int) -> str:
+        image_id = self.coco_dataset.ids[self.indices[index]]
+        return os.path.join(self.coco_dataset.root, self.coco.imgs[image_id]['file_name'])
 
     @property
     def num_classes(self) -> int:
@@ -104,14 +126,15 @@ class CocoInstances(torch.utils.data.Dataset):
 
 
 def build_detection_transform(train: bool):
-    """Training: horizontal flip (p 0.5); boxes under 1 px dropped. Resizing (short side 800, long side
-    at most 1333, or multi-scale), normalization and padding happen inside torchvision's detectors."""
+    """Training: horizontal flip (p 0.5); boxes clipped to the image (an annotation that overruns it by a
+    fraction of a pixel is kept, as mmdet keeps it), then boxes under 1 px dropped. Resizing (short side 800,
+    long side at most 1333, or multi-scale), normalization and padding happen inside torchvision's detectors."""
     steps = [v2.ToImage()]
     if train:
         steps.append(v2.RandomHorizontalFlip(0.5))
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if train:
-        steps.append(v2.SanitizeBoundingBoxes(min_size=1))
+        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)]
     return v2.Compose(steps)
 
 
@@ -221,9 +244,15 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
                              f'--num-classes is {self.num_classes}: set --num-classes to the data set\'s class count')
         return torch.from_numpy(mask)
 
+    def sample_path(self, index: int) -> str:
+        return f'{self.images[index]} (labels {self.labels[index]})'
+
     def __getitem__(self, index: int):
         image = tv_tensors.Image(TF.pil_to_tensor(Image.open(self.images[index]).convert('RGB')))
         mask = tv_tensors.Mask(self.load_mask(index))
+        if mask.shape != image.shape[-2:]:
+            raise UsageError(f'{self.labels[index]} is {mask.shape[1]}x{mask.shape[0]} but its image is '
+                             f'{image.shape[-1]}x{image.shape[-2]}: a label map must have its image\'s size')
         if self.train:
             image, mask = self.transform(image, mask)
         else:

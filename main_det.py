@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=8 main_det.py --task maskrcnn --model RAVLT_S --pretrained RAVLT_S.pth \
         --data-path /path/to/coco --output_dir out/maskrcnn_s_1x
-    python main_det.py --task maskrcnn --model RAVLT_S --data-path /path/to/coco --eval --resume out/.../checkpoint.pth
+    python main_det.py --data-path /path/to/coco --eval --resume out/maskrcnn_s_1x/checkpoint.pth
 
 Recipes follow the authors' mmdet configs (AdamW, 500 linear warm-up steps, x0.1 at epochs 8 and 11 of 12;
 `--config configs/det_maskrcnn_3x.yaml` for 36 epochs with multi-scale training). The learning rate is for
@@ -10,12 +10,14 @@ a total batch of 16 (2 images on each of 8 GPUs) and is not rescaled.
 """
 import sys
 
+from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
 
 import models
-import utils
-from dense_datasets import CocoInstances, check_same_categories, collate_lists
-from engine_dense import build_model, evaluate_coco, get_common_args_parser, parse_args, run, setup
+from cli import COUNT, ArgumentParser, UsageError, add_recipe_arguments, apply_recipe, run_cli
+from dense_datasets import CocoInstances, check_img_scale, check_same_categories, collate_lists
+from engine_dense import build_model, evaluate_coco, param_groups
+from run import Run, Task, add_run_arguments
 
 RECIPES = {
     'retinanet': dict(lr=1e-4, weight_decay=1e-4, epochs=12, lr_steps=[8, 11], warmup_iters=500, warmup_ratio=1e-3),
@@ -23,52 +25,68 @@ RECIPES = {
 }
 NORM_NO_DECAY = {'retinanet': False, 'maskrcnn': True}  # mmcv paramwise_cfg custom_keys 'norm'
 FIRST_LABEL = {'retinanet': 0, 'maskrcnn': 1}  # torchvision's Mask R-CNN keeps label 0 for the background
+# What --eval and --resume take from the checkpoint unless given.
+MODEL_FLAGS = ('task', 'model', 'model_kwargs', 'img_scale')
 
 
-def get_args_parser():
-    parser = get_common_args_parser('main_det.py', 'RAVLT detection and instance segmentation', list(RECIPES))
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser('main_det.py', description='RAVLT detection and instance segmentation')
+    add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
+    add_recipe_arguments(parser, list(RECIPES))
+    parser.add_argument('--pretrained', default='', help='backbone weights: an ImageNet checkpoint (ours or the '
+                        "authors') or the authors' mmdet checkpoint (its backbone part)")
     parser.add_argument('--train-split', default='train2017', help='DATA/annotations/instances_SPLIT.json, DATA/SPLIT/')
     parser.add_argument('--val-split', default='val2017')
-    parser.add_argument('--epochs', type=int, default=None, help='default 12')
-    parser.add_argument('--lr-steps', type=int, nargs='+', default=None, metavar='EPOCH',
+    parser.add_argument('--epochs', type=COUNT, default=None, help='default 12')
+    parser.add_argument('--lr-steps', type=COUNT, nargs='+', default=None, metavar='EPOCH',
                         help='epochs after which the learning rate drops x0.1 (default 8 11)')
-    parser.add_argument('--img-scale', type=int, nargs=2, default=[800, 1333], metavar=('SHORT', 'LONG'),
-                        help='resize so the short side is SHORT and the long side at most LONG')
+    parser.add_argument('--img-scale', type=COUNT, nargs=2, default=[1333, 800], metavar=('LONG', 'SHORT'),
+                        help='resize bound, as in mmdet configs: the long side at most LONG, the short side SHORT')
     parser.add_argument('--multiscale', action='store_true',
-                        help='train with the short side drawn from 0.6-1.0 x SHORT in steps of SHORT/25 '
-                        '(480-800, the authors\' 3x recipe)')
+                        help="train with the short side drawn from 0.6-1.0 x SHORT in steps of SHORT/25 (480-800, "
+                        "the authors' 3x recipe)")
     return parser
 
 
 def main(args):
-    amp_dtype = setup(args)
+    run = Run(get_args_parser(), args, MODEL_FLAGS)
+    apply_recipe(args, RECIPES)
+    long, short = check_img_scale(args.img_scale)
     with_masks = args.task == 'maskrcnn'
     dataset_val = CocoInstances(args.data_path, args.val_split, False, with_masks, FIRST_LABEL[args.task])
     dataset_train = None
     if not args.eval:
         dataset_train = CocoInstances(args.data_path, args.train_split, True, with_masks, FIRST_LABEL[args.task])
         check_same_categories(dataset_train, dataset_val)
-    short, long = args.img_scale
     min_size = tuple(short * k // 25 for k in range(15, 26)) if args.multiscale else short
     model = build_model(args, dataset_val.num_classes, min_size=min_size, max_size=long)
-    meta = {'task': args.task, 'model': models.resolve_model_name(args.model), 'classes': dataset_val.category_names}
     iou_types = ('bbox', 'segm') if with_masks else ('bbox',)
 
-    def evaluate(model, data_loader):
-        return evaluate_coco(model, data_loader, dataset_val, iou_types, args.device, amp_dtype, args.print_freq)
+    def make_optimizer(model):
+        return create_optimizer_v2(param_groups(model, args.weight_decay, NORM_NO_DECAY[args.task]), 'adamw',
+                                   lr=args.lr, weight_decay=args.weight_decay)
 
-    def make_scheduler(optimizer, steps_per_epoch, total_steps):
+    def make_schedule(optimizer, steps_per_epoch):
+        if max(args.lr_steps) > args.epochs:
+            raise UsageError(f'--lr-steps {args.lr_steps} go beyond --epochs {args.epochs}')
         return MultiStepLRScheduler(optimizer, decay_t=[e * steps_per_epoch for e in args.lr_steps], decay_rate=0.1,
                                     warmup_t=args.warmup_iters, warmup_lr_init=args.lr * args.warmup_ratio,
-                                    warmup_prefix=False, t_in_epochs=False)
+                                    warmup_prefix=False, t_in_epochs=False), args.epochs * steps_per_epoch
 
-    return run(args, model, meta, dataset_train, dataset_val, collate_lists, 1, evaluate,
-               lambda steps_per_epoch: args.epochs * steps_per_epoch, make_scheduler, NORM_NO_DECAY[args.task])
+    task = Task(
+        model=model, dataset_val=dataset_val, val_batch_size=1, collate_fn=collate_lists,
+        evaluate=lambda model, loader: evaluate_coco(model, loader, dataset_val, iou_types, run.amp_dtype,
+                                                     args.print_freq),
+        meta={'task': args.task, 'model': models.resolve_model_name(args.model),
+              'classes': dataset_val.category_names},
+        dataset_train=dataset_train, loss=lambda model, images, targets: model(images, targets),
+        make_optimizer=make_optimizer, make_schedule=make_schedule)
+    return run.evaluate(task) if args.eval else run.train(task)
 
 
 def cli(argv=None):
-    return main(parse_args(get_args_parser(), RECIPES, argv))
+    return main(get_args_parser().parse(argv))
 
 
 if __name__ == '__main__':
-    utils.run_cli(cli, sys.argv[1:])
+    run_cli(cli, sys.argv[1:])

@@ -2,7 +2,7 @@
 segmenters assembled from torchvision and segmentation_models_pytorch parts.
 
     model = build_dense_model('maskrcnn', 'RAVLT_S')           # torchvision MaskRCNN, 81 outputs
-    load_backbone_weights(model, torch.load('RAVLT_S.pth'))     # ImageNet or the authors' dense weights
+    # backbone weights from any checkpoint: checkpoints.load_backbone_weights
 
 The tasks follow the authors' mmdet 2.11 / mmseg 0.13 configs:
     retinanet  RetinaNet: FPN over stages 2-4 (strides 8-32), P6/P7 from C5, 4x256 head convs
@@ -11,7 +11,7 @@ The tasks follow the authors' mmdet 2.11 / mmseg 0.13 configs:
     upernet    UperNet: 512-channel UPerHead, auxiliary FCN head on stage 3 (loss weight 0.4)
 """
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,10 +24,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from .ravlt import RAVLT, RAVLT_CONFIGS, ChannelLayerNorm, checkpoint_filter_fn
+from .ravlt import RAVLT, RAVLT_CONFIGS, ChannelLayerNorm
 
-__all__ = ['RAVLTBackbone', 'SemanticSegmenter', 'build_dense_model', 'load_backbone_weights',
-           'FlopsForward', 'DENSE_TASKS', 'DETECTION_TASKS', 'SEGMENTATION_TASKS', 'DENSE_INPUT_SIZE',
+__all__ = ['RAVLTBackbone', 'SemanticSegmenter', 'build_dense_model', 'dense_backbone', 'FlopsForward', 'DENSE_TASKS', 'DETECTION_TASKS', 'SEGMENTATION_TASKS', 'DENSE_INPUT_SIZE',
            'DENSE_PUBLISHED']
 
 DETECTION_TASKS = ('retinanet', 'maskrcnn')
@@ -114,6 +113,26 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
+def _to_float32(value):
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, dict):
+        return type(value)((k, _to_float32(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+def decode_in_float32(*modules: nn.Module):
+    """Return these modules' outputs in float32. Under autocast the convs and linears of a detector run in
+    half precision, and torchvision builds anchors in the features' dtype and decodes boxes in the
+    regression's: in bfloat16, boxes on an 800x1333 image move by up to 15 px. With the backbone's features
+    and the heads' outputs in float32, anchors, box decoding, scores and mask pasting stay in float32, as in
+    mmdet's fp16 training."""
+    for module in modules:
+        module.register_forward_hook(lambda module, inputs, output: _to_float32(output))
+
+
 def build_retinanet(body_kwargs: dict, model_name: str, num_classes: int, **kwargs) -> RetinaNet:
     """RetinaNet with labels 0..num_classes-1 (sigmoid classifier, no background class)."""
     body = create_backbone(model_name, out_indices=(1, 2, 3), **body_kwargs)
@@ -123,7 +142,9 @@ def build_retinanet(body_kwargs: dict, model_name: str, num_classes: int, **kwar
     sizes = tuple(tuple(4 * stride * 2 ** (i / 3) for i in range(3)) for stride in (8, 16, 32, 64, 128))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     kwargs.setdefault('detections_per_img', 100)
-    return RetinaNet(BackboneWithFPN(body, p6p7), num_classes, anchor_generator=anchors, **kwargs)
+    model = RetinaNet(BackboneWithFPN(body, p6p7), num_classes, anchor_generator=anchors, **kwargs)
+    decode_in_float32(model.backbone, model.head)
+    return model
 
 
 def build_maskrcnn(body_kwargs: dict, model_name: str, num_classes: int, **kwargs) -> MaskRCNN:
@@ -131,12 +152,14 @@ def build_maskrcnn(body_kwargs: dict, model_name: str, num_classes: int, **kwarg
     body = create_backbone(model_name, out_indices=(0, 1, 2, 3), **body_kwargs)
     levels = ['0', '1', '2', '3']
     kwargs.setdefault('rpn_post_nms_top_n_train', 1000)  # mmdet's rpn_proposal max_per_img
-    return MaskRCNN(
+    model = MaskRCNN(
         BackboneWithFPN(body, LastLevelMaxPool()), num_classes + 1,
         # sampling_ratio=0: adaptive sampling points, as mmdet's RoIAlign configs
         box_roi_pool=MultiScaleRoIAlign(levels, 7, sampling_ratio=0),
         mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio=0),
         **kwargs)
+    decode_in_float32(model.backbone, model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor)
+    return model
 
 
 class SemanticFPNDecoder(nn.Module):
@@ -254,36 +277,6 @@ def dense_backbone(model: nn.Module) -> RAVLTBackbone:
     if isinstance(model, SemanticSegmenter):
         return model.backbone
     return model.backbone.body
-
-
-BACKBONE_ANCHOR = 'patch_embed.proj.0.weight'
-
-
-def backbone_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
-    """The RAVLT backbone part of a checkpoint: an ImageNet one (ours or the authors', `model` entry), a
-    dense one of ours, or the authors' mmdet/mmseg one (`state_dict`, keys `backbone.*`)."""
-    state = checkpoint_filter_fn(checkpoint, None)
-    anchor = next((k for k in state if k.endswith(BACKBONE_ANCHOR)), None)
-    if anchor is None:
-        raise ValueError(f'the checkpoint holds no RAVLT weights (no key ending in {BACKBONE_ANCHOR})')
-    prefix = anchor[:-len(BACKBONE_ANCHOR)]
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_backbone_weights(model: nn.Module, checkpoint: dict) -> Tuple[List[str], List[str]]:
-    """Load the backbone part of `checkpoint` (see backbone_state_dict) into a dense model's backbone,
-    non-strictly. Returns (missing_keys, unexpected_keys): from an ImageNet checkpoint these are the
-    `extra_norms` and the classifier's `proj`, `norm` and `head`. Shape mismatches raise ValueError."""
-    backbone = dense_backbone(model)
-    state = backbone_state_dict(checkpoint)
-    own = backbone.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if mismatched:
-        k = mismatched[0]
-        raise ValueError(f'the backbone weights do not fit this model: {len(mismatched)} tensors differ in '
-                         f'shape, e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}; check --model')
-    result = backbone.load_state_dict(state, strict=False)
-    return result.missing_keys, result.unexpected_keys
 
 
 class FlopsForward(nn.Module):

@@ -24,20 +24,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkpoints import atomic_file, load_checkpoint, load_weights, state_dict_of  # noqa: E402
+from cli import ArgumentParser, UsageError, json_object, run_cli  # noqa: E402
 from datasets import build_dataset, build_transform  # noqa: E402
-from main import build_model, json_object, load_exact  # noqa: E402
-import models  # noqa: E402
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention, apply_rope  # noqa: E402
-from scripts.plot_logs import write_atomic  # noqa: E402
-from utils import UsageError, load_checkpoint, run_cli  # noqa: E402
+from run import create_model  # noqa: E402
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 DENOM_EPS = 1e-6  # the linear-attention denominator's epsilon, as in RankAugmentedLinearAttention
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('RAVLT rank analysis', add_help=True)
+    parser = ArgumentParser('rank_analysis.py', description='RAVLT rank analysis', with_config=False)
     parser.add_argument('--model', default=None,
                         help="RAVLT_T/S/B/L or a RAVLT timm name (default: the checkpoint's, else RAVLT_T)")
     parser.add_argument('--model-kwargs', default=None, type=json_object, metavar='JSON',
@@ -178,14 +176,14 @@ def load_model(args):
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else {}
     name = args.model or training_flag(checkpoint, 'model') or 'RAVLT_T'
     kwargs = args.model_kwargs if args.model_kwargs is not None else training_flag(checkpoint, 'model-kwargs')
-    state_dict = models.checkpoint_filter_fn(checkpoint, None) if checkpoint else {}
+    state_dict = state_dict_of(checkpoint) if checkpoint else {}
     num_classes = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else 1000
     torch.manual_seed(args.seed)
-    model = build_model(argparse.Namespace(model=name, model_kwargs=kwargs, drop=0.0, drop_path=None), num_classes)
+    model = create_model(name, kwargs, num_classes=num_classes)
     if not attention_modules(model):
         raise UsageError(f'{name} has no RALA or softmax attention blocks; use a RAVLT model (RAVLT_T ...)')
     if checkpoint:
-        load_exact(model, checkpoint, args.checkpoint)
+        load_weights(model, checkpoint, args.checkpoint, name)
     return model, checkpoint
 
 
@@ -268,7 +266,8 @@ def plot(report, path):
     fig.suptitle(f"{report['model']}, {report['weights']}; {report['images']} at {report['input_size'][1]}x"
                  f"{report['input_size'][2]}, float64; rank = #singular values > {report['rtol']:g} x the largest")
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'))
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=100, format='png')
     plt.close(fig)
 
 
@@ -299,7 +298,8 @@ def main(args):
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(output_dir / 'rank.json', lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    with atomic_file(output_dir / 'rank.json', 'w') as f:
+        f.write(json.dumps(report, indent=1))
     plot(report, output_dir / 'rank.png')
     for b in blocks:
         ranks = '  '.join(f"{p}.{m} {b[p][m]['mean_rank']:.1f}" for p, m, _, _ in SERIES if p in b)
@@ -308,4 +308,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    run_cli(main, get_args_parser().parse_args())
+    run_cli(lambda argv: main(get_args_parser().parse(argv)), sys.argv[1:])

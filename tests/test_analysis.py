@@ -13,7 +13,7 @@ from PIL import Image
 import models  # noqa: F401  (registers RAVLT with timm)
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention, RotaryEmbedding2d
 from scripts import plot_logs, rank_analysis
-from utils import UsageError, run_cli
+from cli import UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -173,7 +173,7 @@ def test_rank_analysis_bad_input_is_one_line(tmp_path, capsys):
         run_rank_analysis(tmp_path, *tiny, '--spectra-block', 'layers.9.blocks.0')
     with pytest.raises(UsageError, match='no .jpg/.png images in'):
         run_rank_analysis(tmp_path, *tiny, '--images', str(tmp_path))
-    # The script's entry point: utils.run_cli turns the UsageError into one line and exit code 2.
+    # The script's entry point: cli.run_cli turns the UsageError into one line and exit code 2.
     args = rank_analysis.get_args_parser().parse_args(['--checkpoint', str(tmp_path / 'none.pth'),
                                                        '--output_dir', str(tmp_path / 'out')])
     with pytest.raises(SystemExit) as exit_info:

@@ -1,5 +1,6 @@
-"""Dense prediction: the backbone and its checkpoints, the torchvision / smp models, the COCO and
-ADE20K readers, the AP and mIoU evaluation, and main_det.py / main_seg.py on tiny synthetic data sets."""
+"""Dense prediction: the backbone and its checkpoints, the torchvision / smp models (boxes decoded in float32
+under autocast), the COCO and ADE20K readers, the AP and mIoU evaluation, and main_det.py / main_seg.py on
+tiny synthetic data sets."""
 import json
 import sys
 
@@ -12,14 +13,15 @@ from timm.scheduler import MultiStepLRScheduler
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+import checkpoints
+import engine
 import engine_dense
 import main_det
 import main_seg
-import utils
+from cli import UsageError, run_cli
 from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, CocoInstances, collate_lists
 from models.dense import (DENSE_PUBLISHED, FPN_CHANNELS, FlopsForward, RAVLTBackbone, SemanticSegmenter,
-                          UPerNetHead, build_dense_model, create_backbone, load_backbone_weights)
-from utils import UsageError
+                          UPerNetHead, build_dense_model, create_backbone)
 
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4), drop_path_rate=0.0)
 TINY_JSON = json.dumps(TINY)
@@ -138,12 +140,16 @@ def test_backbone_outputs_are_normed_timm_features():
         torch.testing.assert_close(out, expected)
 
 
+def load_backbone(model, checkpoint):
+    return checkpoints.load_backbone_weights(model, checkpoint, 'test.pth', 'ravlt_t')
+
+
 def test_backbone_loads_imagenet_and_authors_dense_checkpoints():
     torch.manual_seed(0)
     classifier = timm.create_model('ravlt_t', num_classes=10, **TINY)
     imagenet = {'model': classifier.state_dict(), 'epoch': 3}
     model = build_dense_model('maskrcnn', 'RAVLT_T', 2, TINY, min_size=64, max_size=96)
-    missing, unexpected = load_backbone_weights(model, imagenet)
+    missing, unexpected = load_backbone(model, imagenet)
     assert set(missing) == EXTRA_NORM_KEYS and set(unexpected) == CLASSIFIER_KEYS
     backbone = model.backbone.body.state_dict()
     for key, value in classifier.state_dict().items():
@@ -155,16 +161,15 @@ def test_backbone_loads_imagenet_and_authors_dense_checkpoints():
                'state_dict': {**{f'backbone.{k}': v + 1 for k, v in backbone.items()},
                               'neck.lateral_convs.0.conv.weight': torch.zeros(256, 16, 1, 1)}}
     other = build_dense_model('semfpn', 'ravlt_t', 2, TINY)
-    assert load_backbone_weights(other, authors) == ([], [])
+    assert load_backbone(other, authors) == ([], [])
     assert all(torch.equal(other.backbone.state_dict()[k], v + 1) for k, v in backbone.items())
 
     # Our own dense checkpoint (`model`, keys `backbone.body.*`) feeds another task's backbone too.
-    assert load_backbone_weights(other, {'model': model.state_dict()}) == ([], [])
-    with pytest.raises(ValueError, match='differ in shape'):
-        load_backbone_weights(build_dense_model('semfpn', 'ravlt_t', 2, dict(TINY, embed_dims=(16, 32, 64, 96))),
-                              imagenet)
-    with pytest.raises(ValueError, match='no RAVLT weights'):
-        load_backbone_weights(other, {'model': {'fc.weight': torch.zeros(2, 2)}})
+    assert load_backbone(other, {'model': model.state_dict()}) == ([], [])
+    with pytest.raises(UsageError, match='differ in shape'):
+        load_backbone(build_dense_model('semfpn', 'ravlt_t', 2, dict(TINY, embed_dims=(16, 32, 64, 96))), imagenet)
+    with pytest.raises(UsageError, match='no RAVLT weights'):
+        load_backbone(other, {'model': {'fc.weight': torch.zeros(2, 2)}})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,7 +285,9 @@ def test_coco_ap_of_ground_truth_is_100_and_of_half_the_classes_50(coco_root):
                    for r in engine_dense.coco_results(output, image_id, dataset.category_of)]
         stats = engine_dense.coco_metrics(dataset.coco, results, ('bbox', 'segm'))
         assert stats['bbox_AP'] == pytest.approx(expected) and stats['segm_AP'] == pytest.approx(expected)
-    assert engine_dense.coco_metrics(dataset.coco, [], ('bbox',))['bbox_AP'] == 0.0
+    # No detections at all: AP 0 where there are objects to find, null (COCO's -1) where there are none.
+    nothing = engine_dense.coco_metrics(dataset.coco, [], ('bbox',))
+    assert nothing['bbox_AP'] == nothing['bbox_APs'] == 0.0 and nothing['bbox_APl'] is None
 
 
 class FixedPrediction(torch.nn.Module):
@@ -298,8 +305,7 @@ def test_miou_by_hand():
     # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 3, fp 1 -> 3/4; class 2: tp 1, fn 1 (the ignored pixel
     # does not count) -> 1/2; class 3 is absent from labels and predictions and left out.
     loader = [(torch.zeros(1, 3, 2, 4), labels[None])]
-    stats = engine_dense.evaluate_segmentation(FixedPrediction(prediction, 4), loader, 4, IGNORE_INDEX,
-                                               torch.device('cpu'))
+    stats = engine_dense.evaluate_segmentation(FixedPrediction(prediction, 4), loader, 4, IGNORE_INDEX)
     assert stats['mIoU'] == pytest.approx(100 * (1 / 3 + 3 / 4 + 1 / 2) / 3)
     assert stats['aAcc'] == pytest.approx(100 * 5 / 7)
     assert stats['mAcc'] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
@@ -344,9 +350,9 @@ def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     losses = []
     for epoch in range(2):
-        stats, _ = engine_dense.train_one_epoch(model, [batch] * 4, optimizer, scheduler, torch.device('cpu'), epoch,
-                                                0, 1000, scaler, print_freq=100)
-        losses.append(stats['loss'])
+        result = engine.train_one_epoch(model, lambda m, x, y: m(x, y), [batch] * 4, optimizer, scaler,
+                                        torch.device('cpu'), epoch, lr_scheduler=scheduler, print_freq=100)
+        losses.append(result.stats['loss'])
     assert losses[1] < 0.9 * losses[0], losses
 
 
@@ -356,7 +362,7 @@ def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
     model = small_model('maskrcnn', 2)
     model.roi_heads.score_thresh = 0.0  # an untrained model: keep its low-scoring detections
     stats = engine_dense.evaluate_coco(model, torch.utils.data.DataLoader(dataset, 2, collate_fn=collate_lists),
-                                       dataset, ('bbox', 'segm'), torch.device('cpu'))
+                                       dataset, ('bbox', 'segm'))
     assert {'bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_APl'} <= set(stats)
     assert all(0.0 <= stats[k] <= 100.0 for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50'))
 
@@ -387,18 +393,9 @@ def test_optimizer_groups_follow_the_authors_norm_rule():
     assert not no_decay['params'] and len(decay['params']) == len(list(semfpn.parameters()))
 
 
-def test_3x_config_sets_the_recipe(coco_root):
-    args = engine_dense.parse_args(main_det.get_args_parser(), main_det.RECIPES,
-                                   ['--config', 'configs/det_maskrcnn_3x.yaml', '--data-path', str(coco_root)])
-    assert (args.task, args.epochs, args.lr_steps, args.multiscale) == ('maskrcnn', 36, [27, 33], True)
-    assert (args.weight_decay, args.warmup_iters, args.warmup_ratio) == (0.05, 500, 1e-3)
-    args = engine_dense.parse_args(main_seg.get_args_parser(), main_seg.RECIPES, ['--task', 'upernet'])
-    assert (args.lr, args.iters, args.warmup_iters, args.poly_power, args.min_lr) == (6e-5, 160000, 1500, 1.0, 0.0)
-
-
 def det_args(coco_root, out, task, *extra):
     return ['--task', task, '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--data-path', str(coco_root),
-            '--img-scale', '64', '96', '--device', 'cpu', '--num_workers', '0', '--batch-size', '2', '--lr', '1e-3',
+            '--img-scale', '96', '64', '--device', 'cpu', '--num_workers', '0', '--batch-size', '2', '--lr', '1e-3',
             '--warmup-iters', '2', '--print-freq', '100', '--output_dir', str(out), *extra]
 
 
@@ -406,16 +403,18 @@ def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path):
     task = 'retinanet'  # Mask R-CNN's full heads are slow on the CPU; the run is the same
     stats = main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '2', '--lr-steps', '1'))
     assert set(stats) == {f'bbox_{n}' for n in ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']}
-    assert all(0.0 <= v <= 100.0 or v == -100.0 for v in stats.values())  # -1 (x100): no objects of that size
+    assert all(v is None or 0.0 <= v <= 100.0 for v in stats.values()) and stats['bbox_APl'] is None  # no large objects
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in log] == [0, 1] and log[-1]['step'] == 4 and 'test_bbox_AP' in log[-1]
     assert log[-1]['train_lr'] == pytest.approx(1e-4)  # x0.1 after epoch 1
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert log[-1]['test_bbox_APl'] is None
+    checkpoint = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and checkpoint['meta']['classes'] == ['class3', 'class7']
 
     # The checkpoint evaluates to the same numbers.
-    assert main_det.cli(det_args(coco_root, tmp_path / 'eval', task, '--eval', '--resume',
-                                 str(tmp_path / 'checkpoint.pth'))) == stats
+    # The checkpoint evaluates to the same numbers, with its own --task, --model-kwargs and --img-scale.
+    assert main_det.cli(['--data-path', str(coco_root), '--device', 'cpu', '--num_workers', '0', '--eval',
+                         '--resume', str(tmp_path / 'checkpoint.pth'), '--output_dir', str(tmp_path / 'eval')]) == stats
     # Training continues where it stopped.
     main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '3', '--lr-steps', '1'))
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
@@ -463,17 +462,17 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     # A checkpoint trained on 2 classes evaluated on 3.
     write_coco(tmp_path / 'three', 'val2017', categories=(3, 7, 9))
     model = build_dense_model('retinanet', 'ravlt_t', 2, TINY)
-    utils.save_checkpoint({'model': model.state_dict(), 'meta': {'task': 'retinanet', 'model': 'ravlt_t',
+    checkpoints.save_checkpoint({'model': model.state_dict(), 'meta': {'task': 'retinanet', 'model': 'ravlt_t',
                                                                   'classes': ['class3', 'class7']}},
                           tmp_path / 'two.pth')
     with pytest.raises(UsageError, match='trained on 2 classes, this data set has 3'):
         main_det.cli(det_args(tmp_path / 'three', tmp_path / 'd', 'retinanet', '--eval', '--resume',
                               str(tmp_path / 'two.pth')))
     with pytest.raises(UsageError, match='holds no RAVLT weights'):
-        utils.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
+        checkpoints.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
         main_seg.cli(seg_args(ade_root, tmp_path / 'e', 'semfpn', '--eval', '--pretrained', str(tmp_path / 'fc.pth')))
 
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(main_det.cli, det_args(tmp_path, tmp_path / 'f', 'maskrcnn'))
+        run_cli(main_det.cli, det_args(tmp_path, tmp_path / 'f', 'maskrcnn'))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err

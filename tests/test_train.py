@@ -1,8 +1,10 @@
 """main.py end to end on DIGITS (CPU): training writes checkpoints, logs, TensorBoard events and the
-resolved config; --eval reproduces the logged accuracy; the authors' checkpoint layout (args as an
-argparse.Namespace) evaluates, resumes and fine-tunes."""
+resolved config; --eval reproduces the logged accuracy with no model flag repeated; the authors' checkpoint
+layout (args as an argparse.Namespace) evaluates, resumes and fine-tunes; a resumed run applies changed
+flags and says so."""
 import argparse
 import json
+import math
 import os
 
 import pytest
@@ -11,13 +13,13 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
 import main
-import utils
-from train_helpers import DIGITS, TINY_MODEL_KWARGS, assert_state_dicts_equal, one_thread, read_log, run_main
+from train_helpers import DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, one_thread, read_log, run_main
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-LOG_KEYS = {'epoch', 'n_parameters', 'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5',
+LOG_KEYS = {'epoch', 'step', 'n_parameters', 'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5',
             'test_ema_loss', 'test_ema_acc1', 'test_ema_acc5'}
 
 
@@ -49,7 +51,7 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     for fragment in ('eta: ', 'lr: ', 'loss: ', '(360 images)'):
         assert fragment in result.stdout
     # lr and EMA decay scale with the total batch (32): lr 0.016 * 32 / 512, decay 0.99996 ** (32 / 512).
-    assert 'total batch 32, lr 0.001,' in result.stdout
+    assert 'total batch 32, lr 0.001\n' in result.stdout
     assert f'EMA decay per step: {0.99996 ** (32 / 512):.8f}' in result.stdout
 
     log = read_log(out)
@@ -58,13 +60,14 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     assert log[1]['train_loss'] < log[0]['train_loss']
     assert log[1]['test_acc1'] > 30.0  # chance is 10 %
 
-    checkpoint = utils.load_checkpoint(out / 'checkpoint.pth')
-    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'max_accuracy', 'args',
-            'rng'} <= set(checkpoint)
-    assert checkpoint['epoch'] == 1
+    checkpoint = checkpoints.load_checkpoint(out / 'checkpoint.pth')
+    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'step', 'max_accuracy', 'args',
+            'meta', 'log'} <= set(checkpoint)
+    assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2 * 44 and checkpoint['log'] == log[1]
     assert checkpoint['args']['model-kwargs'] == TINY_MODEL_KWARGS
-    assert checkpoint['max_accuracy'] == max(entry['test_acc1'] for entry in log)
-    assert utils.load_checkpoint(out / 'backup0.pth')['epoch'] == 0
+    assert checkpoint['max_accuracy'] == checkpoint['best']['acc1'] == max(entry['test_acc1'] for entry in log)
+    assert checkpoint['best']['acc1_ema'] == max(entry['test_ema_acc1'] for entry in log)
+    assert checkpoints.load_checkpoint(out / 'backup0.pth')['epoch'] == 0
 
     events = EventAccumulator(str(out))
     events.Reload()
@@ -77,39 +80,51 @@ def test_resolved_config_reproduces_the_run(digits_run):
     out, _ = digits_run
     with open(out / 'config.yaml') as f:
         written = yaml.safe_load(f)
-    args = main.parse_args(['--config', str(out / 'config.yaml')])
-    assert main.args_to_config(args) == written
+    parser = main.get_args_parser()
+    args = parser.parse(['--config', str(out / 'config.yaml')])
+    assert parser.to_config(args) == written
     assert args.model_kwargs == TINY_MODEL_KWARGS and args.epochs == 2 and args.repeated_aug is False
 
 
-def test_eval_reproduces_the_logged_accuracy(digits_run, tmp_path):
+def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(digits_run, tmp_path):
+    """The checkpoint carries its flags: --eval takes the model's shape (--model-kwargs) and input size from it."""
     out, _ = digits_run
-    result = run_main(DIGITS + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
+    result = run_main(['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--batch-size', '32',
+                       '--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
     assert result.returncode == 0, result.stderr
+    assert f'--model-kwargs {json.dumps(TINY_MODEL_KWARGS)}, --input-size 32' in result.stdout
     with open(tmp_path / 'eval_results.json') as f:
         results = json.load(f)
     last = read_log(out)[-1]
-    assert results == {'acc1': last['test_acc1'], 'acc5': last['test_acc5'],
-                       'ema_acc1': last['test_ema_acc1'], 'ema_acc5': last['test_ema_acc5']}
-    assert 'Acc@1' in result.stdout and 'EMA weights: Acc@1' in result.stdout
+    assert results == {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'loss', 'ema_acc1', 'ema_acc5', 'ema_loss')}
+    assert 'Weights: acc1' in result.stdout and 'EMA weights: acc1' in result.stdout
+    # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why.
+    wrong = run_main(['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--model-kwargs', '{}',
+                      '--eval', '--resume', out / 'checkpoint.pth'])
+    line = wrong.stderr.strip()
+    assert wrong.returncode == 2 and '\n' not in line and 'differ in shape' in line and len(line) < 400
 
 
 def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
     out, _ = digits_run
     authors = tmp_path / 'RAVLT_T.pth'
-    torch.save(authors_layout(utils.load_checkpoint(out / 'checkpoint.pth'), epoch=1), authors)
+    torch.save(authors_layout(checkpoints.load_checkpoint(out / 'checkpoint.pth'), epoch=1), authors)
     result = run_main(DIGITS + ['--eval', '--resume', authors, '--output_dir', tmp_path / 'eval'])
     assert result.returncode == 0, result.stderr
     with open(tmp_path / 'eval' / 'eval_results.json') as f:
         results = json.load(f)
     last = read_log(out)[-1]
     assert (results['acc1'], results['ema_acc1']) == (last['test_acc1'], last['test_ema_acc1'])
+    # Without our model flags in it, the authors' file gives --model from its Namespace, ours the rest.
+    bare = run_main(['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--input-size', '32',
+                     '--model-kwargs', json.dumps(TINY_MODEL_KWARGS), '--eval', '--resume', authors])
+    assert bare.returncode == 0, bare.stderr
 
 
 def test_resume_from_authors_checkpoint_layout_continues_training(digits_run, tmp_path):
     out, _ = digits_run
     authors = tmp_path / 'RAVLT_T.pth'
-    torch.save(authors_layout(utils.load_checkpoint(out / 'checkpoint.pth'), epoch=1), authors)
+    torch.save(authors_layout(checkpoints.load_checkpoint(out / 'checkpoint.pth'), epoch=1), authors)
     result = run_main(DIGITS + ['--epochs', '3', '--resume', authors, '--output_dir', tmp_path / 'resumed'])
     assert result.returncode == 0, result.stderr
     assert f'Resumed from {authors} (epoch 1)' in result.stdout
@@ -124,10 +139,35 @@ def test_finetune_with_another_class_count_drops_the_head(tmp_path, capsys):
     model = timm.create_model('ravlt_t', num_classes=10, **TINY_MODEL_KWARGS)
     new_head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('head.')}
 
-    main.load_finetune_weights(model, str(path))
+    main.load_finetune_weights(model, str(path), 'RAVLT_T')
 
     assert 'classifier has 1000 classes, this data set 10: dropping it' in capsys.readouterr().out
     state = model.state_dict()
     assert_state_dicts_equal({k: v for k, v in state.items() if not k.startswith('head.')},
                              {k: v for k, v in pretrained.state_dict().items() if not k.startswith('head.')})
     assert_state_dicts_equal({k: v for k, v in state.items() if k.startswith('head.')}, new_head)
+
+
+def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
+    out, _ = digits_run
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    for name in ('checkpoint.pth', 'log.txt'):
+        (resumed / name).write_bytes((out / name).read_bytes())
+    result = run_main(DIGITS + ['--epochs', '3', '--lr', '0.032', '--output_dir', resumed])
+    assert result.returncode == 0, result.stderr
+    assert 'Changed since the checkpoint, applied: --epochs 2 -> 3, --lr 0.016 -> 0.032' in result.stdout
+    log = read_log(resumed)
+    assert [entry['epoch'] for entry in log] == [0, 1, 2]
+    assert log[2]['train_lr'] == pytest.approx(0.032 * 32 / 512 * 0.5 * (1 + math.cos(math.pi * 2 / 3)) +
+                                               1e-5 * 0.5 * (1 - math.cos(math.pi * 2 / 3)))
+    assert yaml.safe_load((resumed / 'config.yaml').read_text())['lr'] == 0.032
+
+
+def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_path):
+    result = run_main(TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '1', '--mixup', '0',
+                              '--cutmix', '0', '--aa', 'none', '--no-repeated-aug', '--no-model-ema',
+                              '--print-freq', '20'])
+    assert result.returncode == 0, result.stderr
+    assert 'warning: the warm-up (5 epochs) covers the whole run' in result.stdout
+    assert 'lr: 1e-06' in result.stdout and 'lr: 0.000000' not in result.stdout

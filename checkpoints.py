@@ -1,0 +1,240 @@
+"""Checkpoint files, in one place: atomic saving, safe loading (`torch.load(weights_only=True)`: tensors,
+containers, numbers and the `argparse.Namespace` of the authors' files; no pickled code ever runs), and
+the weights inside every kind of file the project meets:
+
+- ours, from main.py / main_det.py / main_seg.py (`model`, `model_ema`, `optimizer`, ..., `args`: the
+  resolved flags as {flag name: value}, `meta`: the task and its classes);
+- the authors' ImageNet files (`model`, `model_ema`, ..., `args` as an argparse.Namespace);
+- the authors' mmdet / mmseg files (`state_dict` with `backbone.*`, `neck.*`, ...);
+- raw state dicts, with or without DistributedDataParallel's `module.` prefix.
+
+Every problem is a one-line `UsageError` that names at most a few keys and says what to do.
+"""
+import argparse
+import contextlib
+import errno
+import functools
+import glob
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import timm
+import torch
+
+import models
+from cli import UsageError, first_line
+
+# The anchor of RAVLT weights inside any checkpoint: the stem's first conv.
+BACKBONE_ANCHOR = 'patch_embed.proj.0.weight'
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = 'wb'):
+    """Open a temporary file beside `path` for writing; when the block ends, fsync it and rename it over
+    `path`, so `path` always holds a whole file (the old one until the new one is complete). On an error the
+    temporary file is removed; a full disk raises OSError(ENOSPC) naming `path`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private (0600)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."): say what it was.
+        if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(obj, path):
+    """torch.save `obj` to `path` atomically (see atomic_file)."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+def _disk_is_full(directory: str) -> bool:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize < 64 * 2 ** 20
+
+
+def remove_stale_temporaries(folder) -> List[str]:
+    """Delete the temporary files (see atomic_file) that killed saves left in `folder` (call only while no
+    other run writes there: `Run` holds the folder's lock). Returns their names."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), '.*.tmp')))
+    for path in stale:
+        os.remove(path)
+    return [os.path.basename(p) for p in stale]
+
+
+def load_checkpoint(path, map_location='cpu') -> dict:
+    """A checkpoint dict, loaded with `torch.load(weights_only=True)`. A missing, empty, unreadable or
+    code-carrying file raises a one-line UsageError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f'checkpoint {path} does not exist')
+    if os.path.isdir(path):
+        raise UsageError(f'checkpoint {path} is a directory; give the .pth file')
+    if os.path.getsize(path) == 0:
+        raise UsageError(f'checkpoint {path} is empty (0 bytes); was its download or copy interrupted?')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # e.g. "Detected pickle protocol 4" on a file that is no checkpoint
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if found:
+            raise UsageError(f'checkpoint {path} needs code execution to unpickle (it references {found.group(1)}); '
+                             'refusing to load it: save plain state dicts (tensors, numbers, strings)') from None
+        raise UsageError(f'{path} is not a PyTorch checkpoint (unreadable by torch.load)') from None
+    except PermissionError:
+        raise UsageError(f'checkpoint {path} cannot be read (permission denied)') from None
+    except Exception as e:  # torch.load raises many types for files that are no checkpoints
+        detail = first_line(e).split('. ')[0] if isinstance(e, RuntimeError) else 'unreadable by torch.load'
+        raise UsageError(f'{path} is not a PyTorch checkpoint ({detail})') from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f'{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict of '
+                         'state dicts')
+    return checkpoint
+
+
+def flags_of(checkpoint: dict) -> dict:
+    """The flags a checkpoint was trained with, {flag name or destination: value}: ours store flag names
+    (`model-kwargs`), the authors' argparse.Namespace destinations (`model_kwargs`)."""
+    args = checkpoint.get('args')
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------
+
+def state_dict_of(checkpoint: dict, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The weights in any checkpoint (see the module docstring); `ema` takes `model_ema` when present."""
+    if ema and isinstance(checkpoint.get('model_ema'), dict):
+        checkpoint = checkpoint['model_ema']
+    return models.checkpoint_filter_fn(checkpoint, None)
+
+
+@functools.lru_cache(maxsize=1)
+def _variant_shapes() -> dict:
+    """{'RAVLT_T': {key: shape}, ...} of the published variants' backbones (no classifier), built on 'meta'."""
+    shapes = {}
+    for name in models.RAVLT_CONFIGS:
+        with torch.device('meta'):  # shapes only: no memory, no initialisation
+            model = timm.create_model(name)
+        classifier = classifier_keys(model) | {k for k in model.state_dict() if k.startswith(('proj.', 'norm.'))}
+        shapes[name.upper()] = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in classifier}
+    return shapes
+
+
+def classifier_keys(model: torch.nn.Module) -> set:
+    """State-dict keys of a classifier (timm's pretrained_cfg['classifier'], 'head' by default)."""
+    classifier = getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    return {f'{n}.weight' for n in names} | {f'{n}.bias' for n in names}
+
+
+def backbone_state_dict(state_dict: dict) -> Dict[str, torch.Tensor]:
+    """The RAVLT part of any state dict (a classifier's, a detector's `backbone.body.*`, the authors'
+    mmdet `backbone.*`), its prefix removed; empty when it holds no RAVLT weights."""
+    anchor = next((k for k in state_dict if k.endswith(BACKBONE_ANCHOR)), None)
+    if anchor is None:
+        return {}
+    prefix = anchor[:-len(BACKBONE_ANCHOR)]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def ravlt_variant_of(state_dict: dict) -> Optional[str]:
+    """The published variant ('RAVLT_T' ...) whose backbone these weights fit exactly, or None."""
+    backbone = backbone_state_dict(state_dict)
+    for variant, reference in _variant_shapes().items():
+        if backbone and all(k in backbone and tuple(backbone[k].shape) == shape for k, shape in reference.items()):
+            return variant
+    return None
+
+
+def _examples(keys: Iterable[str], limit: int = 2) -> str:
+    keys = list(keys)
+    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def describe_mismatch(model_name: str, state_dict: dict, mismatched, missing, unexpected) -> str:
+    """One line: what does not fit (a few keys), which published variant the weights are, and the fix."""
+    parts = []
+    if mismatched:
+        parts.append(f'{len(mismatched)} tensors differ in shape (e.g. {mismatched[0][0]}: '
+                     f'{mismatched[0][1]} here vs {mismatched[0][2]} in the model)')
+    if missing:
+        parts.append(f'{len(missing)} missing ({_examples(missing)})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected ({_examples(unexpected)})')
+    problem = '; '.join(parts)
+    variant = ravlt_variant_of(state_dict)
+    if variant is not None and models.resolve_model_name(variant) != models.resolve_model_name(model_name):
+        return f'the weights are {variant} weights but the model is {model_name} ({problem}): pass --model {variant}'
+    if variant is not None:
+        return (f'the weights are {variant} weights with its default shape, but --model-kwargs changed the model '
+                f'({problem}): drop --model-kwargs')
+    return f'the weights do not fit {model_name} ({problem}): check --model and --model-kwargs'
+
+
+def load_weights(model: torch.nn.Module, checkpoint: dict, source: str, model_name: str, ema: bool = False,
+                 allowed_missing=()) -> None:
+    """Load the weights of `checkpoint` (any kind; `ema`: its `model_ema` when present) into `model`, key
+    for key but for `allowed_missing`. Anything else raises a one-line UsageError starting with `source`."""
+    state = state_dict_of(checkpoint, ema)
+    own = model.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and hasattr(v, 'shape') and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state and k not in allowed_missing]
+    unexpected = [k for k in state if k not in own]
+    head = classifier_keys(model)
+    if mismatched and {k for k, _, _ in mismatched} <= head and not missing and not unexpected:
+        key, theirs, ours = sorted(mismatched)[0]
+        raise UsageError(f'{source}: the checkpoint classifier has {theirs[0]} classes, the model {ours[0]}: use '
+                         '--finetune to start from these weights with a new classifier')
+    if mismatched or missing or unexpected:
+        raise UsageError(f'{source}: ' + describe_mismatch(model_name, state, mismatched, missing, unexpected))
+    model.load_state_dict(state, strict=False)
+
+
+def load_backbone_weights(model: torch.nn.Module, checkpoint: dict, source: str,
+                          model_name: str) -> Tuple[List[str], List[str]]:
+    """Load, non-strictly, the RAVLT part of any checkpoint into the backbone of a dense model
+    (models.dense.build_dense_model). Returns (missing_keys, unexpected_keys): from an ImageNet checkpoint
+    these are the `extra_norms` and the classifier's `proj`, `norm` and `head`. Shapes must fit."""
+    from models.dense import dense_backbone
+    backbone = dense_backbone(model)
+    state = backbone_state_dict(state_dict_of(checkpoint))
+    if not state:
+        raise UsageError(f'{source} holds no RAVLT weights (no key ending in {BACKBONE_ANCHOR})')
+    own = backbone.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if mismatched:
+        raise UsageError(f'{source}: ' + describe_mismatch(model_name, state, mismatched, [], []))
+    result = backbone.load_state_dict(state, strict=False)
+    return result.missing_keys, result.unexpected_keys

@@ -1,0 +1,305 @@
+"""The command line of every entry point: the argument parser, YAML config files, value checks, and the
+error policy (bad input ends in one line on stderr and a non-zero exit, never a traceback).
+
+Precedence of a flag's value: the command line, then `--config FILE` (whose `_base_` files come under it),
+then, for the flags that describe the model (see `Run`), the checkpoint being resumed or evaluated, then the
+parser's default.
+"""
+import argparse
+import difflib
+import errno
+import json
+import os
+import sys
+
+import torch
+import yaml
+
+# Exit codes: 1 a failure during the run, 2 bad input, 3 stopped by a signal with a resumable checkpoint.
+EXIT_FAILURE, EXIT_USAGE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """Bad input (flags, files, checkpoints, data): `run_cli` prints it as one line and exits with 2.
+
+    `everywhere`: every process raised it together (an agreed decision), so only rank 0 reports it."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
+
+
+class Preempted(Exception):
+    """A signal (SIGTERM, SIGUSR1) stopped the run after a resumable checkpoint was written."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Value types: argparse calls them on the command line, `read_config` on YAML values.
+# ----------------------------------------------------------------------------------------------------
+
+def _number(kind, text, low=None, high=None, low_open=False, high_open=False):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}') \
+            from None
+    if value != value or (low is not None and (value < low or (low_open and value == low))) or \
+            (high is not None and (value > high or (high_open and value == high))):
+        lower = '' if low is None else f'{"(" if low_open else "["}{low}'
+        upper = '' if high is None else f'{high}{")" if high_open else "]"}'
+        wanted = f'in {lower}, {upper}' if low is not None and high is not None else \
+            (f'{"above" if low_open else "at least"} {low}' if low is not None else f'at most {high}')
+        raise argparse.ArgumentTypeError(f'must be {wanted}, got {text}')
+    return value
+
+
+def number_type(kind=float, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: an int or float within [low, high] (open ends where asked)."""
+    def convert(text):
+        return _number(kind, text, low, high, low_open, high_open)
+    convert.kind = kind
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def json_object(text: str) -> dict:
+    """argparse type of --model-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({e})') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object such as \'{"depths": [1, 1, 2, 1]}\'')
+    return value
+
+
+COUNT = number_type(int, 1)            # 1, 2, ...
+NON_NEGATIVE_INT = number_type(int, 0)
+NON_NEGATIVE = number_type(float, 0)
+POSITIVE = number_type(float, 0, low_open=True)
+FRACTION = number_type(float, 0, 1)    # a probability, a rate
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parser and config files
+# ----------------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, `--config FILE` (YAML whose keys are flag names) and a record of
+    which flags the user gave (`args.given`: destinations set on the command line or in the config)."""
+
+    def __init__(self, *args, with_config: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if with_config:
+            self.add_argument('--config', default='', help='YAML file of flag values (keys are flag names without '
+                              'dashes, e.g. batch-size; `_base_: FILE` inherits another); the command line '
+                              'overrides it')
+
+    def error(self, message):
+        raise UsageError(f'{message} (see python {os.path.basename(sys.argv[0])} --help)')
+
+    def long_options(self) -> dict:
+        """Every long flag name without dashes -> its action."""
+        return {opt[2:]: action for action in self._actions for opt in action.option_strings
+                if opt.startswith('--') and action.dest not in ('help', 'config')}
+
+    def parse(self, argv=None) -> argparse.Namespace:
+        unset = object()
+        dests = {a.dest for a in self._actions if a.dest != 'help'} | set(self._defaults)
+        namespace = argparse.Namespace(**dict.fromkeys(dests, unset))
+        given = {dest for dest, value in vars(self.parse_args(argv, namespace)).items() if value is not unset}
+        args = self.parse_args(argv)
+        if getattr(args, 'config', ''):
+            config = read_config(args.config, self)
+            given |= set(config)
+            self.set_defaults(**config)
+            args = self.parse_args(argv)
+        args.given = given - {'config'}
+        return args
+
+    def to_config(self, args) -> dict:
+        """The flag values as {flag name: value}, readable again with --config."""
+        values, seen = {}, set()
+        for name, action in self.long_options().items():
+            if action.dest in seen or isinstance(action, argparse._StoreFalseAction):
+                continue  # one name per value: the first spelling, the positive form of on/off flags
+            seen.add(action.dest)
+            value = getattr(args, action.dest)
+            values[name] = value.type if isinstance(value, torch.device) else value
+        return values
+
+    def from_config(self, config: dict) -> dict:
+        """{dest: value} of a {flag name: value} mapping (unknown names left out)."""
+        options = self.long_options()
+        return {options[name].dest: value for name, value in config.items() if name in options}
+
+
+def _config_value(action, key: str, value, path: str):
+    """A YAML value checked as strictly as the flag on the command line: no silent rounding of 2.7 to 2,
+    no `true` taken for 1."""
+    def invalid(reason):
+        return UsageError(f'{key}: {value!r} in config {path} is not valid ({reason})')
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise invalid('expected true or false')
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if value is None:
+        return None
+    multiple = action.nargs not in (None, '?')
+    if multiple != isinstance(value, list):
+        raise invalid('expected a list such as [1, 2]' if multiple else 'expected a single value')
+    convert = action.type
+    if convert is json_object:
+        if isinstance(value, dict):
+            return value
+        if not isinstance(value, str):
+            raise invalid('expected a mapping such as {depths: [1, 1, 2, 1]}')
+    kind = getattr(convert, 'kind', None)
+
+    def one(item):
+        if isinstance(item, bool) or (kind is int and not isinstance(item, int)) or \
+                (kind is float and not isinstance(item, (int, float, str))):
+            raise invalid(f'expected {"an integer" if kind is int else "a number"}')
+        if kind is None and convert is not json_object and not isinstance(item, (str, int, float)):
+            raise invalid('expected a single value')
+        try:
+            return convert(item if convert is None or isinstance(item, str) else str(item)) if convert else item
+        except argparse.ArgumentTypeError as e:
+            raise invalid(str(e)) from None
+
+    converted = [one(v) for v in value] if multiple else one(value)
+    for item in converted if multiple else [converted]:
+        if action.choices is not None and item not in action.choices:
+            raise UsageError(f'{key}: {value!r} in config {path} is not one of {", ".join(map(str, action.choices))}')
+    if multiple and isinstance(action.nargs, int) and len(converted) != action.nargs:
+        raise invalid(f'expected {action.nargs} values')
+    return converted
+
+
+def read_config(path: str, parser: ArgumentParser, _seen=()) -> dict:
+    """{dest: value} from a YAML file whose keys are flag names (without dashes); `_base_: FILE` (relative to
+    the file) is read first and overridden."""
+    if not os.path.isfile(path):
+        raise UsageError(f'config file {path} does not exist')
+    if os.path.abspath(path) in _seen:
+        raise UsageError(f'config {path} inherits itself through _base_')
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UsageError(f'config {path} is not valid YAML ({str(e).splitlines()[0]})') from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f'config {path} cannot be read ({e})') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f'config {path} must map flag names to values, e.g. "batch-size: 128"')
+    values = {}
+    base = data.pop('_base_', None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise UsageError(f'_base_ in config {path} must be a file name')
+        values.update(read_config(os.path.join(os.path.dirname(path), base), parser,
+                                  (*_seen, os.path.abspath(path))))
+    options = parser.long_options()
+    for key, value in data.items():
+        action = options.get(str(key))
+        if action is None:
+            close = difflib.get_close_matches(str(key), list(options), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise UsageError(f'unknown key {key!r} in config {path}: keys are flag names without dashes{hint}')
+        values[action.dest] = _config_value(action, str(key), value, path)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------
+# The error policy
+# ----------------------------------------------------------------------------------------------------
+
+def _rank_prefix() -> str:
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    return f'[rank {os.environ.get("RANK", 0)}] ' if world > 1 else ''
+
+
+def _report(message: str, code: int, everyone: bool = True) -> int:
+    """Write one line on stderr (directly: non-main processes have `print` silenced)."""
+    if everyone:
+        sys.stderr.write(f'{_rank_prefix()}{" ".join(message.split())}\n')
+        sys.stderr.flush()
+    return code
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error message, with its type, for one-line reports."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def run_cli(main_fn, argv):
+    """Run `main_fn(argv)` as a command and exit with its code: a UsageError is one line on stderr and exit 2;
+    a non-finite loss, running out of memory or disk, or losing contact with another process one line and 1;
+    a preemption signal one line and 3; Ctrl-C one line and 130. Each line names its rank when there are
+    several processes. Anything else is a bug and keeps its traceback."""
+    from utils import cleanup_distributed, is_main_process  # torch.distributed state, once set up
+    code = 0
+    try:
+        main_fn(argv)
+    except UsageError as e:
+        code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process())
+    except Preempted as e:
+        code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=is_main_process())
+    except FloatingPointError as e:
+        code = _report(f'error: {e}', EXIT_FAILURE)
+    except torch.OutOfMemoryError:
+        code = _report('error: out of memory; lower --batch-size (or use --amp bf16/fp16)', EXIT_FAILURE)
+    except KeyboardInterrupt:
+        code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
+                       'resume point)', EXIT_INTERRUPTED)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            raise
+        where = f' ({e.filename})' if e.filename else ''
+        code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are whole',
+                       EXIT_FAILURE)
+    except RuntimeError as e:
+        if not _lost_contact(e):
+            raise
+        code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
+                       'processes\' messages', EXIT_FAILURE)
+    finally:
+        cleanup_distributed()
+    if code:
+        sys.exit(code)
+
+
+def _lost_contact(error: RuntimeError) -> bool:
+    """A collective failed because another process died or stopped answering."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return int(os.environ.get('WORLD_SIZE', 1)) > 1 and any(
+        marker in text for marker in ('Connection closed by peer', 'Connection reset by peer', 'gloo', 'NCCL',
+                                      'Timed out', 'timed out'))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task recipes (detection and segmentation: one recipe per --task, under the command line and the config)
+# ----------------------------------------------------------------------------------------------------
+
+def add_recipe_arguments(parser: ArgumentParser, tasks):
+    """--task and the flags each task's recipe sets; left at None they take the recipe's value."""
+    parser.add_argument('--task', default=tasks[0], choices=list(tasks))
+    parser.add_argument('--lr', type=POSITIVE, default=None, help="learning rate (default: the task's recipe; "
+                        'not scaled with the batch)')
+    parser.add_argument('--weight-decay', type=NON_NEGATIVE, default=None)
+    parser.add_argument('--warmup-iters', type=NON_NEGATIVE_INT, default=None, help='linear warm-up steps')
+    parser.add_argument('--warmup-ratio', type=FRACTION, default=None, help='warm-up starts at lr * this')
+
+
+def apply_recipe(args, recipes: dict):
+    """Flags left at None take the value of their task's recipe (`recipes[args.task]`)."""
+    for key, value in recipes[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args

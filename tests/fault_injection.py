@@ -1,0 +1,92 @@
+"""Runs an entry point (`python tests/fault_injection.py main.py ARGS`, also under torchrun) with test hooks
+chosen by environment variables; the hooks only watch or stop the run, they change none of its numbers.
+
+    SPY_DIR=D        each process records into D what it saw: the training indices and the parameters after
+                     every epoch, and its evaluation share
+    SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
+    KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
+                     run:OutputFolder.append_log, checkpoints:save_checkpoint)
+    FAIL_AT=R:E      the process of rank R raises E ('usage' a UsageError, 'oom' torch.OutOfMemoryError) in its
+                     first training step
+"""
+import importlib
+import os
+import runpy
+import signal
+import sys
+
+import torch
+
+import cli
+import engine
+
+RANK = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
+
+
+def spy(directory):
+    train_one_epoch, evaluate = engine.train_one_epoch, engine.evaluate
+
+    def spied_train(model, loss_fn, data_loader, *args, **kwargs):
+        result = train_one_epoch(model, loss_fn, data_loader, *args, **kwargs)
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        indices = [index for index, _ in data_loader.sampler]
+        torch.save({'indices': indices, 'params': params},
+                   os.path.join(directory, f'train_rank{RANK}_epoch{args[3]}.pt'))
+        return result
+
+    def spied_evaluate(data_loader, *args, **kwargs):
+        torch.save(list(data_loader.dataset.dataset.indices), os.path.join(directory, f'eval_rank{RANK}.pt'))
+        return evaluate(data_loader, *args, **kwargs)
+
+    engine.train_one_epoch, engine.evaluate = spied_train, spied_evaluate
+
+
+def signal_at(rank, step, name):
+    optimizer_step, calls = engine.optimizer_step, [0]
+
+    def hooked(*args, **kwargs):
+        if RANK == int(rank) and calls[0] == int(step):
+            os.kill(os.getpid(), getattr(signal, name))
+        calls[0] += 1
+        return optimizer_step(*args, **kwargs)
+    engine.optimizer_step = hooked
+
+
+def kill_at(module, function, count):
+    owner = importlib.import_module(module)
+    *path, attribute = function.split('.')
+    for name in path:
+        owner = getattr(owner, name)
+    original, calls = getattr(owner, attribute), [0]
+
+    def hooked(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    setattr(owner, attribute, hooked)
+
+
+def fail_at(rank, error):
+    optimizer_step = engine.optimizer_step
+
+    def hooked(*args, **kwargs):
+        if RANK == int(rank):
+            if error == 'oom':
+                raise torch.OutOfMemoryError('CUDA out of memory (injected)')
+            raise cli.UsageError('cannot read /data/train/n01440764/a.JPEG (injected)')
+        return optimizer_step(*args, **kwargs)
+    engine.optimizer_step = hooked
+
+
+if __name__ == '__main__':
+    if 'SPY_DIR' in os.environ:
+        spy(os.environ['SPY_DIR'])
+    if 'SIGNAL_AT' in os.environ:
+        signal_at(*os.environ['SIGNAL_AT'].split(':'))
+    if 'KILL_AT' in os.environ:
+        kill_at(*os.environ['KILL_AT'].split(':'))
+    if 'FAIL_AT' in os.environ:
+        fail_at(*os.environ['FAIL_AT'].split(':'))
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    runpy.run_path(script, run_name='__main__')
