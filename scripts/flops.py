@@ -9,9 +9,11 @@ which RALA's inference path adds its last product to the LePE map, counted here 
 
     python scripts/flops.py                       # all four variants at 224x224
     python scripts/flops.py --model RAVLT_S --input-size 384
-    python scripts/flops.py --input-size 512 768 --json
+    python scripts/flops.py --input-size 512 768 --json           # height 512, width 768
+    python scripts/flops.py --model RAVLT_S --model-kwargs '{"attn_types": ["rala", "rala", "rala", "rala"]}'
+
+Sizes are `--input-size H [W]`: height then width, one number for a square input.
 """
-import argparse
 import json
 import sys
 import warnings
@@ -25,7 +27,9 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
 import models  # registers the RAVLT models
+from cli import ArgumentParser, UsageError, json_object, run_cli
 from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model
+from run import create_model
 
 # The authors' README: params (M) and FLOPs (G) at 224x224.
 PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}
@@ -63,13 +67,17 @@ def count_flops(model: torch.nn.Module, inputs) -> dict:
         return {'total': analysis.total(), 'by_operator': dict(analysis.by_operator())}
 
 
-def measure(name: str, input_size=(224, 224), task: str = 'classification') -> dict:
+def measure(name: str, input_size=(224, 224), task: str = 'classification', model_kwargs=None) -> dict:
     """Params and FLOPs of one model at batch 1: a classifier, or a dense model (models/dense.py) whose
-    FLOPs count what the authors' mmdet / mmseg count (FlopsForward)."""
+    FLOPs count what the authors' mmdet / mmseg count (FlopsForward). `model_kwargs` go to
+    timm.create_model (to the backbone of a dense model)."""
     if task == 'classification':
-        model = counted = timm.create_model(models.resolve_model_name(name))
+        model = counted = create_model(name, model_kwargs)
     else:
-        model = build_dense_model(task, models.resolve_model_name(name))
+        try:
+            model = build_dense_model(task, models.resolve_model_name(name), backbone_kwargs=model_kwargs)
+        except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
+            raise UsageError(f'cannot build {task} {name} with --model-kwargs {json.dumps(model_kwargs)}: {e}') from None
         counted = FlopsForward(model)
     flops = count_flops(counted, torch.randn(1, 3, *input_size))
     attention = sum(v for k, v in flops['by_operator'].items() if k in ATTENTION_OPS)
@@ -78,11 +86,14 @@ def measure(name: str, input_size=(224, 224), task: str = 'classification') -> d
     return row if task == 'classification' else {'task': task, **row}
 
 
-def format_table(rows, task: str = 'classification') -> str:
+def format_table(rows, task: str = 'classification', modified: bool = False) -> str:
+    """The table; `modified` (--model-kwargs given): the paper's columns do not apply."""
     lines = ['| model | input | params (M) | GFLOPs | GFLOPs w/o attn products | paper params (M) | paper GFLOPs |',
              '|---|---|---|---|---|---|---|']
     for r in rows:
-        if task == 'classification':
+        if modified:
+            paper = ('-', '-')
+        elif task == 'classification':
             paper = PUBLISHED.get(models.resolve_model_name(r['model']), ('-', '-'))
         else:
             published = DENSE_PUBLISHED[task].get(models.resolve_model_name(r['model']), {})
@@ -93,38 +104,39 @@ def format_table(rows, task: str = 'classification') -> str:
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('RAVLT params and FLOPs', add_help=True)
+    parser = ArgumentParser('RAVLT params and FLOPs', add_help=True)
     parser.add_argument('--model', nargs='+', default=['RAVLT_T', 'RAVLT_S', 'RAVLT_B', 'RAVLT_L'],
                         help='RAVLT_T ... RAVLT_L, ravlt_t ... or any timm model name')
+    parser.add_argument('--model-kwargs', type=json_object, default=None,
+                        help='JSON object passed to timm.create_model for every model, e.g. \'{"depths": [1, 1, 2, 1]}\'')
     parser.add_argument('--input-size', nargs='+', type=int, default=None, metavar='H [W]',
-                        help='input height and width (one number for a square input; default 224, for '
-                        'detection 800 1280, for segmentation 512 2048)')
+                        help='exact input size, height then width (one number for a square input; default 224, '
+                        'for detection 800 1280, for segmentation 512 2048)')
     parser.add_argument('--task', default='classification', choices=('classification',) + DENSE_TASKS,
                         help='count a classifier or a RetinaNet / Mask R-CNN / Semantic FPN / UperNet model')
     parser.add_argument('--json', action='store_true', help='print a JSON list instead of a table')
     return parser
 
 
-def main(args) -> int:
+def main(argv) -> list:
+    args = get_args_parser().parse(argv)
     if args.input_size is not None and (len(args.input_size) > 2 or min(args.input_size) < 1):
-        print('error: --input-size takes one or two positive integers (H [W])', file=sys.stderr)
-        return 2
+        raise UsageError('--input-size takes one or two positive integers (H [W], height then width)')
     size = (args.input_size[0], args.input_size[-1]) if args.input_size else DENSE_INPUT_SIZE.get(args.task, (224, 224))
     known = set(timm.list_models()) if args.task == 'classification' else set(models.RAVLT_CONFIGS)
     unknown = [m for m in args.model if models.resolve_model_name(m) not in known]
     if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; choose RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L "
-              f"or a timm model name", file=sys.stderr)
-        return 2
-    rows = [measure(m, size, args.task) for m in args.model]
+        raise UsageError(f"unknown model(s) {', '.join(unknown)}; choose RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L "
+                         f"or a timm model name")
+    rows = [measure(m, size, args.task, args.model_kwargs) for m in args.model]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(format_table(rows, args.task))
+        print(format_table(rows, args.task, modified=bool(args.model_kwargs)))
         print('\nFLOPs: fvcore, one multiply-add = one FLOP, element-wise ops not counted; the paper\'s '
               'figures sit near the column without the attention matrix products.')
-    return 0
+    return rows
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_cli(main, sys.argv[1:])

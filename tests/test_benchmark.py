@@ -1,5 +1,6 @@
-"""scripts/benchmark.py: rows for every model and mode, JSON, the authors' file with our weights, peak
-memory from a fresh process, and one-line errors."""
+"""scripts/benchmark.py: rows for every model, mode and backend, JSON, --model-kwargs, the authors' file with
+our weights, peak memory from a fresh process with the gradients counted, the ONNX Runtime backend, the
+matrix-product reference rate, progress on stderr, and one-line errors."""
 import json
 import os
 import subprocess
@@ -8,8 +9,11 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli import UsageError
 from scripts import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = json.dumps({'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]})
 
 FAKE_AUTHORS = '''
 import timm
@@ -21,35 +25,106 @@ def RAVLT_T(args=None):
 '''
 
 
-def run(argv):
-    return benchmark.main(benchmark.get_args_parser().parse_args(argv), argv)
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_rows_json_and_authors_models_get_our_weights(tmp_path):
+def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     authors = tmp_path / 'RALA.py'
     authors.write_text(FAKE_AUTHORS)
     out = tmp_path / 'bench.json'
-    argv = ['--model', 'RAVLT_T', 'authors:RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '1',
-            '--input-size', '32', '48', '--warmup', '1', '--iters', '2', '--authors-file', str(authors),
-            '--json', str(out)]
-    rows = run(argv)
+    rows = benchmark.main(['--model', 'RAVLT_T', 'authors:RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '1',
+                           '--input-size', '32', '48', '--warmup', '1', '--iters', '2', '--authors-file',
+                           str(authors), '--json', str(out), '--threads', '1'])
     assert [(r['model'], r['mode']) for r in rows] == [('RAVLT_T', 'eval'), ('RAVLT_T', 'train'),
                                                       ('authors:RAVLT_T', 'eval'), ('authors:RAVLT_T', 'train')]
     assert all(r['img_per_s'] > 0 and r['img_per_s_p25'] <= r['img_per_s'] <= r['img_per_s_p75'] for r in rows)
     saved = json.loads(out.read_text())
     assert saved['results'] == rows and saved['settings']['input_size'] == [32, 48]
+    stdout, stderr = capsys.readouterr()
+    assert 'input 32x48 (HxW)' in stdout
+    # Progress, as it happens: which contender warms up, each timing round.
+    assert 'authors:RAVLT_T train (eager): warming up' in stderr and 'timing: round 2/2' in stderr
 
     module = benchmark.load_authors_module(str(authors), [])
-    args = benchmark.get_args_parser().parse_args(['--seed', '3'])
-    ours, theirs = benchmark.build_model('RAVLT_T', args), benchmark.build_model('authors:RAVLT_T', args, module)
+    ours, theirs = benchmark.build_model('RAVLT_T', 3), benchmark.build_model('authors:RAVLT_T', 3, None, module)
     for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert torch.equal(a, b), k
 
 
-def test_peak_memory_is_measured_in_a_fresh_process():
-    row, = run(['--model', 'RAVLT_T', '--mode', 'eval', '--batch-size', '1', '--input-size', '64',
-                '--iters', '0', '--memory'])
-    assert 0 < row['peak_mib'] < 500 and 'img_per_s' not in row
+def test_model_kwargs_reach_the_model():
+    import timm
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    tiny = count(benchmark.build_model('RAVLT_T', 0, json.loads(TINY)))
+    assert tiny == count(timm.create_model('ravlt_t', **json.loads(TINY))) < count(timm.create_model('ravlt_t')) / 2
+    row, = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'train', '--batch-size', '2',
+                           '--input-size', '32', '--warmup', '1', '--iters', '1'])
+    assert row['img_per_s'] > 0
+
+
+def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
+    """The training step's peak holds the gradients (as big as the weights) on top of the activations."""
+    rows = benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '2', '--input-size', '32',
+                           '--iters', '0', '--memory'])
+    weights_mib = sum(p.numel() * 4 for p in benchmark.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
+    eval_row, train_row = rows
+    assert 0 < eval_row['peak_mib'] < weights_mib and 'img_per_s' not in eval_row
+    assert train_row['peak_mib'] > weights_mib
+
+
+class RecordingMeter:
+    """Stands in for RssMeter / CudaMeter: records what existed when the baseline was read."""
+
+    def __init__(self, runner):
+        self.runner, self.events = runner, []
+
+    def start(self):
+        grads = [p.grad for p in self.runner.module.parameters()]
+        self.events.append(('start', sum(g is not None for g in grads)))
+
+    def peak_mib(self):
+        grads = [p.grad for p in self.runner.module.parameters()]
+        self.events.append(('peak', sum(g is not None for g in grads)))
+        return 0.0
+
+
+def test_memory_baseline_is_read_without_the_previous_steps_gradients():
+    """The sequence both devices share (CUDA used to read its baseline with the untimed step's gradients
+    alive, and so under-counted a training step by their size)."""
+    args = benchmark.get_args_parser().parse(['--batch-size', '2', '--input-size', '32', '--model-kwargs', TINY])
+    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=args.model_kwargs), args, None)
+    meter = RecordingMeter(runner)
+    benchmark.peak_memory_mib(runner, meter)
+    n = len(list(runner.module.parameters()))
+    assert meter.events == [('start', 0), ('peak', n)]
+
+
+def test_matmul_rate_and_fractions():
+    rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'eval', 'train', '--batch-size',
+                           '2', '--input-size', '64', '96', '--warmup', '1', '--iters', '2', '--matmul-rate'])
+    eager_eval, eager_train, matmul = rows
+    assert matmul['model'] == 'matmul 2048x2048 float32' and matmul['gflop_per_s'] > 0
+    # FLOPs per image from fvcore (2 per multiply-add); a training step counts 3 forward passes.
+    from scripts.flops import measure
+    flops = 2 * measure('RAVLT_T', (64, 96), model_kwargs=json.loads(TINY))['flops']
+    for row, factor in ((eager_eval, 1), (eager_train, 3)):
+        assert row['gflop_per_s'] == pytest.approx(row['img_per_s'] * factor * flops / 1e9)
+        assert row['matmul_fraction'] == pytest.approx(row['gflop_per_s'] / matmul['gflop_per_s'])
+
+
+def test_onnxruntime_backend(capsys):
+    pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
+    rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--backend', 'onnxruntime', '--mode',
+                           'eval', 'train', '--batch-size', '2', '--input-size', '64', '96', '--warmup', '1',
+                           '--iters', '2', '--memory', '--threads', '1'])
+    row, = rows  # no training step on ONNX Runtime
+    assert (row['model'], row['backend'], row['mode']) == ('RAVLT_T', 'onnxruntime', 'eval')
+    assert row['img_per_s'] > 0 and 0 < row['peak_mib'] < 100
+    assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -57,11 +132,15 @@ def test_peak_memory_is_measured_in_a_fresh_process():
     (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
     (['--model', 'RAVLT_T', '--iters', '0'], 'measures nothing'),
     (['--model', 'RAVLT_T', '--batch-size', '0'], 'at least 1'),
+    (['--model', 'RAVLT_T', '--input-size', '32', '32', '32'], 'H or H W'),
+    (['--model', 'RAVLT_T', '--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t'),
+    (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--amp', 'bf16'], 'runs float32 on the CPU'),
+    (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--mode', 'train'], 'eval only'),
     (['--model', 'swin_tiny_patch4_window7_224', '--input-size', '64'], 'failed with these settings'),
 ])
-def test_bad_input_is_one_line(argv, message):
-    with pytest.raises(benchmark.BenchmarkError, match=message):
-        run(['--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv])
+def test_bad_input_is_a_usage_error(argv, message):
+    with pytest.raises(UsageError, match=message):
+        benchmark.main(['--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv])
 
 
 def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
@@ -69,7 +148,7 @@ def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
     authors.write_text('import einops_is_not_installed_here\n')
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--authors-file',
                              str(authors), '--model', 'authors:RAVLT_T'], capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the authors' file needs the package 'einops_is_not_installed_here': pip install "
         "einops_is_not_installed_here (or give its folder with --authors-path-extra)"]

@@ -40,8 +40,21 @@ def test_cli_json_and_non_square_input():
     assert wide['flops'] - wide['flops_no_attn'] > 2 * (row['flops'] - row['flops_no_attn'])  # quadratic part
 
 
+def test_model_kwargs_all_linear():
+    """--model-kwargs reach the model: RAVLT-T with RALA in every stage has the same convolutions, other
+    attention products (linear in the token count instead of quadratic), and no paper columns."""
+    linear = {'attn_types': ['rala'] * 4}
+    rows = flops.main(['--model', 'RAVLT_T', '--input-size', '448', '--model-kwargs', json.dumps(linear), '--json'])
+    default = flops.measure('RAVLT_T', (448, 448))
+    (row,) = rows
+    assert row['flops_no_attn'] == default['flops_no_attn'] and row['params'] == default['params']
+    assert row['flops'] < default['flops']
+    assert flops.format_table(rows, modified=True).splitlines()[-1].endswith('| - | - |')
+
+
 def test_cli_rejects_bad_arguments():
-    for args in (['--model', 'RAVLT_X'], ['--input-size', '0']):
+    for args in (['--model', 'RAVLT_X'], ['--input-size', '0'], ['--model-kwargs', '{"depth": 1}'],
+                 ['--input-size', '224', '224', '224']):
         result = subprocess.run([sys.executable, 'scripts/flops.py', *args], capture_output=True, text=True)
         assert result.returncode == 2
         assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1

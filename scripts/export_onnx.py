@@ -1,0 +1,183 @@
+"""Export a RAVLT classifier (or any timm model) to ONNX, then check ONNX Runtime against PyTorch.
+
+The graph comes from `torch.onnx.export(..., dynamo=True)` (torch.export, then ONNX) of the eval model after
+`timm.utils.reparameterize_model`. Its input `image` (float32, N x 3 x H x W) has a dynamic batch and a
+dynamic height and width, each a multiple of 32 (RAVLT's total stride); its output is `logits`. The file is
+checked before it is kept: ONNX Runtime and PyTorch run the same random input at two sizes (different batch,
+height and width), and the relative difference ||ort - torch|| / ||torch|| of the logits must stay within
+`--tolerance` (1e-5 in float32). Only a file that passes is written to `--output`.
+
+    python scripts/export_onnx.py --model RAVLT_S --checkpoint RAVLT_S.pth --output ravlt_s.onnx
+    python scripts/export_onnx.py --model RAVLT_S --checkpoint out/checkpoint.pth --ema --output ravlt_s_ema.onnx
+    python scripts/export_onnx.py --model RAVLT_T --model-kwargs '{"attn_types": ["rala", "rala", "rala", "rala"]}' \
+        --output ravlt_t_linear.onnx
+
+Weights: our checkpoints (`model`, or `model_ema` with `--ema`), the authors' files, raw state dicts, with
+or without `module.` prefixes; without `--checkpoint` the model keeps its random initialisation. A
+checkpoint written by main.py carries its --model-kwargs, used unless the command line gives them.
+Needs the optional `onnx` extra (onnx, onnxruntime, onnxscript). Sizes are `--check-sizes H [W]` pairs
+(height then width).
+"""
+import os
+import sys
+import time
+import warnings
+
+import timm.utils
+import torch
+
+from checkpoints import classifier_keys, flags_of, load_checkpoint, load_weights, state_dict_of
+from cli import ArgumentParser, UsageError, first_line, json_object, run_cli
+from run import create_model
+
+STRIDE = 32  # the network's total stride: the exported height and width are multiples of it
+INPUT_NAME, OUTPUT_NAME = 'image', 'logits'
+
+
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser('Export a RAVLT model to ONNX', add_help=True)
+    parser.add_argument('--model', default='RAVLT_S', help='RAVLT_T ... RAVLT_L, ravlt_t ... or a timm model name')
+    parser.add_argument('--checkpoint', default='', help='weights: ours, the authors\' or a raw state dict')
+    parser.add_argument('--ema', action='store_true', help="export the checkpoint's EMA weights (model_ema)")
+    parser.add_argument('--model-kwargs', type=json_object, default=None,
+                        help='JSON object passed to timm.create_model, e.g. \'{"depths": [1, 1, 2, 1]}\'')
+    parser.add_argument('--output', required=True, help='the .onnx file to write')
+    parser.add_argument('--check-sizes', type=int, nargs='+', default=[224, 224, 160, 256], metavar='H W',
+                        help='input sizes of the ONNX Runtime check, height then width, as pairs (multiples of '
+                        f'{STRIDE}); default 224 224 160 256')
+    parser.add_argument('--tolerance', type=float, default=1e-5,
+                        help='largest relative difference of the logits accepted between ONNX Runtime and PyTorch')
+    return parser
+
+
+def import_onnxruntime():
+    """onnxruntime, or a one-line UsageError saying how to install the optional extra."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError('ONNX export needs the optional packages onnx, onnxruntime and onnxscript: '
+                         'pip install "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.2"') from None
+    return onnxruntime
+
+
+def build_model(name: str, model_kwargs=None, checkpoint: str = '', ema: bool = False) -> torch.nn.Module:
+    """The eval model with the checkpoint's weights (any kind), reparameterized for inference. The class
+    count follows the checkpoint's classifier (a model fine-tuned on CIFAR-100 exports with 100 classes)."""
+    model = create_model(name, model_kwargs)
+    if checkpoint:
+        ckpt = load_checkpoint(checkpoint)
+        if model_kwargs is None:
+            flags = flags_of(ckpt)
+            model_kwargs = flags.get('model-kwargs', flags.get('model_kwargs'))
+        state = state_dict_of(ckpt, ema)
+        head = next((k for k in sorted(classifier_keys(model)) if k.endswith('weight') and k in state), None)
+        num_classes = state[head].shape[0] if head is not None else model.num_classes
+        if model_kwargs or num_classes != model.num_classes:
+            model = create_model(name, model_kwargs, num_classes=num_classes)
+        load_weights(model, ckpt, source=checkpoint, model_name=name, ema=ema)
+    return timm.utils.reparameterize_model(model.eval(), inplace=True)
+
+
+def export(model: torch.nn.Module, path: str, example_size=(224, 224)):
+    """Write `model` (eval) to `path` as ONNX with a dynamic batch, height and width (multiples of STRIDE).
+
+    The example batch is 2, not 1: torch.export specialises dimensions of size 1."""
+    example = torch.randn(2, 3, *example_size)
+    batch = torch.export.Dim('batch', min=1)
+    height, width = torch.export.Dim('height_div32', min=1), torch.export.Dim('width_div32', min=1)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')  # the exporter's deprecation and tracing notes
+        try:
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, verbose=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch, 2: STRIDE * height, 3: STRIDE * width},))
+        except Exception as e:  # the exporter raises many types; the first line says which operator or guard
+            raise UsageError(f'torch.onnx.export failed for {type(model).__name__} with a dynamic batch, height '
+                             f'and width: {first_line(e)}') from None
+    program.save(path)
+
+
+def create_session(path: str, threads: int = None, arena: bool = True):
+    """An ONNX Runtime CPU session with every graph optimisation (layout transforms and fusions included)."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = arena
+    options.log_severity_level = 3  # errors only: no warnings about unused initializers
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def relative_difference(model: torch.nn.Module, session, size, batch: int, seed: int = 0) -> float:
+    """||ort - torch|| / ||torch|| of the logits on one random input."""
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+    try:
+        with torch.no_grad():
+            expected = model(x).double()
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UsageError(f'the PyTorch model rejects a {size[0]}x{size[1]} input ({first_line(e)}); choose '
+                         '--check-sizes it takes') from None
+    try:
+        got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]).double()
+    except Exception as e:  # onnxruntime's errors have no common base class
+        raise UsageError(f'ONNX Runtime fails on a {batch}x3x{size[0]}x{size[1]} input: {first_line(e)}') from None
+    if got.shape != expected.shape:
+        raise UsageError(f'ONNX Runtime gives logits of shape {tuple(got.shape)} for input {tuple(x.shape)}, '
+                         f'PyTorch {tuple(expected.shape)}')
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def check_sizes(values) -> list:
+    if len(values) % 2 or not values:
+        raise UsageError(f'--check-sizes takes pairs H W (height then width), got {len(values)} numbers')
+    sizes = [tuple(values[i:i + 2]) for i in range(0, len(values), 2)]
+    bad = [f'{h}x{w}' for h, w in sizes if h < STRIDE or w < STRIDE or h % STRIDE or w % STRIDE]
+    if bad:
+        raise UsageError(f'--check-sizes {", ".join(bad)}: height and width must be positive multiples of {STRIDE}')
+    return sizes
+
+
+def main(argv) -> None:
+    args = get_args_parser().parse(argv)
+    sizes = check_sizes(args.check_sizes)
+    if not args.output.endswith('.onnx'):
+        raise UsageError(f'--output {args.output!r} should end in .onnx')
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UsageError(f'the folder of --output {args.output!r} does not exist')
+    if args.ema and not args.checkpoint:
+        raise UsageError('--ema needs --checkpoint')
+    import_onnxruntime()  # before the long export: fail early when the extra is missing
+    model = build_model(args.model, args.model_kwargs, args.checkpoint, args.ema)
+    start = time.perf_counter()
+    temporary = os.path.join(folder, f'.{os.path.basename(args.output)}.{os.getpid()}.tmp.onnx')
+    try:
+        export(model, temporary)
+        print(f'exported {args.model} in {time.perf_counter() - start:.0f} s; checking ONNX Runtime against PyTorch',
+              flush=True)
+        session = create_session(temporary)
+        fixed = [name for name, dim in zip(('batch', '', 'height', 'width'), session.get_inputs()[0].shape)
+                 if name and not isinstance(dim, str)]
+        if fixed:
+            raise UsageError(f'the exported graph has a fixed {" and ".join(fixed)}: {args.model} does not take '
+                             'other sizes (its code checks or uses them as constants)')
+        for i, size in enumerate(sizes):
+            batch = 2 - i % 2  # batches 2 and 1: the batch is dynamic too
+            diff = relative_difference(model, session, size, batch)
+            print(f'batch {batch}, {size[0]}x{size[1]}: relative difference {diff:.2e}', flush=True)
+            if not diff <= args.tolerance:
+                raise UsageError(f'ONNX Runtime differs from PyTorch by {diff:.2e} (relative) at batch {batch}, '
+                                 f'{size[0]}x{size[1]}, above --tolerance {args.tolerance:g}; nothing written')
+        os.replace(temporary, args.output)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    megabytes = os.path.getsize(args.output) / 2 ** 20
+    print(f'wrote {args.output} ({megabytes:.1f} MiB): input {INPUT_NAME!r} float32 N x 3 x H x W (N, H, W dynamic; '
+          f'H and W multiples of {STRIDE}), output {OUTPUT_NAME!r}')
+
+
+if __name__ == '__main__':
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,133 @@
+"""scripts/export_onnx.py: a tiny RAVLT exported with a dynamic batch, height and width runs in ONNX Runtime
+as in PyTorch; the weights come from every kind of checkpoint; a failed check writes nothing; bad input
+is one line."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models  # noqa: F401  (registers the RAVLT models)
+from cli import UsageError
+from scripts import export_onnx
+
+ort = pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_state(seed: int, num_classes: int = 10) -> dict:
+    torch.manual_seed(seed)
+    model = export_onnx.create_model('RAVLT_T', TINY, num_classes=num_classes)
+    for m in model.modules():  # non-trivial BatchNorm statistics, so that folding them is checked too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.state_dict()
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """Our training checkpoint (weights, EMA weights, the flags with --model-kwargs) exported with --ema."""
+    folder = tmp_path_factory.mktemp('export')
+    checkpoint = folder / 'checkpoint.pth'
+    torch.save({'model': tiny_state(0), 'model_ema': tiny_state(1), 'epoch': 3,
+                'args': {'model': 'RAVLT_T', 'model-kwargs': TINY}}, checkpoint)
+    output = folder / 'tiny.onnx'
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    export_onnx.main(['--model', 'RAVLT_T', '--checkpoint', str(checkpoint), '--ema', '--output', str(output),
+                      '--check-sizes', '64', '64', '96', '160'])
+    torch.set_num_threads(threads)
+    return checkpoint, output
+
+
+def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported, capsys):
+    checkpoint, output = exported
+    assert output.is_file() and not [p for p in os.listdir(output.parent) if p.endswith('.tmp.onnx')]
+    ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()
+    ema.load_state_dict(tiny_state(1))  # --ema: the EMA weights, and the class count of the checkpoint
+    session = export_onnx.create_session(str(output), threads=1)
+    inputs = session.get_inputs()[0]
+    assert inputs.name == 'image' and isinstance(inputs.shape[0], str)  # a named, dynamic batch
+    for batch, size in ((3, (96, 128)), (1, (32, 224))):  # neither is an exported or checked size
+        assert export_onnx.relative_difference(ema, session, size, batch, seed=5) <= 1e-5
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        not_ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()
+        not_ema.load_state_dict(tiny_state(0))  # the same architecture with the other weights
+        assert (ema(x) - not_ema(x)).abs().max() > 1e-3
+
+
+def test_failed_check_writes_nothing(exported, tmp_path, monkeypatch):
+    """The file from the EMA weights checked against the model's weights: the check fails, nothing is left."""
+    checkpoint, output = exported
+    monkeypatch.setattr(export_onnx, 'export', lambda model, path: shutil.copyfile(output, path))
+    target = tmp_path / 'out.onnx'
+    with pytest.raises(UsageError, match=r'ONNX Runtime differs from PyTorch by .* nothing written'):
+        export_onnx.main(['--model', 'RAVLT_T', '--checkpoint', str(checkpoint), '--output', str(target)])
+    assert os.listdir(tmp_path) == []
+
+
+def test_weights_from_every_kind_of_checkpoint(tmp_path):
+    """Raw state dicts with DDP's `module.` prefix, the authors' files (their flags as a Namespace, no
+    --model-kwargs in them), EMA or not: the exported model carries exactly those weights."""
+    weights, ema = tiny_state(2, 1000), tiny_state(3, 1000)
+    raw = tmp_path / 'raw.pth'
+    torch.save({f'module.{k}': v for k, v in weights.items()}, raw)
+    authors = tmp_path / 'authors.pth'
+    torch.save({'model': weights, 'model_ema': ema, 'args': argparse.Namespace(model='RAVLT_T', lr=5e-4)}, authors)
+    for path, use_ema, expected in ((raw, False, weights), (authors, False, weights), (authors, True, ema)):
+        model = export_onnx.build_model('RAVLT_T', TINY, str(path), use_ema)
+        reference = export_onnx.create_model('RAVLT_T', TINY).eval()
+        reference.load_state_dict(expected)
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'RAVLT_X'], "unknown model 'RAVLT_X'"),
+    (['--model', 'RAVLT_T', '--check-sizes', '224', '100'], 'multiples of 32'),
+    (['--model', 'RAVLT_T', '--check-sizes', '224'], 'pairs H W'),
+    (['--model', 'RAVLT_T', '--ema'], '--ema needs --checkpoint'),
+    (['--model', 'RAVLT_T', '--model-kwargs', '{"depths": 2'], 'not valid JSON'),
+])
+def test_bad_input_is_a_usage_error(argv, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        export_onnx.main([*argv, '--output', str(tmp_path / 'x.onnx')])
+
+
+def test_bad_input_is_one_line_on_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'export_onnx.py'), '--model', 'RAVLT_S',
+                             '--checkpoint', 'MISSING.pth', '--output', str(tmp_path / 'x.onnx')],
+                            capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ['error: checkpoint MISSING.pth does not exist']
+
+
+def test_weights_of_another_variant_name_it(tmp_path):
+    """RAVLT-T weights (default shape) given for RAVLT-S: one line naming the variant they fit."""
+    with torch.device('meta'):
+        shapes = export_onnx.create_model('RAVLT_T').state_dict()
+    torch.save({'model': {k: torch.zeros(()).expand(v.shape) for k, v in shapes.items()}}, tmp_path / 't.pth')
+    with pytest.raises(UsageError, match='the weights are RAVLT_T weights but the model is RAVLT_S'):
+        export_onnx.build_model('RAVLT_S', None, str(tmp_path / 't.pth'))
+
+
+def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(UsageError, match='pip install "onnx>=1.16" "onnxruntime>=1.18"'):
+        export_onnx.main(['--model', 'RAVLT_T', '--output', str(tmp_path / 'x.onnx')])
