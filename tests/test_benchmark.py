@@ -3,6 +3,7 @@ our weights, peak memory from a fresh process with the gradients counted, the ON
 matrix-product reference rate, progress on stderr, and one-line errors."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -103,6 +104,21 @@ def test_memory_baseline_is_read_without_the_previous_steps_gradients():
     assert meter.events == [('start', 0), ('peak', n)]
 
 
+def test_amp_and_channels_last_reach_the_step():
+    """The PyTorch backends' settings: channels-last weights and input, the step under autocast."""
+    args = benchmark.get_args_parser().parse(['--batch-size', '2', '--input-size', '32', '--model-kwargs', TINY,
+                                              '--amp', 'bf16', '--channels-last'])
+    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=args.model_kwargs), args, None)
+    assert runner.x.is_contiguous(memory_format=torch.channels_last) and runner.x.dtype == torch.float32
+    convs = [m for m in runner.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    dtypes = []
+    handle = convs[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    runner.step()
+    handle.remove()
+    assert dtypes == [torch.bfloat16] and all(p.grad is not None for p in runner.module.parameters())
+
+
 def test_matmul_rate_and_fractions():
     rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'eval', 'train', '--batch-size',
                            '2', '--input-size', '64', '96', '--warmup', '1', '--iters', '2', '--matmul-rate'])
@@ -152,3 +168,36 @@ def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: the authors' file needs the package 'einops_is_not_installed_here': pip install "
         "einops_is_not_installed_here (or give its folder with --authors-path-extra)"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA; scripts/gpu_check.sh runs it on a GPU')
+@pytest.mark.parametrize('amp', ['none', 'fp16', 'bf16'])
+def test_cuda_timing_memory_and_amp(amp):
+    """On the GPU: synchronised timing, and a training step's peak holds its gradients."""
+    rows = benchmark.main(['--device', 'cuda', '--model', 'RAVLT_T', '--mode', 'eval', 'train', '--amp', amp,
+                           '--channels-last', '--batch-size', '4', '--input-size', '64', '--warmup', '1',
+                           '--iters', '2', '--memory'])
+    weights_mib = sum(p.numel() * 4 for p in benchmark.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
+    eval_row, train_row = rows
+    assert eval_row['img_per_s'] > 0 and train_row['img_per_s'] > 0
+    assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib
+
+
+def test_gpu_check_commands_parse():
+    """scripts/gpu_check.sh's commands, printed by DRY_RUN=1, are valid for today's benchmark and main.py."""
+    import main
+    env = dict(os.environ, DRY_RUN='1', AUTHORS_FILE='RALA.py', AUTHORS_PATH_EXTRA='deps')
+    result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), 'out'], capture_output=True,
+                            text=True, env=env, check=True)
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith('+ ')]
+    assert commands[0][:3] == ['python', '-m', 'pytest']
+    trainings = [c for c in commands if c[0] == 'torchrun']
+    benchmarks = [c for c in commands if c[:2] == ['python', 'scripts/benchmark.py']]
+    assert len(trainings) == 2 and len(benchmarks) == 4 and len(commands) == 7
+    for command in trainings:
+        args = main.get_args_parser().parse(command[command.index('main.py') + 1:])
+        assert args.device == 'cuda' and args.amp in ('fp16', 'bf16') and args.data_set == 'FAKE'
+    parsed = [benchmark.get_args_parser().parse(c[2:]) for c in benchmarks]
+    assert {a.amp for a in parsed} == {'none', 'fp16', 'bf16'} and all(a.device == 'cuda' for a in parsed)
+    assert 'authors:RAVLT_S' in parsed[0].model and parsed[0].authors_file == 'RALA.py'
+    assert parsed[-1].backend == ['eager', 'compile']
