@@ -124,7 +124,7 @@ def build_transform(is_train: bool, args):
                                      interpolation=args.train_interpolation, re_prob=args.reprob,
                                      re_mode=args.remode, re_count=args.recount)
         if size <= 32:
-            transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+            transform.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
         return transform
     crop_pct = 224 / 256 if 32 < size <= 224 else 1.0
     return create_transform(size, is_training=False, interpolation='bicubic', crop_pct=crop_pct)

@@ -15,6 +15,7 @@ schedule and evaluation. Guarantees, all tested with one and with two processes:
 import argparse
 import datetime
 import fcntl
+import functools
 import json
 import os
 import re
@@ -216,11 +217,12 @@ class OutputFolder:
         return [e for e in entries if isinstance(e, dict) and isinstance(e.get('epoch'), int)]
 
     def restore_log(self, last_epoch: int, last_entry: Optional[dict]):
-        """After a restart: log.txt holds each epoch up to `last_epoch` (the checkpoint's) exactly once, the
-        last one from the checkpoint, and the TensorBoard events are rewritten from it."""
-        entries = [e for e in self.read_log() if e['epoch'] < last_epoch]
-        if last_entry is not None:
-            entries.append(last_entry)
+        """At a (re)start: log.txt holds each epoch up to `last_epoch` (the resumed checkpoint's) exactly once,
+        that epoch's line from the checkpoint when it has it (a kill may have come before the line was written),
+        and the TensorBoard events are rewritten from it."""
+        entries = self.read_log()
+        last = [last_entry] if last_entry is not None else [e for e in entries if e['epoch'] == last_epoch][-1:]
+        entries = [e for e in entries if e['epoch'] < last_epoch] + last
         self.write_text(LOG_FILE, ''.join(json.dumps(e) + '\n' for e in entries))
         for name in os.listdir(self.path):
             if name.startswith('events.out.tfevents.'):
@@ -292,6 +294,7 @@ class Run:
             args.num_workers = min(args.default_num_workers, max(cores, 1))
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
+        utils.seed_everything(args.seed)  # the model's initial weights (DDP gives every process rank 0's)
         error, self.output = None, None
         if args.output_dir and utils.is_main_process():
             try:
@@ -397,6 +400,8 @@ class Run:
         elif train and self.world_size > 1:
             print('SyncBatchNorm needs CUDA: on the CPU each process keeps its own BatchNorm statistics')
         model.to(self.device)
+        if train:
+            match_gradient_layouts(model)
         model_ema = None
         if task.ema is not None and (train or isinstance((self.checkpoint or {}).get('model_ema'), dict)):
             model_ema = ModelEmaV3(model, **task.ema)
@@ -560,6 +565,7 @@ class EpochLoop:
         self.optimizer, self.lr_scheduler, self.scaler = optimizer, lr_scheduler, scaler
         self.loader_train, self.loader_val = loader_train, loader_val
         self.n_parameters, self.total_steps, self.state = n_parameters, total_steps, state
+        self.steps_per_epoch = len(loader_train)
         self.stats = {}
 
     def train(self, num_epochs: int, stop: StopSignals) -> dict:
@@ -583,11 +589,12 @@ class EpochLoop:
                 state.global_step, state.first_step, state.totals = result.global_step, 0, None
                 if result.stopped:
                     self._save_progress(epoch, result)
-                    raise Preempted(f'{stop.received or "a signal"} received during epoch {epoch}; stopped after its '
-                                    f'step {result.steps}{self._resumes_there()}')
+                    raise Preempted(f'{stop.received or "a stop signal (by another process)"} received during epoch {epoch}; stopped after '
+                                    f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}')
             self._end_epoch(epoch, result, steps_before)
-            if stop():
-                raise Preempted(f'{stop.received} received during epoch {epoch}; stopped after it{self._resumes_there()}')
+            if epoch + 1 < num_epochs and utils.all_reduce_sum([float(stop())])[0]:  # a signal during the evaluation
+                raise Preempted(f'{stop.received or "a stop signal (by another process)"} received during epoch {epoch}; '
+                                f'stopped after it{self._resumes_there()}')
         return self.stats
 
     def _resumes_there(self) -> str:
@@ -625,7 +632,7 @@ class EpochLoop:
         broken = utils.non_finite_tensors(self.model_without_ddp, *([self.model_ema.module] if self.model_ema else []))
         if broken:
             raise FloatingPointError(f'epoch {epoch} ended with NaN or infinite weights ({len(broken)} tensors, e.g. '
-                                     f'{broken[0]}); not saved: the resume point stays {self._resume_point()}')
+                                     f'{broken[0]}): not saved; {self._resume_point()}')
         if self.run.world_size > 1 and self.run.device.type == 'cpu':  # no SyncBatchNorm: rank 0's statistics everywhere
             utils.broadcast_buffers(self.model_without_ddp, *([self.model_ema.module] if self.model_ema else []))
         entry = {'epoch': epoch, 'step': self.state.global_step, 'n_parameters': self.n_parameters,
@@ -643,8 +650,8 @@ class EpochLoop:
                                  everywhere=e.everywhere) from None
             loss = evaluations['test'].get('loss')
             if loss is not None and not (loss == loss and abs(loss) != float('inf')):
-                raise FloatingPointError(f'epoch {epoch} gives an evaluation loss of {loss}; not saved: the resume '
-                                         f'point stays {self._resume_point()}')
+                raise FloatingPointError(f'epoch {epoch} gives an evaluation loss of {loss}: not saved; '
+                                         f'{self._resume_point()}')
             self.stats = evaluations['test']
             for prefix, stats in evaluations.items():
                 entry.update({f'{prefix}_{k}': v for k, v in stats.items()})
@@ -665,9 +672,34 @@ class EpochLoop:
 
     def _resume_point(self) -> str:
         if not self.args.output_dir:
-            return 'none (no --output_dir)'
-        path = os.path.join(self.args.output_dir, RESUME_FILE)
-        return f'{path} of epoch {self.state.last_log["epoch"]}' if self.state.last_log else f'{path} (none written yet)'
+            return 'nothing is saved without --output_dir'
+        if self.state.last_log is None:
+            return 'no checkpoint was written yet'
+        return f'the resume point stays {os.path.join(self.args.output_dir, RESUME_FILE)} of epoch ' \
+            f'{self.state.last_log["epoch"]}'
+
+
+def match_gradient_layouts(model: torch.nn.Module):
+    """Give every gradient its parameter's memory layout, as DistributedDataParallel's buckets expect (else it
+    warns "Grad strides do not match bucket view strides" and copies each mismatched gradient every step).
+
+    Conv weights become channels-last, the layout of their gradients: RAVLT runs channels-last, and a
+    channels-last weight makes any model's convs do so. Gradients that differ from their parameter only in
+    the strides of size-1 dimensions (a (1, C, 1, 1) layer scale, a depthwise (C, 1, k, k) kernel: which
+    stride a kernel gives such a dimension varies) are re-strided for free: the memory is the same."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+    for param in model.parameters():
+        if param.requires_grad and param.dim() > 1 and 1 in param.shape:
+            param.register_hook(functools.partial(_restride_like, param))
+
+
+def _restride_like(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    if grad.stride() == param.stride() or any(g != p for g, p, n in zip(grad.stride(), param.stride(), grad.shape)
+                                              if n != 1):
+        return grad
+    return grad.as_strided(grad.shape, param.stride())
 
 
 def create_model(name: str, model_kwargs: Optional[dict] = None, **kwargs) -> torch.nn.Module:

@@ -1,15 +1,22 @@
 """Bad input to main.py: one line on stderr saying what is wrong and how to fix it, a non-zero exit, no
-traceback, and the checkpoint already in the output folder untouched. A non-finite loss stops training
-naming the epoch and step and keeps the last good checkpoint."""
+traceback, and nothing already in the output folder touched. Bad data files name the file, also when a
+data-loading worker meets them; a read-only or impossible output folder is refused before any work; a
+non-finite loss or evaluation stops training and never replaces the last sound checkpoint."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+from PIL import Image
 
+import checkpoints
 import main
-import utils
-from train_helpers import DIGITS, ROOT, TINY, assert_one_line_error, one_thread, read_log, run_main
+from cli import run_cli
+from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, one_thread, read_log,  # noqa: F401
+                           run_main)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -39,13 +46,14 @@ def write_checkpoints(folder):
     torch.save({'model': {key: torch.zeros(()).expand(shape) for key, shape, _ in manifest}}, folder / 'ravlt_s.pth')
 
 
-def image_folders(root, val_with_classes: bool):
-    """An IMNET-style tree with one tiny image per class; val/ flat when not `val_with_classes`."""
-    from PIL import Image
-    for split in ('train', 'val'):
-        folder = root / split / 'cls' if split == 'train' or val_with_classes else root / split
-        folder.mkdir(parents=True)
-        Image.new('RGB', (8, 8)).save(folder / 'a.png')
+def image_folders(root, train_classes=('cls',), val_classes=('cls',), val_flat=False, size=(8, 8)):
+    """An IMNET-style tree with one tiny image per class; val/ without class folders when `val_flat`."""
+    for split, classes in (('train', train_classes), ('val', val_classes)):
+        for name in classes:
+            folder = root / split if split == 'val' and val_flat else root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new('RGB', size, (40, 80, 120)).save(folder / f'{name}.png')
+    return root
 
 
 CASES = {
@@ -55,16 +63,19 @@ CASES = {
     'empty data path': (lambda d: TINY + ['--data-path', d / 'empty_dir'], 2, ['is empty', 'DATA/train/<class>']),
     'val without class folders': (lambda d: TINY + ['--data-path', d / 'flat'], 2,
                                   ['val has no class folders', 'one folder per class']),
+    'val with other class folders': (lambda d: TINY + ['--data-path', d / 'zebra', '--batch-size', '2'], 2,
+                                     ['the same class folders', 'cat, dog', 'cat, zebra']),
     'CIFAR absent': (lambda d: TINY + ['--data-set', 'CIFAR', '--data-path', d / 'empty_dir'], 2,
                      ['CIFAR-100 not found', 'cifar-100-python']),
-    'batch size 0': (lambda d: DIGITS + ['--batch-size', '0'], 2, ['--batch-size must be at least 1, got 0']),
-    'input size 0': (lambda d: DIGITS + ['--input-size', '0'], 2, ['--input-size must be at least 1, got 0']),
-    'input size negative': (lambda d: DIGITS + ['--input-size', '-32'], 2, ['--input-size must be at least 1']),
-    'batch size not a number': (lambda d: DIGITS + ['--batch-size', 'many'], 2, ["invalid int value: 'many'"]),
+    'batch size 0': (lambda d: DIGITS + ['--batch-size', '0'], 2, ['--batch-size: must be at least 1, got 0']),
+    'input size 0': (lambda d: DIGITS + ['--input-size', '0'], 2, ['--input-size: must be at least 1, got 0']),
+    'negative learning rate': (lambda d: DIGITS + ['--lr', '-1'], 2, ['--lr: must be above 0, got -1']),
+    'batch size not a number': (lambda d: DIGITS + ['--batch-size', 'many'], 2, ["expected an integer, got 'many'"]),
+    'odd batch with mixup': (lambda d: DIGITS + ['--batch-size', '3', '--mixup', '0.8'], 2, ['even --batch-size']),
     'missing config': (lambda d: DIGITS + ['--config', d / 'nowhere.yaml'], 2, ['config file', 'does not exist']),
     'unknown config key': (lambda d: DIGITS + ['--config', d / 'typo.yaml'], 2,
                            ["unknown key 'batch_sise'", "did you mean 'batch-size'"]),
-    'unknown optimizer': (lambda d: DIGITS + ['--opt', 'adamx'], 2, ['Optimizer adamx not found']),
+    'unknown optimizer': (lambda d: DIGITS + ['--opt', 'adamx'], 2, ['adamx', '--opt']),
     'bad model kwargs': (lambda d: DIGITS + ['--model-kwargs', '{"depth": 3}'], 2, ['cannot build ravlt_t']),
     'checkpoint missing': (lambda d: DIGITS + ['--eval', '--resume', d / 'nowhere.pth'], 2, ['does not exist']),
     'checkpoint empty': (lambda d: DIGITS + ['--eval', '--resume', d / 'empty.pth'], 2, ['is empty']),
@@ -74,7 +85,7 @@ CASES = {
                                         ['needs code execution to unpickle', 'leave_marker']),
     'checkpoint of another variant': (lambda d: TINY + ['--data-set', 'DIGITS', '--model-kwargs', '{}', '--eval',
                                                         '--resume', d / 'ravlt_s.pth'], 2,
-                                      ['RAVLT_S weights', 'the model is ravlt_t', 'pass --model RAVLT_S']),
+                                      ['RAVLT_S weights', 'the model is RAVLT_T', 'pass --model RAVLT_S']),
 }
 
 
@@ -82,10 +93,19 @@ CASES = {
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp('inputs')
     (folder / 'empty_dir').mkdir()
-    image_folders(folder / 'flat', val_with_classes=False)
+    image_folders(folder / 'flat', val_flat=True)
+    image_folders(folder / 'zebra', train_classes=('cat', 'dog'), val_classes=('cat', 'zebra'))
     (folder / 'typo.yaml').write_text('batch_sise: 3\n')
     write_checkpoints(folder)
     return folder
+
+
+def run_in_process(argv, capsys):
+    """(exit code, stdout, stderr) of main.py's command line, run here (faster than a new interpreter)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main.cli, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize('case', list(CASES))
@@ -93,29 +113,93 @@ def test_bad_input_is_one_line_and_damages_nothing(case, inputs, tmp_path, capsy
     make_argv, code, fragments = CASES[case]
     out = tmp_path / 'out'
     out.mkdir()
-    torch.save({'epoch': 3, 'model': {}}, out / 'checkpoint.pth')
-    before = (out / 'checkpoint.pth').read_bytes()
+    (out / 'best.pth').write_bytes(b'weights of an earlier run')
+    (out / 'log.txt').write_text('{"epoch": 0}\n')
 
-    with pytest.raises(SystemExit) as exit_info:
-        utils.run_cli(main.cli, [str(a) for a in make_argv(inputs)] + ['--output_dir', str(out)])
-    captured = capsys.readouterr()
-
-    assert_one_line_error(exit_info.value.code, captured.out, captured.err, code, *fragments)
-    assert sorted(os.listdir(out)) == ['checkpoint.pth']
-    assert (out / 'checkpoint.pth').read_bytes() == before
+    assert_one_line_error(*run_in_process(make_argv(inputs) + ['--output_dir', out], capsys), code, *fragments)
+    assert sorted(os.listdir(out)) == ['best.pth', 'log.txt']
+    assert (out / 'best.pth').read_bytes() == b'weights of an earlier run'
+    assert (out / 'log.txt').read_text() == '{"epoch": 0}\n'
     assert not (inputs / 'code_ran').exists()
 
 
-def test_unknown_config_key_from_the_command_line(inputs):
-    result = run_main(DIGITS + ['--config', inputs / 'typo.yaml'])
-    assert_one_line_error(result.returncode, result.stdout, result.stderr, 2, "unknown key 'batch_sise'")
+@pytest.mark.parametrize('output_dir, fragments', [
+    ('/sys', ['cannot write to --output_dir /sys', 'choose a writable folder']),  # not writable, even by root
+    ('FILE/out', ['lies under a file']),
+    ('FILE', ['exists and is not a folder']),
+])
+def test_unusable_output_folder_is_refused_before_any_work(output_dir, fragments, tmp_path, capsys):
+    (tmp_path / 'FILE').write_text('a file')
+    path = output_dir.replace('FILE', str(tmp_path / 'FILE'))
+    code, out, err = run_in_process(DIGITS + ['--eval', '--output_dir', path], capsys)
+    assert_one_line_error(code, out, err, 2, *fragments)
+    assert 'Acc@1' not in out  # refused before evaluating, not after
+    assert (tmp_path / 'FILE').read_text() == 'a file'
+
+
+def test_bad_training_images_name_the_file_also_from_loader_workers(tmp_path, capsys):
+    root = image_folders(tmp_path / 'data', train_classes=('a', 'b'), val_classes=('a', 'b'), size=(40, 40))
+    truncated = root / 'train' / 'a' / 'cut.jpg'
+    Image.new('RGB', (64, 64), (10, 200, 30)).save(truncated, quality=95)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    common = TINY + ['--data-path', root, '--batch-size', '3', '--mixup', '0', '--cutmix', '0', '--epochs', '1',
+                     '--no-repeated-aug', '--no-model-ema']
+    code, out, err = run_in_process(common, capsys)
+    assert_one_line_error(code, out, err, 2, str(truncated), 'Truncated')
+
+    truncated.unlink()
+    (root / 'train' / 'b' / 'gone.png').symlink_to(root / 'nowhere.png')  # listed, then missing
+    result = run_main(common + ['--num_workers', '2'])
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, 2, str(root / 'train' / 'b' / 'gone.png'),
+                          'No such file')
+    assert 'DataLoader worker' not in result.stderr
+
+
+def test_one_pixel_training_image_trains(tmp_path, capsys):
+    root = image_folders(tmp_path / 'data', train_classes=('a', 'b'), val_classes=('a', 'b'), size=(1, 1))
+    stats = main.cli([str(a) for a in TINY + ['--data-path', root, '--batch-size', '2', '--epochs', '1',
+                                              '--no-repeated-aug', '--no-model-ema', '--warmup-epochs', '0']])
+    assert set(stats) == {'acc1', 'acc5', 'loss'}
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    path = tmp_path / 'checkpoint.pth'
+    checkpoints.save_checkpoint({'epoch': 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b'x' * 100)
+        raise RuntimeError('[enforce fail at inline_container.cc:783] . unexpected pos 2857536 vs 2857424')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    monkeypatch.setattr(checkpoints, '_disk_is_full', lambda directory: True)
+
+    def save(_):
+        checkpoints.save_checkpoint({'epoch': 2}, path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(save, [])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err == f'error: no space left on device ({path}); the checkpoints already on disk are whole\n'
+    monkeypatch.undo()
+    assert checkpoints.load_checkpoint(path) == {'epoch': 1} and os.listdir(tmp_path) == ['checkpoint.pth']
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    process = subprocess.Popen([sys.executable, 'main.py', *map(str, DIGITS), '--epochs', '50', '--output_dir',
+                                str(tmp_path)], cwd=ROOT, env=command_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith('Start training'):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert_one_line_error(process.returncode, out, err, 130, 'interrupted')
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / 'out'
     good = run_main(DIGITS + ['--epochs', '1', '--output_dir', out])
     assert good.returncode == 0, good.stderr
-    checkpoint = utils.load_checkpoint(out / 'checkpoint.pth')
+    checkpoint = checkpoints.load_checkpoint(out / 'checkpoint.pth')
     checkpoint['model']['head.bias'][0] = float('nan')
     torch.save(checkpoint, tmp_path / 'nan.pth')
     before = (out / 'checkpoint.pth').read_bytes()
@@ -126,3 +210,24 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tm
                           'loss is nan at epoch 1, step 0 of 44', 'training stopped')
     assert (out / 'checkpoint.pth').read_bytes() == before
     assert [entry['epoch'] for entry in read_log(out)] == [0]
+
+    # --eval of such weights says so, instead of reporting an accuracy.
+    evaluated = run_main(DIGITS + ['--eval', '--resume', tmp_path / 'nan.pth'])
+    assert_one_line_error(evaluated.returncode, evaluated.stdout, evaluated.stderr, 1, 'NaN or infinite',
+                          'head.bias')
+
+
+def test_a_diverging_run_never_saves_a_poisoned_resume_point(tmp_path):
+    """One step per epoch, warming up to a huge learning rate: epoch 0 is sound, epoch 1's step has a finite
+    loss but leaves weights whose evaluation loss is not. They never replace the sound checkpoint, and the
+    message names the resume point; a restart stops the same way."""
+    out = tmp_path / 'out'
+    argv = DIGITS + ['--batch-size', '1024', '--lr', '1e6', '--warmup-epochs', '2', '--epochs', '3', '--output_dir', out]
+    result = run_main(argv)
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, 1, 'epoch 1 ', 'not saved',
+                          f'the resume point stays {out / "checkpoint.pth"} of epoch 0')
+    saved = checkpoints.load_checkpoint(out / 'checkpoint.pth')
+    assert saved['epoch'] == 0 and all(torch.isfinite(t).all() for t in saved['model'].values())
+    assert [entry['epoch'] for entry in read_log(out)] == [0]
+    again = run_main(argv)
+    assert again.returncode == 1 and again.stderr == result.stderr

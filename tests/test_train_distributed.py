@@ -1,78 +1,146 @@
-"""torchrun --nproc_per_node=2 on the CPU (gloo): the processes train on disjoint samples with
-identical weights, --dist-eval counts every held-out image exactly once, and under --max-restarts a
-killed worker is restarted, resumes from the checkpoint and finishes."""
+"""Two processes on the CPU (gloo), launched by torchrun and by srun (simulated: SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, as srun sets them), stopped the ways a cluster stops them:
+- the processes keep identical weights, and --dist-eval counts every held-out image exactly once;
+- every process SIGKILLed after an epoch, then the same command again: bit-identical to a run never stopped
+  (weights, EMA, optimizer, log.txt), whichever launcher;
+- SIGTERM to every process in the middle of an epoch: all stop after the same step, a resumable checkpoint
+  and exit code 3; the restart is bit-identical too; one process can continue from that checkpoint;
+- an error on rank 1 is reported on stderr, with its rank;
+- the same kill and restart of main_seg.py (Semantic FPN) is bit-identical to its uninterrupted run.
+"""
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from train_helpers import DIGITS, ROOT, command_env, read_log, run_main
+import checkpoints
+from test_dense import TINY_JSON, write_ade
+from train_helpers import (RANDOM, ROOT, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log,
+                           run_main, signal_all, start, torchrun_command, wait_for_log)
 
-NUM_TRAIN, NUM_VAL = 1437, 360
-
-
-def worker_pids(pid: int) -> dict:
-    """{rank: pid} of torchrun's worker processes (its children that have a RANK)."""
-    workers = {}
-    for task in os.listdir(f'/proc/{pid}/task'):
-        with open(f'/proc/{pid}/task/{task}/children') as f:
-            for child in f.read().split():
-                try:
-                    with open(f'/proc/{child}/environ', 'rb') as env:
-                        variables = dict(v.split(b'=', 1) for v in env.read().split(b'\0') if b'=' in v)
-                except FileNotFoundError:
-                    continue
-                if b'RANK' in variables:
-                    workers[int(variables[b'RANK'])] = int(child)
-    return workers
+NUM_VAL = 256  # FAKE's held-out images
+ARGS = RANDOM + ['--dist-eval']
 
 
-def test_two_processes_disjoint_samples_identical_weights_exact_eval_and_restart(tmp_path):
-    out, spy = tmp_path / 'out', tmp_path / 'spy'
-    spy.mkdir()
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               '--max-restarts=1', '--monitor-interval=0.1', 'tests/dist_spy.py',
-               *map(str, DIGITS), '--epochs', '2', '--dist-eval', '--output_dir', str(out)]
-    # The restart needs a fresh store (pytorch/pytorch#135712; see the README).
-    env = command_env(SPY_DIR=str(spy), TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        log = out / 'log.txt'
-        deadline = time.time() + 240
-        while not (log.exists() and log.stat().st_size) and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        workers = worker_pids(process.pid)
-        assert sorted(workers) == [0, 1], f'workers {workers}'
-        os.kill(workers[1], signal.SIGKILL)  # after epoch 0's checkpoint, during epoch 1
-        output, _ = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers
-    assert process.returncode == 0, output
+def srun(args, script='main.py', **env):
+    """Two processes as srun starts them (one task per process, the rank in SLURM_PROCID)."""
+    port = free_port()
+    processes = [start([sys.executable, 'tests/fault_injection.py', script, *map(str, args)], SLURM_PROCID=str(rank),
+                       SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_NODELIST='localhost',
+                       MASTER_PORT=str(port), **env) for rank in (0, 1)]
+    return [finish(p) for p in processes]
 
-    assert 'Resumed from' in output and '(epoch 0)' in output, output
-    assert [entry['epoch'] for entry in read_log(out)] == [0, 1]
+
+def torchrun(args, script='main.py', **env):
+    return start(torchrun_command(2, 'tests/fault_injection.py', [script, *args]), **env)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    """Two epochs with two processes under (simulated) srun, never stopped; each process records what it saw."""
+    out, spy = tmp_path_factory.mktemp('reference'), tmp_path_factory.mktemp('spy')
+    for code, stdout, stderr in srun(ARGS + ['--output_dir', out], SPY_DIR=str(spy)):
+        assert code == 0, stderr
+    return out, spy
+
+
+def assert_same_run(a, b):
+    assert_same_training(checkpoints.load_checkpoint(a / 'checkpoint.pth'), checkpoints.load_checkpoint(b / 'checkpoint.pth'))
+    assert read_log(a) == read_log(b)
+
+
+def test_processes_agree_and_evaluation_counts_each_image_once(reference, tmp_path):
+    out, spy = reference
     for epoch in (0, 1):
         rank0, rank1 = (torch.load(spy / f'train_rank{r}_epoch{epoch}.pt') for r in (0, 1))
-        assert len(rank0['indices']) == len(rank1['indices']) == NUM_TRAIN // 2
-        assert not set(rank0['indices']) & set(rank1['indices'])
-        assert set(rank0['indices']) | set(rank1['indices']) <= set(range(NUM_TRAIN))
-        assert list(rank0['params']) == list(rank1['params'])
+        assert len(rank0['indices']) == len(rank1['indices']) and rank0['indices'] != rank1['indices']
         for key in rank0['params']:
             assert torch.equal(rank0['params'][key], rank1['params'][key]), f'epoch {epoch}: {key} differs'
     shards = [torch.load(spy / f'eval_rank{r}.pt') for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(NUM_VAL))
-
-    # The two-process evaluation counted each image once: one process over all of them agrees.
-    single = run_main(DIGITS + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path / 'eval'])
+    # One process over all the images agrees with the two shares.
+    single = run_main(ARGS + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
     assert single.returncode == 0, single.stderr
-    with open(tmp_path / 'eval' / 'eval_results.json') as f:
-        results = json.load(f)
+    results = json.loads((tmp_path / 'eval_results.json').read_text())
     last = read_log(out)[-1]
-    assert (results['acc1'], results['acc5']) == (last['test_acc1'], last['test_acc5'])
-    assert (results['ema_acc1'], results['ema_acc5']) == (last['test_ema_acc1'], last['test_ema_acc5'])
+    assert {k: results[k] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')} == \
+        {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')}
+
+
+def test_killed_at_an_epoch_boundary_and_restarted_is_bit_identical(reference, tmp_path):
+    kill_at_epoch_boundary(torchrun(ARGS + ['--output_dir', tmp_path]), tmp_path)
+    assert [entry['epoch'] for entry in read_log(tmp_path)] == [0]
+    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path]))
+    assert code == 0, err
+    assert 'Resumed from' in out and '(epoch 0)' in out
+    assert_same_run(reference[0], tmp_path)
+
+
+def stop_lines(err: str) -> list:
+    return [line for line in err.splitlines() if 'stopped: ' in line]
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(reference, tmp_path):
+    # Rank 1 alone receives SIGTERM during the run's step 20 (epoch 1, 16 steps per epoch and process).
+    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], SIGNAL_AT='1:20:SIGTERM'))
+    assert code != 0
+    assert stop_lines(err) == [f'[rank 0] stopped: a stop signal (by another process) received during epoch 1; '
+                               f'stopped after 6 of its 16 steps: '
+                               f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'], err
+    saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 6, 2)
+
+    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path]))
+    assert code == 0, err
+    assert 'step 6 of epoch 1' in out
+    assert_same_run(reference[0], tmp_path)
+
+
+def test_sigterm_to_every_process_and_one_process_continues(tmp_path):
+    """As a cluster preempts a job: SIGTERM to the launcher and every worker. Then the run continues with one
+    process from the two processes' checkpoint."""
+    process = torchrun(ARGS + ['--output_dir', tmp_path])
+    wait_for_log(tmp_path, 1, process)
+    time.sleep(0.5)  # into epoch 1
+    signal_all(process, signal.SIGTERM)
+    code, out, err = finish(process)
+    assert code != 0 and len(stop_lines(err)) == 1, err  # rank 0 reports for all
+    assert not [line for line in err.splitlines() if line.startswith('[rank') and 'error' in line], err
+    assert not [line for line in err.splitlines() if ROOT in line], err  # no traceback of ours
+    assert 'Grad strides do not match' not in err
+    saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert saved['epoch'] == 0 and saved['world_size'] == 2
+
+    result = run_main(ARGS + ['--output_dir', tmp_path])
+    assert result.returncode == 0, result.stderr
+    if 'progress' in saved:  # stopped mid-epoch: another process count cannot continue that epoch exactly
+        assert 'with 1 of 32 that epoch restarts from its beginning' in result.stdout
+    assert [entry['epoch'] for entry in read_log(tmp_path)] == [0, 1]
+
+
+def test_an_error_on_rank_1_is_reported_with_its_rank(tmp_path):
+    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], FAIL_AT='1:usage'))
+    assert code != 0
+    assert '[rank 1] error: cannot read /data/train/n01440764/a.JPEG (injected)' in err.splitlines()
+
+
+SEG_ARGS = ['--task', 'semfpn', '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--num-classes', '3',
+            '--img-scale', '64', '48', '--crop-size', '48', '--device', 'cpu', '--num_workers', '0', '--batch-size', '1',
+            '--lr', '1e-3', '--iters', '6', '--eval-interval', '2', '--print-freq', '100']
+
+
+def test_segmentation_killed_and_restarted_is_bit_identical(tmp_path):
+    write_ade(tmp_path / 'ade', 'training')
+    write_ade(tmp_path / 'ade', 'validation', num_images=2)
+    args = SEG_ARGS + ['--data-path', tmp_path / 'ade']
+    code, _, err = finish(torchrun(args + ['--output_dir', tmp_path / 'a'], script='main_seg.py'))
+    assert code == 0, err
+    kill_at_epoch_boundary(torchrun(args + ['--output_dir', tmp_path / 'b'], script='main_seg.py'), tmp_path / 'b')
+    code, out, err = finish(torchrun(args + ['--output_dir', tmp_path / 'b'], script='main_seg.py'))
+    assert code == 0, err
+    assert 'Resumed from' in out
+    assert [(e['epoch'], e['step']) for e in read_log(tmp_path / 'b')] == [(0, 2), (1, 4), (2, 6)]
+    assert_same_run(tmp_path / 'a', tmp_path / 'b')

@@ -1,50 +1,79 @@
-"""A run killed with SIGKILL after an epoch and started again with the same command ends bit-identical
-(model, EMA and optimizer) to a run never interrupted: CPU, --num_workers 0, with the authors'
-augmentations (RandAugment: python's RNG, mixup/cutmix: numpy's, random erasing and drop path: torch's)
-and repeated augmentation."""
+"""One process, stopped the ways a cluster stops it, then started again with the same command: the run ends
+bit-identical (weights, EMA, optimizer, log.txt) to one never stopped, with every random draw of the authors'
+recipe in play (RandAugment, random erasing, mixup / cutmix, drop path, repeated augmentation):
+- SIGKILL after an epoch's checkpoint is written but before its log line (the line is not lost, nor doubled,
+  in log.txt or the TensorBoard events);
+- SIGTERM in the middle of an epoch (exit code 3, a resumable checkpoint, an exact mid-epoch resume);
+- SIGKILL in the middle of a save (the temporary file it leaves is removed at the next start).
+Two processes: tests/test_train_distributed.py."""
 import os
 import signal
-import subprocess
-import sys
-import time
 
-import utils
-from train_helpers import ROOT, TINY, assert_state_dicts_equal, command_env, read_log, run_main
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-# FAKE: 1,024 random 32 px images, 32 steps per epoch.
-ARGS = TINY + ['--data-set', 'FAKE', '--batch-size', '32', '--epochs', '2', '--warmup-epochs', '1',
-               '--drop-path', '0.1', '--save-freq', '0']
+import checkpoints
+from train_helpers import RANDOM, assert_one_line_error, assert_same_training, read_log, run_main
 
 
-def kill_after_first_epoch(output_dir) -> int:
-    """Start the run, SIGKILL it once epoch 0's checkpoint and log line are written; its exit code."""
-    process = subprocess.Popen([sys.executable, 'main.py', *map(str, ARGS), '--output_dir', str(output_dir)],
-                               cwd=ROOT, env=command_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log = os.path.join(output_dir, 'log.txt')
-    deadline = time.time() + 240
-    while not (os.path.exists(log) and os.path.getsize(log)) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return process.returncode
+def run_hooked(output_dir, **hooks):
+    return run_main(['main.py', *RANDOM, '--output_dir', output_dir], script='tests/fault_injection.py', **hooks)
 
 
-def test_killed_and_restarted_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
-    uninterrupted = run_main(ARGS + ['--output_dir', tmp_path / 'a'])
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp('uninterrupted')
+    result = run_main(RANDOM + ['--output_dir', out])
+    assert result.returncode == 0, result.stderr
+    return out
 
-    assert kill_after_first_epoch(tmp_path / 'b') == -signal.SIGKILL
-    assert [entry['epoch'] for entry in read_log(tmp_path / 'b')] == [0]
-    restarted = run_main(ARGS + ['--output_dir', tmp_path / 'b'])
+
+def assert_same_run(reference, out):
+    assert_same_training(checkpoints.load_checkpoint(reference / 'checkpoint.pth'),
+                         checkpoints.load_checkpoint(out / 'checkpoint.pth'))
+    assert read_log(reference) == read_log(out)
+    assert [name for name in os.listdir(out) if name.endswith('.tmp')] == []
+
+
+def test_killed_before_its_log_line_the_epoch_is_logged_once(uninterrupted, tmp_path):
+    killed = run_hooked(tmp_path, KILL_AT='run:OutputFolder.append_log:1')  # epoch 0 saved, not yet logged
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 0
+    assert not (tmp_path / 'log.txt').exists() or read_log(tmp_path) == []
+
+    restarted = run_main(RANDOM + ['--output_dir', tmp_path])
     assert restarted.returncode == 0, restarted.stderr
     assert 'Resumed from' in restarted.stdout and '(epoch 0)' in restarted.stdout
+    assert_same_run(uninterrupted, tmp_path)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars('test/acc1')] == [0, 1]
+    assert [e.value for e in events.Scalars('train/loss')] == pytest.approx([e['train_loss'] for e in read_log(tmp_path)])
 
-    a = utils.load_checkpoint(tmp_path / 'a' / 'checkpoint.pth')
-    b = utils.load_checkpoint(tmp_path / 'b' / 'checkpoint.pth')
-    assert a['epoch'] == b['epoch'] == 1
-    assert_state_dicts_equal(a['model'], b['model'])
-    assert_state_dicts_equal(a['model_ema'], b['model_ema'])
-    for state_a, state_b in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
-        assert_state_dicts_equal(state_a, state_b)
-    log_a, log_b = read_log(tmp_path / 'a'), read_log(tmp_path / 'b')
-    assert log_a == log_b
+
+def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
+    # The signal comes during step 40 (epoch 1's step 8, 32 steps per epoch); the next step notices it.
+    stopped = run_hooked(tmp_path, SIGNAL_AT='0:40:SIGTERM')
+    line = assert_one_line_error(stopped.returncode, stopped.stdout, stopped.stderr, 3, 'stopped: SIGTERM',
+                                 'during epoch 1', 'after 10 of its 32 steps', 'resumes there')
+    assert str(tmp_path / 'checkpoint.pth') in line
+    saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert saved['epoch'] == 0 and saved['progress']['steps'] == 10 and saved['progress']['global_step'] == 42
+    assert [entry['epoch'] for entry in read_log(tmp_path)] == [0]
+
+    restarted = run_main(RANDOM + ['--output_dir', tmp_path])
+    assert restarted.returncode == 0, restarted.stderr
+    assert 'Resumed from' in restarted.stdout and 'step 10 of epoch 1' in restarted.stdout
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def test_killed_during_a_save_the_temporary_file_is_removed(uninterrupted, tmp_path):
+    killed = run_hooked(tmp_path, KILL_AT='torch:save:3')
+    assert killed.returncode == -signal.SIGKILL
+    left = [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
+    assert len(left) == 1 and left[0].startswith('.checkpoint.pth.')  # epoch 0's, after best.pth and best_ema.pth
+
+    restarted = run_main(RANDOM + ['--output_dir', tmp_path])
+    assert restarted.returncode == 0, restarted.stderr
+    assert f'Removed 1 temporary file(s) left by an interrupted save: {left[0]}' in restarted.stdout
+    assert_same_run(uninterrupted, tmp_path)

@@ -1,0 +1,71 @@
+"""The output folder holds one run at a time (a lock a killed run does not leave stuck), and a validation
+file that cannot be read does not throw away the epoch trained before it: the error names the file, the
+trained epoch is saved with its evaluation pending, and once the file is fixed the next start evaluates it
+and goes on, ending as a run that never failed."""
+import signal
+import subprocess
+import sys
+
+from PIL import Image
+
+import checkpoints
+from train_helpers import (ROOT, TINY, assert_one_line_error, assert_same_training, command_env, read_log,
+                           run_main)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_path):
+    args = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '50', '--aa', 'none', '--mixup', '0',
+                   '--cutmix', '0', '--no-repeated-aug', '--output_dir', tmp_path]
+    first = subprocess.Popen([sys.executable, 'main.py', *map(str, args)], cwd=ROOT, env=command_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith('Start training'):
+                break
+        second = run_main(args)
+        assert_one_line_error(second.returncode, second.stdout, second.stderr, 2,
+                              f'another run is using --output_dir {tmp_path} right now')
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel released the killed run's lock: the folder is usable again.
+    again = run_main(args[:-3] + ['--epochs', '1', '--eval', '--output_dir', tmp_path])
+    assert again.returncode == 0, again.stderr
+
+
+def image_folders(root, corrupt: bool):
+    """Two classes of 32 px images; with `corrupt`, one validation JPEG is cut short."""
+    for split, count in (('train', 8), ('val', 3)):
+        for label, colour in (('a', (200, 30, 30)), ('b', (30, 30, 200))):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new('RGB', (32, 32), tuple(c + 5 * i for c in colour)).save(folder / f'{i}.jpg', quality=95)
+    broken = root / 'val' / 'b' / '1.jpg'
+    if corrupt:
+        broken.write_bytes(broken.read_bytes()[:200])
+    return broken
+
+
+def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
+    args = TINY + ['--batch-size', '4', '--epochs', '2', '--warmup-epochs', '0', '--mixup', '0', '--cutmix', '0',
+                   '--no-repeated-aug', '--aa', 'none']
+    clean_data, clean_out = tmp_path / 'clean', tmp_path / 'clean_out'
+    image_folders(clean_data, corrupt=False)
+    reference = run_main(args + ['--data-path', clean_data, '--output_dir', clean_out])
+    assert reference.returncode == 0, reference.stderr
+
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    broken = image_folders(data, corrupt=True)
+    failed = run_main(args + ['--data-path', data, '--output_dir', out])
+    assert_one_line_error(failed.returncode, failed.stdout, failed.stderr, 2, str(broken),
+                          'the trained epoch 0 is saved; the next start evaluates it first')
+    saved = checkpoints.load_checkpoint(out / 'checkpoint.pth')
+    assert saved['epoch'] == 0 and saved['pending_eval'] is not None
+
+    broken.write_bytes((clean_data / 'val' / 'b' / '1.jpg').read_bytes())  # the file fixed
+    resumed = run_main(args + ['--data-path', data, '--output_dir', out])
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_log(out) == read_log(clean_out)
+    assert_same_training(checkpoints.load_checkpoint(clean_out / 'checkpoint.pth'),
+                         checkpoints.load_checkpoint(out / 'checkpoint.pth'))
