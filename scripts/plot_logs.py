@@ -63,8 +63,13 @@ def read_log(run):
     return dict(sorted(epochs.items()))
 
 
+def logged_panels(logs) -> list:
+    """The PANELS some run logged."""
+    return [(key, title) for key, title in PANELS if any(key in entry for log in logs for entry in log.values())]
+
+
 def plot(logs, labels, path):
-    panels = [(key, title) for key, title in PANELS if any(key in entry for log in logs for entry in log.values())]
+    panels = logged_panels(logs)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for run, (log, label) in enumerate(zip(logs, labels)):

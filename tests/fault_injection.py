@@ -6,8 +6,8 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
     KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
                      run:OutputFolder.append_log, checkpoints:save_checkpoint)
-    FAIL_AT=R:E      the process of rank R raises E ('usage' a UsageError, 'oom' torch.OutOfMemoryError) in its
-                     first training step
+    FAIL_AT=R:E      the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
+                     torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy)
 """
 import importlib
 import os
@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+import checkpoints
 import cli
 import engine
 
@@ -68,15 +69,19 @@ def kill_at(module, function, count):
 
 
 def fail_at(rank, error):
-    optimizer_step = engine.optimizer_step
+    if RANK != int(rank):
+        return
+    if error == 'load':
+        def unreadable(path, *args, **kwargs):
+            raise cli.UsageError(f'checkpoint {path} does not exist')
+        checkpoints.load_checkpoint = unreadable
+        return
 
-    def hooked(*args, **kwargs):
-        if RANK == int(rank):
-            if error == 'oom':
-                raise torch.OutOfMemoryError('CUDA out of memory (injected)')
-            raise cli.UsageError('cannot read /data/train/n01440764/a.JPEG (injected)')
-        return optimizer_step(*args, **kwargs)
-    engine.optimizer_step = hooked
+    def failing(*args, **kwargs):
+        if error == 'oom':
+            raise torch.OutOfMemoryError('CUDA out of memory (injected)')
+        raise cli.UsageError('cannot read /data/train/n01440764/a.JPEG (injected)')
+    engine.optimizer_step = failing
 
 
 if __name__ == '__main__':

@@ -122,7 +122,7 @@ TINY_KWARGS = {'embed_dims': [16, 32, 32, 32], 'depths': [2, 1, 1, 1], 'num_head
 
 def run_rank_analysis(tmp_path, *extra):
     out = tmp_path / 'rank'
-    rank_analysis.main(rank_analysis.get_args_parser().parse_args(
+    rank_analysis.main(rank_analysis.get_args_parser().parse(
         ['--num-images', '2', '--input-size', '32', '--output_dir', str(out), *extra]))
     assert_png(out / 'rank.png')
     return json.loads((out / 'rank.json').read_text())
@@ -155,7 +155,7 @@ def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
         Image.new('RGB', (50, 40), (60 * i, 20, 200)).save(folder / f'{i}.png')
     (folder / 'notes.txt').write_text('not an image')
     out = tmp_path / 'rank'
-    rank_analysis.main(rank_analysis.get_args_parser().parse_args(
+    rank_analysis.main(rank_analysis.get_args_parser().parse(
         ['--checkpoint', str(ckpt), '--images', str(folder), '--num-images', '2',
          '--spectra-block', 'layers.2.blocks.0', '--output_dir', str(out)]))
     report = json.loads((out / 'rank.json').read_text())
@@ -174,7 +174,7 @@ def test_rank_analysis_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(UsageError, match='no .jpg/.png images in'):
         run_rank_analysis(tmp_path, *tiny, '--images', str(tmp_path))
     # The script's entry point: cli.run_cli turns the UsageError into one line and exit code 2.
-    args = rank_analysis.get_args_parser().parse_args(['--checkpoint', str(tmp_path / 'none.pth'),
+    args = rank_analysis.get_args_parser().parse(['--checkpoint', str(tmp_path / 'none.pth'),
                                                        '--output_dir', str(tmp_path / 'out')])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(rank_analysis.main, args)
@@ -199,11 +199,30 @@ def test_plot_logs_writes_png(tmp_path):
         {'epoch': 1, 'train_loss': 1.4, 'train_lr': 1e-3, 'test_acc1': 8.0}])
     logs = [plot_logs.read_log(with_ema), plot_logs.read_log(resumed_no_ema)]
     assert list(logs[1]) == [0, 1] and logs[1][1]['test_acc1'] == 8.0  # the later line of a re-logged epoch
-    plot_logs.main(plot_logs.get_args_parser().parse_args([with_ema, resumed_no_ema, '--labels', 'ema', 'no ema']))
+    plot_logs.main(plot_logs.get_args_parser().parse([with_ema, resumed_no_ema, '--labels', 'ema', 'no ema']))
     assert_png(tmp_path / 'a' / 'curves.png')
     out = tmp_path / 'cmp.png'
-    plot_logs.main(plot_logs.get_args_parser().parse_args([resumed_no_ema, '--output', str(out)]))
+    plot_logs.main(plot_logs.get_args_parser().parse([resumed_no_ema, '--output', str(out)]))
     assert_png(out)
+    assert [key for key, _ in plot_logs.logged_panels(logs)] == ['train_loss', 'train_lr', 'test_acc1', 'test_ema_acc1']
+
+
+def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
+    detection = write_log(tmp_path / 'det', [
+        {'epoch': e, 'step': 2 * e + 2, 'train_loss': 1.0 / (e + 1), 'train_loss_classifier': 0.5, 'train_lr': 1e-4,
+         'test_bbox_AP': 10.0 * e, 'test_bbox_APl': None, 'test_segm_AP': 8.0 * e} for e in range(3)])
+    segmentation = write_log(tmp_path / 'seg', [
+        {'epoch': 0, 'step': 2, 'train_loss': 2.0, 'train_lr': 1e-4},
+        {'epoch': 1, 'step': 4, 'train_loss': 1.0, 'train_lr': 1e-4, 'test_mIoU': 30.0, 'test_mAcc': 40.0}])
+    out = tmp_path / 'dense.png'
+    plot_logs.main(plot_logs.get_args_parser().parse([detection, segmentation, '--output', str(out)]))
+    assert_png(out)
+    logs = [plot_logs.read_log(detection), plot_logs.read_log(segmentation)]
+    assert [key for key, _ in plot_logs.logged_panels(logs)] == ['train_loss', 'train_lr', 'test_bbox_AP',
+                                                                'test_segm_AP', 'test_mIoU']
+    printed = capsys.readouterr().out
+    assert 'det: 3 epochs, best box AP 20.00, best mask AP 16.00' in printed
+    assert 'seg: 2 epochs, best mIoU 30.00' in printed
 
 
 @pytest.mark.parametrize('content, message', [

@@ -2,6 +2,7 @@
 under autocast), the COCO and ADE20K readers, the AP and mIoU evaluation, and main_det.py / main_seg.py on
 tiny synthetic data sets."""
 import json
+import os
 import sys
 
 import numpy as np
@@ -476,3 +477,101 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
         run_cli(main_det.cli, det_args(tmp_path, tmp_path / 'f', 'maskrcnn'))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision, data problems, several processes
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('task', ['retinanet', 'maskrcnn'])
+def test_boxes_are_decoded_and_scored_in_float32_under_autocast(task, monkeypatch):
+    """Under bf16 autocast the convs run in bf16, but anchors, proposals and boxes stay float32: in bf16 a box
+    on an 800x1333 image would move by up to 15 px."""
+    torch.manual_seed(0)
+    model = build_dense_model(task, 'ravlt_t', 2, TINY, min_size=64, max_size=96).eval()
+    if task == 'retinanet':
+        model.score_thresh = 0.0
+    coders = [model.box_coder] if task == 'retinanet' else [model.rpn.box_coder, model.roi_heads.box_coder]
+    seen = []
+    for coder in coders:
+        monkeypatch.setattr(coder, 'decode_single', lambda codes, boxes, original=coder.decode_single: (
+            seen.append((codes.dtype, boxes.dtype)), original(codes, boxes))[1])
+    features = []
+    model.backbone.fpn.layer_blocks[0].register_forward_hook(lambda m, i, o: features.append(o.dtype))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        output, = model([torch.rand(3, 64, 96)])
+    assert features == [torch.bfloat16]  # the network itself runs in bf16
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert output['boxes'].dtype == output['scores'].dtype == torch.float32
+
+
+def test_coco_annotations_are_checked_against_their_categories_and_images(tmp_path):
+    root = tmp_path / 'coco'
+    data = write_coco(root, 'train2017')
+    data['annotations'][0]['category_id'] = 5  # inside the id range 3..7, but not a defined category
+    data['annotations'][1]['bbox'][0] -= 0.5  # overruns the image by half a pixel: kept, clipped
+    data['annotations'][1]['bbox'][2] += 0.5
+    (root / 'annotations' / 'instances_train2017.json').write_text(json.dumps(data))
+    with pytest.raises(UsageError, match='annotations use category ids that its categories do not define .5.'):
+        CocoInstances(str(root), 'train2017', True, with_masks=False, first_label=0)
+    data['annotations'][0]['category_id'] = 3
+    data['annotations'][1]['bbox'] = [-0.5, 10, 20.5, 20]
+    (root / 'annotations' / 'instances_train2017.json').write_text(json.dumps(data))
+    dataset = CocoInstances(str(root), 'train2017', True, with_masks=False, first_label=0)
+    image_id = data['annotations'][1]['image_id']
+    index = dataset.coco_dataset.ids.index(image_id)
+    torch.manual_seed(0)
+    counts = {len(dataset[index][1]['boxes']) for _ in range(4)}  # whichever way it is flipped
+    expected = sum(1 for a in data['annotations'] if a['image_id'] == image_id and not a['iscrowd'])
+    assert counts == {expected}
+
+    write_coco(root, 'val2017')
+    (root / 'val2017' / '0002.png').unlink()  # evaluation comes after a training epoch: found at the start
+    with pytest.raises(UsageError, match=r'1 images of .*instances_val2017.json are missing, e.g. .*0002.png'):
+        CocoInstances(str(root), 'val2017', False, with_masks=False, first_label=0)
+
+
+@pytest.mark.parametrize('split, train', [('training', True), ('validation', False)])
+def test_a_label_map_of_the_wrong_size_names_its_file(split, train, tmp_path):
+    write_ade(tmp_path, split)
+    label = tmp_path / 'annotations' / split / 'ADE_0002.png'
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(label)
+    dataset = ADE20KSegmentation(str(tmp_path), split, train, num_classes=3, img_scale=(64, 48), crop_size=32)
+    with pytest.raises(UsageError, match=f'{label} is 64x40 but its image is 64x48'):
+        dataset[2]
+
+
+def test_img_scale_is_long_then_short_and_the_reverse_is_refused(coco_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main_det.cli, det_args(coco_root, tmp_path, 'retinanet')[:-2] + ['--img-scale', '800', '1333'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ('error: --img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for '
+                                       'ADE20K), got 800 1333: did you mean 1333 800?\n')
+
+
+def _coco_in_two_processes(rank, port, root, folder):
+    import torch.distributed as dist
+    import utils
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE='2', RANK=str(rank))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    dataset = CocoInstances(root, 'val2017', False, with_masks=True, first_label=1)
+    outputs = dict(_ground_truth_outputs(dataset, CATEGORY_IDS))
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), 2))
+    ids = iter([dataset.coco_dataset.ids[dataset.indices[i]] for i in share.indices])
+
+    class GroundTruth(torch.nn.Module):  # answers each image with its ground truth
+        def forward(self, images):
+            return [outputs[next(ids)] for _ in images]
+
+    stats = engine_dense.evaluate_coco(GroundTruth(), torch.utils.data.DataLoader(share, 1, collate_fn=collate_lists),
+                                       dataset, ('bbox', 'segm'))
+    torch.save({'stats': stats, 'gathered': utils.gather_objects([rank])}, os.path.join(folder, f'{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_coco_evaluation_in_two_processes_is_scored_once_on_rank_0(coco_root, tmp_path):
+    from train_helpers import free_port
+    torch.multiprocessing.spawn(_coco_in_two_processes, args=(free_port(), str(coco_root), str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
+    assert rank0['stats'] == rank1['stats'] and rank0['stats']['bbox_AP'] == rank0['stats']['segm_AP'] == 100.0
+    assert rank0['gathered'] == [[0], [1]] and rank1['gathered'] is None  # results go to rank 0 only

@@ -127,6 +127,18 @@ def test_an_error_on_rank_1_is_reported_with_its_rank(tmp_path):
     assert '[rank 1] error: cannot read /data/train/n01440764/a.JPEG (injected)' in err.splitlines()
 
 
+def test_a_process_that_cannot_read_the_checkpoint_stops_every_process_with_one_line(reference, tmp_path):
+    """Rank 0 decides what to resume (its output folder's checkpoint) and every process reads it; on nodes
+    without a shared folder rank 1 cannot, and every process stops, reported once."""
+    (tmp_path / 'checkpoint.pth').write_bytes((reference[0] / 'checkpoint.pth').read_bytes())
+    (rank0, out0, err0), (rank1, out1, err1) = srun(ARGS + ['--output_dir', tmp_path], FAIL_AT='1:load')
+    assert rank0 == rank1 == 2
+    assert err0.strip().splitlines() == [f'[rank 0] error: rank 1: checkpoint {tmp_path / "checkpoint.pth"} does not '
+                                         'exist (every process reads it: on several nodes the output folder must be '
+                                         'shared)']
+    assert err1 == ''
+
+
 SEG_ARGS = ['--task', 'semfpn', '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--num-classes', '3',
             '--img-scale', '64', '48', '--crop-size', '48', '--device', 'cpu', '--num_workers', '0', '--batch-size', '1',
             '--lr', '1e-3', '--iters', '6', '--eval-interval', '2', '--print-freq', '100']
