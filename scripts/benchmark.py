@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import timm.utils
@@ -117,7 +117,6 @@ class Contender:
     backend: str = 'eager'
     model_kwargs: Optional[dict] = None
     label: str = ''
-    runner: object = field(default=None, repr=False)
 
     def __post_init__(self):
         self.label = self.label or self.name

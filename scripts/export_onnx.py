@@ -95,7 +95,7 @@ def export(model: torch.nn.Module, path: str, example_size=(224, 224)):
         except Exception as e:  # the exporter raises many types; the first line says which operator or guard
             raise UsageError(f'torch.onnx.export failed for {type(model).__name__} with a dynamic batch, height '
                              f'and width: {first_line(e)}') from None
-    program.save(path)
+    program.save(path, external_data=False)  # one self-contained file (every variant is far below 2 GB)
 
 
 def create_session(path: str, threads: int = None, arena: bool = True):
@@ -158,8 +158,8 @@ def main(argv) -> None:
         print(f'exported {args.model} in {time.perf_counter() - start:.0f} s; checking ONNX Runtime against PyTorch',
               flush=True)
         session = create_session(temporary)
-        fixed = [name for name, dim in zip(('batch', '', 'height', 'width'), session.get_inputs()[0].shape)
-                 if name and not isinstance(dim, str)]
+        shape = session.get_inputs()[0].shape  # symbolic dimensions are names, fixed ones numbers
+        fixed = [name for name, i in (('batch', 0), ('height', 2), ('width', 3)) if not isinstance(shape[i], str)]
         if fixed:
             raise UsageError(f'the exported graph has a fixed {" and ".join(fixed)}: {args.model} does not take '
                              'other sizes (its code checks or uses them as constants)')
