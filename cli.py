@@ -284,12 +284,14 @@ def _lost_contact(error: RuntimeError) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Task recipes (detection and segmentation: one recipe per --task, under the command line and the config)
+# Detection and segmentation: one recipe per --task, under the command line and the config
 # ----------------------------------------------------------------------------------------------------
 
-def add_recipe_arguments(parser: ArgumentParser, tasks):
-    """--task and the flags each task's recipe sets; left at None they take the recipe's value."""
+def add_dense_arguments(parser: ArgumentParser, tasks):
+    """--task, --pretrained and the flags each task's recipe sets; left at None they take the recipe's value."""
     parser.add_argument('--task', default=tasks[0], choices=list(tasks))
+    parser.add_argument('--pretrained', default='', help="backbone weights: an ImageNet checkpoint (ours or the "
+                        "authors') or the authors' mmdet / mmseg checkpoint (its backbone part)")
     parser.add_argument('--lr', type=POSITIVE, default=None, help="learning rate (default: the task's recipe; "
                         'not scaled with the batch)')
     parser.add_argument('--weight-decay', type=NON_NEGATIVE, default=None)

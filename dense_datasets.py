@@ -74,10 +74,12 @@ class CocoInstances(torch.utils.data.Dataset):
         self.category_ids = sorted(self.coco.getCatIds())
         if not self.category_ids:
             raise UsageError(f'{annotation_file} defines no categories')
-        undefined = sorted({a['category_id'] for a in self.coco.dataset.get('annotations', [])} - set(self.category_ids))
+        used = {a['category_id'] for a in self.coco.dataset.get('annotations', [])}
+        undefined = sorted(used - set(self.category_ids))
         if undefined:
             raise UsageError(f'{annotation_file}: annotations use category ids that its categories do not define '
-                             f'({", ".join(map(str, undefined[:5]))}): add them to categories or drop those annotations')
+                             f'({", ".join(map(str, undefined[:5]))}): add them to categories or drop those '
+                             'annotations')
         self.category_names = [self.coco.cats[c]['name'] for c in self.category_ids]
         self.first_label = first_label
         self.train = train

@@ -19,7 +19,8 @@ import torch
 
 import checkpoints
 import engine
-from cli import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, UsageError, number_type, run_cli
+from cli import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, UsageError, number_type,
+                 run_cli)
 from datasets import DATA_SETS, build_dataset
 from run import Run, Task, add_run_arguments, create_model
 
@@ -211,9 +212,9 @@ def build_task(args, run: Run) -> Task:
 
 def main(args):
     check_args(args)
-    run = Run(get_args_parser(), args, MODEL_FLAGS)
-    task = build_task(args, run)
-    return run.evaluate(task) if args.eval else run.train(task)
+    with Run(get_args_parser(), args, MODEL_FLAGS) as run:
+        task = build_task(args, run)
+        return run.evaluate(task) if args.eval else run.train(task)
 
 
 def cli(argv=None):

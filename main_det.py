@@ -14,7 +14,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
 
 import models
-from cli import COUNT, ArgumentParser, UsageError, add_recipe_arguments, apply_recipe, run_cli
+from cli import COUNT, ArgumentParser, UsageError, add_dense_arguments, apply_recipe, run_cli
 from dense_datasets import CocoInstances, check_img_scale, check_same_categories, collate_lists
 from engine_dense import build_model, evaluate_coco, param_groups
 from run import Run, Task, add_run_arguments
@@ -32,9 +32,7 @@ MODEL_FLAGS = ('task', 'model', 'model_kwargs', 'img_scale')
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('main_det.py', description='RAVLT detection and instance segmentation')
     add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
-    add_recipe_arguments(parser, list(RECIPES))
-    parser.add_argument('--pretrained', default='', help='backbone weights: an ImageNet checkpoint (ours or the '
-                        "authors') or the authors' mmdet checkpoint (its backbone part)")
+    add_dense_arguments(parser, list(RECIPES))
     parser.add_argument('--train-split', default='train2017', help='DATA/annotations/instances_SPLIT.json, DATA/SPLIT/')
     parser.add_argument('--val-split', default='val2017')
     parser.add_argument('--epochs', type=COUNT, default=None, help='default 12')
@@ -48,8 +46,7 @@ def get_args_parser() -> ArgumentParser:
     return parser
 
 
-def main(args):
-    run = Run(get_args_parser(), args, MODEL_FLAGS)
+def build_task(args, run: Run) -> Task:
     apply_recipe(args, RECIPES)
     long, short = check_img_scale(args.img_scale)
     with_masks = args.task == 'maskrcnn'
@@ -73,7 +70,7 @@ def main(args):
                                     warmup_t=args.warmup_iters, warmup_lr_init=args.lr * args.warmup_ratio,
                                     warmup_prefix=False, t_in_epochs=False), args.epochs * steps_per_epoch
 
-    task = Task(
+    return Task(
         model=model, dataset_val=dataset_val, val_batch_size=1, collate_fn=collate_lists,
         evaluate=lambda model, loader: evaluate_coco(model, loader, dataset_val, iou_types, run.amp_dtype,
                                                      args.print_freq),
@@ -81,7 +78,12 @@ def main(args):
               'classes': dataset_val.category_names},
         dataset_train=dataset_train, loss=lambda model, images, targets: model(images, targets),
         make_optimizer=make_optimizer, make_schedule=make_schedule)
-    return run.evaluate(task) if args.eval else run.train(task)
+
+
+def main(args):
+    with Run(get_args_parser(), args, MODEL_FLAGS) as run:
+        task = build_task(args, run)
+        return run.evaluate(task) if args.eval else run.train(task)
 
 
 def cli(argv=None):

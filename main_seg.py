@@ -15,7 +15,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
 import models
-from cli import COUNT, NON_NEGATIVE, POSITIVE, ArgumentParser, UsageError, add_recipe_arguments, apply_recipe, run_cli
+from cli import (COUNT, NON_NEGATIVE, POSITIVE, ArgumentParser, UsageError, add_dense_arguments, apply_recipe,
+                 run_cli)
 from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, check_img_scale
 from engine_dense import build_model, evaluate_segmentation, param_groups
 from run import Run, Task, add_run_arguments
@@ -34,9 +35,7 @@ MODEL_FLAGS = ('task', 'model', 'model_kwargs', 'img_scale', 'num_classes', 'red
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('main_seg.py', description='RAVLT semantic segmentation')
     add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
-    add_recipe_arguments(parser, list(RECIPES))
-    parser.add_argument('--pretrained', default='', help='backbone weights: an ImageNet checkpoint (ours or the '
-                        "authors') or the authors' mmseg checkpoint (its backbone part)")
+    add_dense_arguments(parser, list(RECIPES))
     parser.add_argument('--train-split', default='training', help='DATA/images/SPLIT/, DATA/annotations/SPLIT/')
     parser.add_argument('--val-split', default='validation')
     parser.add_argument('--num-classes', type=COUNT, default=150)
@@ -55,8 +54,7 @@ def get_args_parser() -> ArgumentParser:
     return parser
 
 
-def main(args):
-    run = Run(get_args_parser(), args, MODEL_FLAGS)
+def build_task(args, run: Run) -> Task:
     apply_recipe(args, RECIPES)
     if args.num_classes >= IGNORE_INDEX:
         raise UsageError(f'--num-classes must be below {IGNORE_INDEX} (the ignored label), got {args.num_classes}')
@@ -75,7 +73,7 @@ def main(args):
                                warmup_t=args.warmup_iters, warmup_lr_init=args.lr * args.warmup_ratio,
                                t_in_epochs=False), args.iters
 
-    task = Task(
+    return Task(
         model=model, dataset_val=dataset_val, val_batch_size=1,
         evaluate=lambda model, loader: evaluate_segmentation(model, loader, args.num_classes, IGNORE_INDEX,
                                                              run.amp_dtype, args.print_freq),
@@ -85,7 +83,12 @@ def main(args):
         # after the epoch in which a multiple of --eval-interval steps was reached, and after the last
         evaluate_after=lambda before, after, total: after // args.eval_interval > before // args.eval_interval
         or after == total)
-    return run.evaluate(task) if args.eval else run.train(task)
+
+
+def main(args):
+    with Run(get_args_parser(), args, MODEL_FLAGS) as run:
+        task = build_task(args, run)
+        return run.evaluate(task) if args.eval else run.train(task)
 
 
 def cli(argv=None):

@@ -12,7 +12,6 @@ schedule and evaluation. Guarantees, all tested with one and with two processes:
 - SIGTERM / SIGUSR1 stop every process after the same step, write a resumable checkpoint and exit with 3;
 - one run at a time per output folder.
 """
-import argparse
 import datetime
 import fcntl
 import functools
@@ -155,14 +154,17 @@ class StopSignals:
 
     def __init__(self):
         self.received = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
     def __call__(self) -> bool:
         return self.received is not None
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,8 +192,8 @@ class OutputFolder:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
-            raise UsageError(f'another run is using --output_dir {path} right now: wait for it to end or choose another '
-                             'folder') from None
+            raise UsageError(f'another run is using --output_dir {path} right now: wait for it to end or choose '
+                             'another folder') from None
         removed = checkpoints.remove_stale_temporaries(path)
         if removed:
             print(f'Removed {len(removed)} temporary file(s) left by an interrupted save: {", ".join(removed)}')
@@ -295,14 +297,26 @@ class Run:
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
         utils.seed_everything(args.seed)  # the model's initial weights (DDP gives every process rank 0's)
-        error, self.output = None, None
-        if args.output_dir and utils.is_main_process():
+        self.output = self._open_output()
+        try:
+            self._find_checkpoint(model_flags)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_output(self) -> Optional['OutputFolder']:
+        output, error = None, None
+        if self.args.output_dir and utils.is_main_process():
             try:
-                self.output = OutputFolder(args.output_dir)
+                output = OutputFolder(self.args.output_dir)
             except UsageError as e:
                 error = str(e)
         agree(error)
+        return output
 
+    def _find_checkpoint(self, model_flags):
+        """Rank 0 decides what to resume (--resume, else the output folder's checkpoint.pth); every process reads it."""
+        args = self.args
         self.checkpoint, self.resume_path = None, None
         own = os.path.join(args.output_dir, RESUME_FILE) if args.output_dir else None
         path = utils.broadcast_object(args.resume or (own if own and os.path.isfile(own) else ''))
@@ -317,6 +331,18 @@ class Run:
             self.resume_path = path
             self._take_model_flags(model_flags)
         self.own_checkpoint = bool(path) and own is not None and os.path.abspath(path) == os.path.abspath(own)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Release the output folder (its lock, the TensorBoard writer)."""
+        if self.output is not None:
+            self.output.close()
+            self.output = None
 
     @property
     def config(self) -> dict:
@@ -371,8 +397,11 @@ class Run:
 
     def _check_meta(self, task: Task):
         saved = self.checkpoint.get('meta')
-        if not isinstance(saved, dict):
-            return
+        saved = saved if isinstance(saved, dict) else {}
+        if task.meta.get('task') != 'classification' and 'task' not in saved:
+            raise UsageError(f'{self.resume_path} is not a main_det.py / main_seg.py checkpoint: backbone weights (an '
+                             "ImageNet checkpoint, ours or the authors', or the authors' mmdet / mmseg one) go to "
+                             '--pretrained')
         for key, value in task.meta.items():
             theirs = saved.get(key)
             if key in saved and theirs != value:
@@ -400,6 +429,7 @@ class Run:
         elif train and self.world_size > 1:
             print('SyncBatchNorm needs CUDA: on the CPU each process keeps its own BatchNorm statistics')
         model.to(self.device)
+        channels_last_convs(model)
         if train:
             match_gradient_layouts(model)
         model_ema = None
@@ -472,21 +502,22 @@ class Run:
         print(f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from epoch '
               f'{state.start_epoch}: total batch {args.batch_size * self.world_size}, '
               f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}')
-        stop = StopSignals()
         loop = EpochLoop(self, task, model, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler,
                          loader_train, loader_val, n_parameters, total_steps, state)
-        start_time = time.time()
-        stats = loop.train(num_epochs, stop)
+        start_time, stop = time.time(), StopSignals()
+        try:
+            stats = loop.train(num_epochs, stop)
+        finally:
+            stop.restore()
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
-        if self.output is not None:
-            self.output.close()
         return stats
 
     def _resume(self, task, optimizer, scaler, steps_per_epoch) -> 'TrainingState':
         ckpt, args = self.checkpoint, self.args
         if not all(k in ckpt for k in ('optimizer', 'epoch')):
-            raise UsageError(f'{self.resume_path} holds weights only (no optimizer state or epoch): use it with --eval, '
-                             f'or start training from it with {"--finetune" if hasattr(args, "finetune") else "--pretrained"}')
+            start = '--finetune' if hasattr(args, 'finetune') else '--pretrained'
+            raise UsageError(f'{self.resume_path} holds weights only (no optimizer state or epoch): use it with '
+                             f'--eval, or start training from it with {start}')
         hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
@@ -527,8 +558,8 @@ class Run:
 
 
 # Flags whose change does not change the training.
-IGNORED_CHANGES = {'resume', 'eval', 'output_dir', 'num_workers', 'print-freq', 'dist-timeout', 'config', 'device',
-                   'data-path'}
+IGNORED_CHANGES = {'resume', 'eval', 'output_dir', 'num_workers', 'print-freq', 'dist-timeout', 'device', 'data-path',
+                   'finetune', 'pretrained', 'start_epoch'}
 
 
 def flags_of_ours(checkpoint: dict) -> dict:
@@ -589,13 +620,17 @@ class EpochLoop:
                 state.global_step, state.first_step, state.totals = result.global_step, 0, None
                 if result.stopped:
                     self._save_progress(epoch, result)
-                    raise Preempted(f'{stop.received or "a stop signal (by another process)"} received during epoch {epoch}; stopped after '
+                    raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after '
                                     f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}')
             self._end_epoch(epoch, result, steps_before)
             if epoch + 1 < num_epochs and utils.all_reduce_sum([float(stop())])[0]:  # a signal during the evaluation
-                raise Preempted(f'{stop.received or "a stop signal (by another process)"} received during epoch {epoch}; '
-                                f'stopped after it{self._resumes_there()}')
+                raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after it'
+                                f'{self._resumes_there()}')
         return self.stats
+
+    @staticmethod
+    def _signal(stop: StopSignals) -> str:
+        return stop.received or 'a stop signal (by another process)'
 
     def _resumes_there(self) -> str:
         if not self.args.output_dir:
@@ -633,7 +668,7 @@ class EpochLoop:
         if broken:
             raise FloatingPointError(f'epoch {epoch} ended with NaN or infinite weights ({len(broken)} tensors, e.g. '
                                      f'{broken[0]}): not saved; {self._resume_point()}')
-        if self.run.world_size > 1 and self.run.device.type == 'cpu':  # no SyncBatchNorm: rank 0's statistics everywhere
+        if self.run.world_size > 1 and self.run.device.type == 'cpu':  # no SyncBatchNorm: rank 0's statistics
             utils.broadcast_buffers(self.model_without_ddp, *([self.model_ema.module] if self.model_ema else []))
         entry = {'epoch': epoch, 'step': self.state.global_step, 'n_parameters': self.n_parameters,
                  **{f'train_{k}': v for k, v in result.stats.items()}}
@@ -679,17 +714,21 @@ class EpochLoop:
             f'{self.state.last_log["epoch"]}'
 
 
-def match_gradient_layouts(model: torch.nn.Module):
-    """Give every gradient its parameter's memory layout, as DistributedDataParallel's buckets expect (else it
-    warns "Grad strides do not match bucket view strides" and copies each mismatched gradient every step).
-
-    Conv weights become channels-last, the layout of their gradients: RAVLT runs channels-last, and a
-    channels-last weight makes any model's convs do so. Gradients that differ from their parameter only in
-    the strides of size-1 dimensions (a (1, C, 1, 1) layer scale, a depthwise (C, 1, k, k) kernel: which
-    stride a kernel gives such a dimension varies) are re-strided for free: the memory is the same."""
+def channels_last_convs(model: torch.nn.Module):
+    """Conv weights channels-last, as RAVLT's activations (and a channels-last weight makes any model's convs
+    run so): no layout change per call, and their gradients come in the weights' layout, as
+    DistributedDataParallel's buckets expect. Training and evaluation run the same kernels."""
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)
+
+
+def match_gradient_layouts(model: torch.nn.Module):
+    """Give every gradient its parameter's memory layout, as DistributedDataParallel's buckets expect (else it
+    warns "Grad strides do not match bucket view strides" and copies each mismatched gradient every step).
+    Gradients that differ from their parameter only in the strides of size-1 dimensions (a (1, C, 1, 1) layer
+    scale, a depthwise (C, 1, k, k) kernel: which stride a kernel gives such a dimension varies) are
+    re-strided for free: the memory is the same. Call after channels_last_convs."""
     for param in model.parameters():
         if param.requires_grad and param.dim() > 1 and 1 in param.shape:
             param.register_hook(functools.partial(_restride_like, param))

@@ -2,7 +2,6 @@
 wrappers that make every random draw a function of (seed, epoch, rank, position), and metric logging."""
 import builtins
 import datetime
-import os
 import random
 import time
 import warnings

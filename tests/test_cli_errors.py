@@ -16,7 +16,7 @@ import checkpoints
 import main
 from cli import run_cli
 from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, one_thread, read_log,  # noqa: F401
-                           run_main)
+                           run_here)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -149,7 +149,7 @@ def test_bad_training_images_name_the_file_also_from_loader_workers(tmp_path, ca
 
     truncated.unlink()
     (root / 'train' / 'b' / 'gone.png').symlink_to(root / 'nowhere.png')  # listed, then missing
-    result = run_main(common + ['--num_workers', '2'])
+    result = run_here(main, common + ['--num_workers', '2'])
     assert_one_line_error(result.returncode, result.stdout, result.stderr, 2, str(root / 'train' / 'b' / 'gone.png'),
                           'No such file')
     assert 'DataLoader worker' not in result.stderr
@@ -197,14 +197,14 @@ def test_ctrl_c_is_one_line(tmp_path):
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / 'out'
-    good = run_main(DIGITS + ['--epochs', '1', '--output_dir', out])
+    good = run_here(main, DIGITS + ['--epochs', '1', '--output_dir', out])
     assert good.returncode == 0, good.stderr
     checkpoint = checkpoints.load_checkpoint(out / 'checkpoint.pth')
     checkpoint['model']['head.bias'][0] = float('nan')
     torch.save(checkpoint, tmp_path / 'nan.pth')
     before = (out / 'checkpoint.pth').read_bytes()
 
-    result = run_main(DIGITS + ['--epochs', '2', '--resume', tmp_path / 'nan.pth', '--output_dir', out])
+    result = run_here(main, DIGITS + ['--epochs', '2', '--resume', tmp_path / 'nan.pth', '--output_dir', out])
 
     assert_one_line_error(result.returncode, result.stdout, result.stderr, 1,
                           'loss is nan at epoch 1, step 0 of 44', 'training stopped')
@@ -212,7 +212,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tm
     assert [entry['epoch'] for entry in read_log(out)] == [0]
 
     # --eval of such weights says so, instead of reporting an accuracy.
-    evaluated = run_main(DIGITS + ['--eval', '--resume', tmp_path / 'nan.pth'])
+    evaluated = run_here(main, DIGITS + ['--eval', '--resume', tmp_path / 'nan.pth'])
     assert_one_line_error(evaluated.returncode, evaluated.stdout, evaluated.stderr, 1, 'NaN or infinite',
                           'head.bias')
 
@@ -223,11 +223,11 @@ def test_a_diverging_run_never_saves_a_poisoned_resume_point(tmp_path):
     message names the resume point; a restart stops the same way."""
     out = tmp_path / 'out'
     argv = DIGITS + ['--batch-size', '1024', '--lr', '1e6', '--warmup-epochs', '2', '--epochs', '3', '--output_dir', out]
-    result = run_main(argv)
+    result = run_here(main, argv)
     assert_one_line_error(result.returncode, result.stdout, result.stderr, 1, 'epoch 1 ', 'not saved',
                           f'the resume point stays {out / "checkpoint.pth"} of epoch 0')
     saved = checkpoints.load_checkpoint(out / 'checkpoint.pth')
     assert saved['epoch'] == 0 and all(torch.isfinite(t).all() for t in saved['model'].values())
     assert [entry['epoch'] for entry in read_log(out)] == [0]
-    again = run_main(argv)
+    again = run_here(main, argv)
     assert again.returncode == 1 and again.stderr == result.stderr

@@ -3,7 +3,6 @@ under autocast), the COCO and ADE20K readers, the AP and mIoU evaluation, and ma
 tiny synthetic data sets."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest

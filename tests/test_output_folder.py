@@ -8,9 +8,14 @@ import sys
 
 from PIL import Image
 
+import pytest
+
 import checkpoints
-from train_helpers import (ROOT, TINY, assert_one_line_error, assert_same_training, command_env, read_log,
-                           run_main)
+import main
+from train_helpers import (ROOT, TINY, assert_one_line_error, assert_same_training, command_env, one_thread,  # noqa: F401
+                           read_log, run_here)
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_path):
@@ -22,14 +27,14 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_
         for line in first.stdout:
             if line.startswith('Start training'):
                 break
-        second = run_main(args)
+        second = run_here(main, args)
         assert_one_line_error(second.returncode, second.stdout, second.stderr, 2,
                               f'another run is using --output_dir {tmp_path} right now')
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     # The kernel released the killed run's lock: the folder is usable again.
-    again = run_main(args[:-3] + ['--epochs', '1', '--eval', '--output_dir', tmp_path])
+    again = run_here(main, args[:-3] + ['--epochs', '1', '--eval', '--output_dir', tmp_path])
     assert again.returncode == 0, again.stderr
 
 
@@ -52,19 +57,19 @@ def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
                    '--no-repeated-aug', '--aa', 'none']
     clean_data, clean_out = tmp_path / 'clean', tmp_path / 'clean_out'
     image_folders(clean_data, corrupt=False)
-    reference = run_main(args + ['--data-path', clean_data, '--output_dir', clean_out])
+    reference = run_here(main, args + ['--data-path', clean_data, '--output_dir', clean_out])
     assert reference.returncode == 0, reference.stderr
 
     data, out = tmp_path / 'data', tmp_path / 'out'
     broken = image_folders(data, corrupt=True)
-    failed = run_main(args + ['--data-path', data, '--output_dir', out])
+    failed = run_here(main, args + ['--data-path', data, '--output_dir', out])
     assert_one_line_error(failed.returncode, failed.stdout, failed.stderr, 2, str(broken),
                           'the trained epoch 0 is saved; the next start evaluates it first')
     saved = checkpoints.load_checkpoint(out / 'checkpoint.pth')
     assert saved['epoch'] == 0 and saved['pending_eval'] is not None
 
     broken.write_bytes((clean_data / 'val' / 'b' / '1.jpg').read_bytes())  # the file fixed
-    resumed = run_main(args + ['--data-path', data, '--output_dir', out])
+    resumed = run_here(main, args + ['--data-path', data, '--output_dir', out])
     assert resumed.returncode == 0, resumed.stderr
     assert read_log(out) == read_log(clean_out)
     assert_same_training(checkpoints.load_checkpoint(clean_out / 'checkpoint.pth'),

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 import checkpoints
+import main
 from test_dense import TINY_JSON, write_ade
 from train_helpers import (RANDOM, ROOT, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log,
-                           run_main, signal_all, start, torchrun_command, wait_for_log)
+                           one_thread, run_here, signal_all, start, torchrun_command, wait_for_log)  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 NUM_VAL = 256  # FAKE's held-out images
 ARGS = RANDOM + ['--dist-eval']
@@ -62,7 +65,7 @@ def test_processes_agree_and_evaluation_counts_each_image_once(reference, tmp_pa
     shards = [torch.load(spy / f'eval_rank{r}.pt') for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(NUM_VAL))
     # One process over all the images agrees with the two shares.
-    single = run_main(ARGS + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
+    single = run_here(main, ARGS + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
     assert single.returncode == 0, single.stderr
     results = json.loads((tmp_path / 'eval_results.json').read_text())
     last = read_log(out)[-1]
@@ -114,7 +117,7 @@ def test_sigterm_to_every_process_and_one_process_continues(tmp_path):
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert saved['epoch'] == 0 and saved['world_size'] == 2
 
-    result = run_main(ARGS + ['--output_dir', tmp_path])
+    result = run_here(main, ARGS + ['--output_dir', tmp_path])
     assert result.returncode == 0, result.stderr
     if 'progress' in saved:  # stopped mid-epoch: another process count cannot continue that epoch exactly
         assert 'with 1 of 32 that epoch restarts from its beginning' in result.stdout

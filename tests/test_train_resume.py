@@ -13,7 +13,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
-from train_helpers import RANDOM, assert_one_line_error, assert_same_training, read_log, run_main
+import main
+from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, one_thread, read_log,  # noqa: F401
+                           run_here, run_main)
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_hooked(output_dir, **hooks):
@@ -23,7 +27,7 @@ def run_hooked(output_dir, **hooks):
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp('uninterrupted')
-    result = run_main(RANDOM + ['--output_dir', out])
+    result = run_here(main, RANDOM + ['--output_dir', out])
     assert result.returncode == 0, result.stderr
     return out
 
@@ -41,7 +45,7 @@ def test_killed_before_its_log_line_the_epoch_is_logged_once(uninterrupted, tmp_
     assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 0
     assert not (tmp_path / 'log.txt').exists() or read_log(tmp_path) == []
 
-    restarted = run_main(RANDOM + ['--output_dir', tmp_path])
+    restarted = run_here(main, RANDOM + ['--output_dir', tmp_path])
     assert restarted.returncode == 0, restarted.stderr
     assert 'Resumed from' in restarted.stdout and '(epoch 0)' in restarted.stdout
     assert_same_run(uninterrupted, tmp_path)
@@ -61,7 +65,7 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(uninterrupte
     assert saved['epoch'] == 0 and saved['progress']['steps'] == 10 and saved['progress']['global_step'] == 42
     assert [entry['epoch'] for entry in read_log(tmp_path)] == [0]
 
-    restarted = run_main(RANDOM + ['--output_dir', tmp_path])
+    restarted = run_here(main, RANDOM + ['--output_dir', tmp_path])
     assert restarted.returncode == 0, restarted.stderr
     assert 'Resumed from' in restarted.stdout and 'step 10 of epoch 1' in restarted.stdout
     assert_same_run(uninterrupted, tmp_path)
@@ -73,7 +77,7 @@ def test_killed_during_a_save_the_temporary_file_is_removed(uninterrupted, tmp_p
     left = [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
     assert len(left) == 1 and left[0].startswith('.checkpoint.pth.')  # epoch 0's, after best.pth and best_ema.pth
 
-    restarted = run_main(RANDOM + ['--output_dir', tmp_path])
+    restarted = run_here(main, RANDOM + ['--output_dir', tmp_path])
     assert restarted.returncode == 0, restarted.stderr
     assert f'Removed 1 temporary file(s) left by an interrupted save: {left[0]}' in restarted.stdout
     assert_same_run(uninterrupted, tmp_path)

@@ -1,5 +1,7 @@
 """Shared by the training tests: a tiny RAVLT on 32 px inputs, running the entry points as commands (one
 process, torchrun, simulated srun), killing them as a cluster does, and checks of outputs."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -7,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,6 +55,23 @@ def run_main(args, timeout: int = 300, script: str = 'main.py', **env) -> subpro
     """`python SCRIPT ARGS` from the repository root."""
     return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=command_env(**env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_here(entry_point, args):
+    """An entry point's command line (`main`, `main_det`, `main_seg`) run in this process, as its command runs
+    under command_env (the error policy included, one thread) but without starting an interpreter: a result
+    with the returncode, stdout and stderr a CompletedProcess has."""
+    from cli import run_cli
+    out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(entry_point.cli, [str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def free_port() -> int:
