@@ -471,6 +471,11 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     with pytest.raises(UsageError, match='holds no RAVLT weights'):
         checkpoints.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
         main_seg.cli(seg_args(ade_root, tmp_path / 'e', 'semfpn', '--eval', '--pretrained', str(tmp_path / 'fc.pth')))
+    # An ImageNet checkpoint given to --resume instead of --pretrained.
+    classifier = timm.create_model('ravlt_t', num_classes=10, **TINY)
+    checkpoints.save_checkpoint({'model': classifier.state_dict(), 'epoch': 3}, tmp_path / 'in1k.pth')
+    with pytest.raises(UsageError, match='is not a main_det.py / main_seg.py checkpoint: .* go to --pretrained'):
+        main_seg.cli(seg_args(ade_root, tmp_path / 'g', 'semfpn', '--eval', '--resume', str(tmp_path / 'in1k.pth')))
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main_det.cli, det_args(tmp_path, tmp_path / 'f', 'maskrcnn'))
