@@ -15,6 +15,8 @@ import sys
 import torch
 import yaml
 
+from utils import cleanup_distributed, is_main_process
+
 # Exit codes: 1 a failure during the run, 2 bad input, 3 stopped by a signal with a resumable checkpoint.
 EXIT_FAILURE, EXIT_USAGE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -241,7 +243,6 @@ def run_cli(main_fn, argv):
     a non-finite loss, running out of memory or disk, or losing contact with another process one line and 1;
     a preemption signal one line and 3; Ctrl-C one line and 130. Each line names its rank when there are
     several processes. Anything else is a bug and keeps its traceback."""
-    from utils import cleanup_distributed, is_main_process  # torch.distributed state, once set up
     code = 0
     try:
         main_fn(argv)

@@ -31,10 +31,26 @@ def to_device(data, device: torch.device):
 
 
 def check_batch(batch):
-    """A batch, or the one-line error of the sample in it that could not be loaded."""
+    """A training batch, or the one-line error of the sample in it that could not be loaded (raised by this
+    process alone: the others stop when they lose contact with it)."""
     if isinstance(batch, utils.LoadError):
         raise UsageError(batch.message)
     return batch
+
+
+def evaluation_batches(batches: Iterable):
+    """The batches of an evaluation; one holding a sample that could not be loaded ends it, and once every
+    process is through its share, all raise together, naming the file (so that the run can save the trained
+    epoch first)."""
+    error = None
+    for batch in batches:
+        if isinstance(batch, utils.LoadError):
+            error = batch.message
+            break
+        yield batch
+    error = utils.first_error(error)
+    if error is not None:
+        raise UsageError(error, everywhere=True)
 
 
 def optimizer_step(losses: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -127,8 +143,8 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[
     device = utils.module_device(model)
     metric_logger = utils.MetricLogger()
     count = correct1 = correct5 = loss_sum = 0.0
-    for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
-        images, target = to_device(check_batch(batch), device)
+    for batch in evaluation_batches(metric_logger.log_every(data_loader, print_freq, 'Test:')):
+        images, target = to_device(batch, device)
         with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()

@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 import checkpoints
 import utils
 from cli import UsageError
-from engine import autocast, check_batch, to_device
+from engine import autocast, evaluation_batches, to_device
 from models.dense import build_dense_model, dense_backbone
 
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
@@ -100,8 +100,7 @@ def evaluate_coco(model: torch.nn.Module, data_loader: Iterable, dataset, iou_ty
     model.eval()
     device = utils.module_device(model)
     results = []
-    for batch in utils.MetricLogger().log_every(data_loader, print_freq, 'Test:'):
-        images, targets = check_batch(batch)
+    for images, targets in evaluation_batches(utils.MetricLogger().log_every(data_loader, print_freq, 'Test:')):
         with autocast(device, amp_dtype):
             outputs = model(to_device(images, device))
         for output, target in zip(outputs, targets):
@@ -131,8 +130,8 @@ def evaluate_segmentation(model: torch.nn.Module, data_loader: Iterable, num_cla
     model.eval()
     device = utils.module_device(model)
     counts = torch.zeros(3, num_classes, dtype=torch.float64)
-    for batch in utils.MetricLogger().log_every(data_loader, print_freq, 'Test:'):
-        images, masks = to_device(check_batch(batch), device)
+    for batch in evaluation_batches(utils.MetricLogger().log_every(data_loader, print_freq, 'Test:')):
+        images, masks = to_device(batch, device)
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode='bilinear', align_corners=False)

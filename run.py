@@ -137,15 +137,10 @@ def init_distributed(args):
 
 
 def agree(error: Optional[str]):
-    """Every process stops together when any of them failed: `error` is this process's one-line problem or
-    None. Raises on every process, naming the first process that failed (rank 0 reports it)."""
-    errors = [error] if utils.get_world_size() == 1 else [None] * utils.get_world_size()
-    if utils.get_world_size() > 1:
-        dist.all_gather_object(errors, error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if failed:
-        rank, message = failed[0]
-        raise UsageError(message if utils.get_world_size() == 1 else f'rank {rank}: {message}', everywhere=True)
+    """Every process stops together, with the same one line (rank 0 prints it), when any of them failed."""
+    message = utils.first_error(error)
+    if message is not None:
+        raise UsageError(message, everywhere=True)
 
 
 class StopSignals:

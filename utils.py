@@ -80,6 +80,20 @@ def gather_objects(obj) -> Optional[list]:
     return gathered
 
 
+def first_error(error: Optional[str]) -> Optional[str]:
+    """Processes that must stop together when any of them failed: `error` is this process's one-line problem
+    or None; every process gets the first process's problem (naming its rank when there are several), or None."""
+    errors = [error]
+    if get_world_size() > 1:
+        errors = [None] * get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if not failed:
+        return None
+    rank, message = failed[0]
+    return message if len(errors) == 1 else f'rank {rank}: {message}'
+
+
 def wait_for_main_process():
     """The other processes wait here, explicitly, while rank 0 works alone (scoring COCO, writing
     checkpoints); the wait is bounded by the process group's timeout (--dist-timeout)."""
