@@ -17,7 +17,7 @@ import yaml
 
 from utils import cleanup_distributed, is_main_process
 
-# Exit codes: 1 a failure during the run, 2 bad input, 3 stopped by a signal with a resumable checkpoint.
+# Exit codes: 1 a failure during the run, 2 bad input, 3 stopped by a signal with a resumable checkpoint, 130 Ctrl-C.
 EXIT_FAILURE, EXIT_USAGE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
@@ -106,6 +106,8 @@ class ArgumentParser(argparse.ArgumentParser):
                 if opt.startswith('--') and action.dest not in ('help', 'config')}
 
     def parse(self, argv=None) -> argparse.Namespace:
+        """The flags: the command line over `--config FILE` over the defaults; `args.given` names those the
+        user set (the rest may come from a checkpoint, see run.Run)."""
         unset = object()
         dests = {a.dest for a in self._actions if a.dest != 'help'} | set(self._defaults)
         namespace = argparse.Namespace(**dict.fromkeys(dests, unset))
