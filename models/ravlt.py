@@ -16,15 +16,21 @@ k, add a 5x5 depthwise LePE of v and gate the result with a fourth projection `o
 
 Module attribute names follow the authors' code, so their checkpoints (`RAVLT_T.pth` ...) load with
 `strict=True`; class names say what the modules are.
+
+Inference: `timm.utils.reparameterize_model(model)` folds the BatchNorms of the stem and the downsampling
+layers into their convs and the skip connection of each FFN's depthwise conv into its kernel. The result
+computes the same function with fewer passes over memory and fewer large temporaries; its state dict no
+longer has the authors' layout.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -43,9 +49,7 @@ class ChannelLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.norm.normalized_shape, self.norm.weight, self.norm.bias,
-                         self.norm.eps)
-        return x.permute(0, 3, 1, 2)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class RotaryEmbedding2d(nn.Module):
@@ -54,17 +58,15 @@ class RotaryEmbedding2d(nn.Module):
     The persistent buffer `angle` (head_dim / 2 values, each frequency twice, interleaved) is part of
     the authors' checkpoints. Channels (2i, 2i + 1) of a head are a pair that turns by one angle: a
     token at row h, column w turns the pairs of the first half of the head dim by h * angle and those
-    of the second half by w * angle. Tables are (H * W, head_dim / 2), row-major tokens by pairs, and
-    cached per size, device and dtype.
+    of the second half by w * angle. The tables are (H * W, head_dim / 2): row-major tokens by pairs.
     """
 
     def __init__(self, head_dim: int):
         super().__init__()
         angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 4))
         self.register_buffer('angle', angle.repeat_interleave(2), persistent=True)
-        self._cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
         angle = self.angle[0::2]  # one angle per pair (the buffer holds each twice)
         rows = torch.arange(height, device=angle.device, dtype=angle.dtype)
         cols = torch.arange(width, device=angle.device, dtype=angle.dtype)
@@ -73,48 +75,17 @@ class RotaryEmbedding2d(nn.Module):
         pos = torch.cat([pos_h, pos_w], dim=-1).flatten(0, 1)  # (H*W, d/2)
         return torch.sin(pos), torch.cos(pos)
 
-    def forward(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return self._tables(height, width)
-        # `_version` changes when a state dict is loaded into the buffer in place.
-        key = (height, width, self.angle.device, self.angle.dtype, self.angle._version)
-        tables = self._cache.get(key)
-        if tables is None:
-            if len(self._cache) > 8:
-                self._cache.clear()
-            tables = self._cache[key] = self._tables(height, width)
-        return tables
 
-
-def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, shift: float = 0.0,
-               inplace: bool = False) -> torch.Tensor:
-    """RoPE of x + shift: each channel pair (x0, x1) = x[..., 2i:2i + 2] of x (..., head_dim) turns to
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """RoPE: each channel pair (x0, x1) = x[..., 2i:2i + 2] of x (..., head_dim) turns to
     (x0 cos - x1 sin, x1 cos + x0 sin); sin and cos broadcast against (..., head_dim / 2). Computed in
-    at least the tables' precision; the result has x's dtype.
+    the tables' precision (float32 under autocast, as the authors'); the result has x's dtype.
 
-    `inplace` lets float32 / float64 results overwrite x (only where autograd does not need x).
+    A pair is a complex number, so the rotation is one complex multiply: one pass over x. x's last dim
+    must be contiguous (as it is on the token views of a channels-last map).
     """
-    dtype = torch.promote_types(x.dtype, cos.dtype)
-    if torch.compiler.is_compiling() or x.stride(-1) != 1:
-        # The real form: Inductor fuses it into one kernel.
-        x0, x1 = (x.to(dtype) + shift).unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
-    # Eager: a pair is a complex number, so the rotation (and the shift) is one multiply-add, one pass over
-    # x. Pairs are adjacent in memory on channels-last maps, so the complex view is free.
-    inplace = inplace and x.dtype == dtype
-    pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)))
-    turn = torch.complex(cos.to(dtype), sin.to(dtype))
-    if inplace:
-        rotated = (pairs.add_(complex(shift, shift)) if shift else pairs).mul_(turn)
-    else:
-        rotated = torch.addcmul(turn * complex(shift, shift), pairs, turn) if shift else pairs * turn
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
-
-
-def can_overwrite() -> bool:
-    """Whether eager inference may overwrite its own intermediates. Autograd needs them (and an in-place op
-    on a view costs it a zero-filled copy of the whole map in the backward); Inductor plans its own buffers."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+    pairs = torch.view_as_complex(x.to(cos.dtype).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
 class GatedAttentionBase(nn.Module):
@@ -132,30 +103,34 @@ class GatedAttentionBase(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def attend(self, qk: torch.Tensor, v: torch.Tensor, lepe: torch.Tensor, sin: torch.Tensor,
-               cos: torch.Tensor) -> torch.Tensor:
-        """attention(q, k, v) + lepe, token-major: qk (B, N, 2, heads, head_dim) holds q and k; v and
-        lepe are (B, N, heads, head_dim), as is the result. qk and lepe are overwritten if can_overwrite()."""
+    def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
+        """Projections first .. first + count - 1 of (q, k, v, o): the 1x1 conv over that slice of `qkvo`.
+        Separate convs give dense maps, each alive only while needed: q and k die inside `attend`, o is
+        made after it."""
+        start, stop = first * self.dim, (first + count) * self.dim
+        bias = self.qkvo.bias  # Optional to TorchScript
+        return F.conv2d(x, self.qkvo.weight[start:stop], bias[start:stop] if bias is not None else None)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, g * C, H, W) -> (B, H * W, g * heads, head_dim): a view of a channels-last map."""
+        B, _, H, W = x.shape
+        return x.permute(0, 2, 3, 1).reshape(B, H * W, -1, self.head_dim)
+
+    def query_key(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q and k of x, token-major (B, N, heads, head_dim)."""
+        q, k = self.tokens(self.project(x, 0, 2)).chunk(2, dim=2)
+        return q, k
+
+    def attend(self, x: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """attention(q(x), k(x), v) with v and the result token-major (B, N, heads, head_dim)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        x = x.contiguous(memory_format=torch.channels_last)  # free inside RAVLT, which runs channels-last
-        if torch.is_autocast_enabled(x.device.type):  # cast once, not once per conv
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        # q|k, v and o as three convs on slices of the one weight, so that each is a dense map:
-        # elementwise work on a dense map is several times faster than on channel slices of a 4C map.
-        w, b = self.qkvo.weight, self.qkvo.bias
-        qk = F.conv2d(x, w[:2 * C], b[:2 * C])
-        v = F.conv2d(x, w[2 * C:3 * C], b[2 * C:3 * C])
-        o = F.conv2d(x, w[3 * C:], b[3 * C:])
-
-        def tokens(t, *groups):  # (B, g * C, H, W) -> (B, N, [g,] heads, head_dim): a view of a channels-last map
-            return t.permute(0, 2, 3, 1).reshape(B, H * W, *groups, self.num_heads, self.head_dim)
-
-        out = self.attend(tokens(qk, 2), tokens(v), tokens(self.lepe(v)), sin, cos)
-        out = out.mul_(tokens(o)) if can_overwrite() else out * tokens(o)
-        return self.proj(out.reshape(B, H, W, C).permute(0, 3, 1, 2))
+        x = x.contiguous(memory_format=torch.channels_last)  # token views need it; free inside RAVLT
+        v = self.project(x, 2)
+        out = self.attend(x, self.tokens(v), sin, cos).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        return self.proj((out + self.lepe(v)) * self.project(x, 3))
 
 
 class RankAugmentedLinearAttention(GatedAttentionBase):
@@ -163,83 +138,54 @@ class RankAugmentedLinearAttention(GatedAttentionBase):
 
     With q' = elu(q) + 1, k' = elu(k) + 1 and k'' = N * alpha * k' (per token):
     out = RoPE(q') (RoPE(k'')^T v / N) / (q' . mean_tokens(k'') + 1e-6). The N and 1/N cancel, so
-    alpha * k' is used throughout. Heads are computed as (N, head_dim) x (head_dim, head_dim) products.
+    alpha * k' is used throughout.
     """
 
-    def attend(self, qk, v, lepe, sin, cos):
-        inplace = can_overwrite()
-        # q' and k' are never formed: the + 1 joins each use below.
-        e_q, e_k = (F.elu_(qk) if inplace else F.elu(qk)).unbind(2)  # (B, N, h, d)
-        q_mean = e_q.mean(1, keepdim=True) + 1.0  # mean_tokens(q'), (B, 1, h, d)
-        # Products as einsum: faster than multiply-and-sum, and fvcore counts them as the authors' matmuls.
-        scores = torch.einsum('bnhd,bhd->bnh', e_k, q_mean[:, 0]) + q_mean.sum(-1)  # q_mean . k', (B, N, h)
-        alpha = torch.softmax(self.scale * scores, dim=1).unsqueeze(-1)
-        k = torch.addcmul(alpha, e_k, alpha, out=e_k if inplace else None)  # alpha * k'
-        k_sum = k.sum(1, keepdim=True)  # (B, 1, h, d)
-        denom = (torch.einsum('bnhd,bhd->bnh', e_q, k_sum[:, 0]).unsqueeze(-1)
-                 + (k_sum.sum(-1, keepdim=True) + 1e-6))  # q' . k_sum
-        k = apply_rope(k, sin[:, None], cos[:, None], inplace=inplace)
-        q = apply_rope(e_q, sin[:, None], cos[:, None], shift=1.0, inplace=inplace)  # RoPE(q')
-        # Per head, (N, d) x (d, d) products on strided views, which need no copies.
-        kv = [torch.bmm(k[:, :, i].transpose(1, 2), v[:, :, i]) for i in range(self.num_heads)]
-        if inplace:
-            # (q / denom) kv is accumulated straight into lepe: no (B, N, C) result to allocate and add.
-            q = q.div_(denom)
-            for i in range(self.num_heads):
-                lepe[:, :, i].baddbmm_(q[:, :, i], kv[i])
-            return lepe
-        heads = [torch.bmm(q[:, :, i], kv[i]) for i in range(self.num_heads)]
-        out = heads[0].unsqueeze(2) if self.num_heads == 1 else torch.stack(heads, dim=2)
-        return torch.addcdiv(lepe, out, denom)
+    def attend(self, x, v, sin, cos):
+        q, k = self.query_key(x)
+        q = F.elu(q) + 1.0
+        k = F.elu(k) + 1.0
+        # Products as einsum: fvcore counts them as the authors' matmuls.
+        scores = torch.einsum('bnhd,bhd->bnh', k, q.mean(dim=1))  # mean_tokens(q') . k'
+        k = k * torch.softmax(self.scale * scores, dim=1).unsqueeze(-1)  # alpha * k'
+        z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k.sum(dim=1)) + 1e-6)  # 1 / (q' . sum_tokens(alpha * k'))
+        sin, cos = sin[:, None], cos[:, None]
+        kv = torch.einsum('bnhd,bnhe->bhde', apply_rope(k, sin, cos), v)
+        return torch.einsum('bnhd,bhde->bnhe', apply_rope(q, sin, cos), kv) * z.unsqueeze(-1)
 
 
 class SoftmaxAttention(GatedAttentionBase):
     """Softmax attention with 2-D RoPE on q and k (stages 3-4), through scaled_dot_product_attention."""
 
-    def attend(self, qk, v, lepe, sin, cos):
-        inplace = can_overwrite()
-        qk = apply_rope(qk, sin[:, None, None], cos[:, None, None], inplace=inplace)
-        q, k = qk.permute(2, 0, 3, 1, 4)  # (B, h, N, d) each
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
-        return lepe.add_(out) if inplace else lepe + out
+    def attend(self, x, v, sin, cos):
+        q, k = self.query_key(x)
+        sin, cos = sin[:, None], cos[:, None]
+        q = apply_rope(q, sin, cos).transpose(1, 2)  # (B, h, N, d)
+        k = apply_rope(k, sin, cos).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
 
 
 ATTENTION_TYPES = {'rala': RankAugmentedLinearAttention, 'softmax': SoftmaxAttention}
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU, in place on a map that autograd does not track (its backward needs the input)."""
-    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
+class ResidualDepthwiseConv(nn.Conv2d):
+    """y + dwconv(y), the FFN's 'same' depthwise conv with its skip connection (key `dwconv`). `fuse()` returns
+    the one conv that computes both, for inference: the skip joins the kernel's centre tap."""
 
-
-class GELU(nn.GELU):
-    """nn.GELU through `gelu` above."""
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu(x)
+        return x + self._conv_forward(x, self.weight, self.bias)
 
-
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(conv(x)). A BatchNorm in inference is an affine map per channel, folded here into the conv's
-    weight and bias: one pass and one map fewer. Not while tracing, so that fvcore counts the network as
-    the authors wrote it."""
-    if (norm.training or not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None
-            or torch.jit.is_tracing()):
-        return norm(conv(x))
-    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
-    bias = shift if conv.bias is None else torch.addcmul(shift, conv.bias, scale)
-    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, conv.dilation,
-                    conv.groups)
-
-
-def conv_plus_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """x + conv(x) for a depthwise 'same' conv, as one conv: the identity joins the kernel's centre tap."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x + conv(x)  # the sum keeps x's precision; the folded conv would round it to the autocast dtype
-    identity = torch.zeros_like(conv.weight)
-    identity[:, :, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = 1
-    return F.conv2d(x, conv.weight + identity, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
+                         groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(self.weight)
+        conv.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2] += 1
+        conv.bias.copy_(self.bias)
+        return conv
 
 
 class ConvFeedForward(nn.Module):
@@ -249,14 +195,16 @@ class ConvFeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
+        self.dwconv = ResidualDepthwiseConv(hidden_dim, 3)
+        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(conv_plus_input(self.dwconv, gelu(self.fc1(x))))
+        return self.fc2(self.dwconv(self.act(self.fc1(x))))
 
 
 class RAVLTBlock(nn.Module):
-    """Conv positional encoding, then pre-norm attention and FFN, each with layer scale and drop path."""
+    """A residual conv position encoding (3x3 depthwise), then pre-norm attention and FFN, each with layer scale
+    and drop path."""
 
     def __init__(self, dim: int, num_heads: int, attn_type: str = 'rala', mlp_ratio: float = 3.5,
                  drop_path: float = 0., layer_scale_init_value: float = 1.0):
@@ -272,23 +220,9 @@ class RAVLTBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init_value)))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        # Channels-last throughout: 1x1 convs, LayerNorm and the token-major attention need no copies.
-        x = conv_plus_input(self.pos, x.contiguous(memory_format=torch.channels_last))
-        x = self.add_residual(x, self.gamma_1, self.attn(self.norm1(x), sin, cos))
-        return self.add_residual(x, self.gamma_2, self.ffn(self.norm2(x)))
-
-    def add_residual(self, x: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x + drop_path(gamma * y); x is this block's own intermediate, so under no_grad it is updated in place."""
-        if self.training and isinstance(self.drop_path, DropPath):
-            # timm's DropPath (the same random draws) with its per-sample factor joined to gamma: one pass over y.
-            keep = 1 - self.drop_path.drop_prob
-            factor = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
-            if self.drop_path.scale_by_keep and keep > 0:
-                factor.div_(keep)
-            return torch.addcmul(x, gamma * factor, y)
-        if not can_overwrite() or x.dtype != torch.promote_types(gamma.dtype, y.dtype):
-            return torch.addcmul(x, gamma, y)  # (under autocast the sum is float32, as the authors')
-        return x.addcmul_(gamma, y)
+        x = x + self.pos(x)
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), sin, cos))
+        return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
 
 
 class Downsample(nn.Module):
@@ -300,12 +234,11 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_norm(self.reduction, self.norm, x)
+        return self.norm(self.reduction(x))
 
-
-# glibc serves allocations above 32 MiB with fresh pages from the OS, every time: on CPU, a stage-1 FFN
-# map of a batch of 16 at 224x224 (45 MiB) costs more in page faults than its convolution takes.
-INFERENCE_CHUNK_BYTES = 24 * 2 ** 20
+    def fuse(self) -> nn.Conv2d:
+        """The conv with the BatchNorm's inference statistics folded in (eval mode only)."""
+        return fuse_conv_bn_eval(self.reduction, self.norm)
 
 
 class RAVLTStage(nn.Module):
@@ -319,31 +252,10 @@ class RAVLTStage(nn.Module):
         self.blocks = nn.ModuleList([
             RAVLTBlock(dim, num_heads, attn_type, mlp_ratio, drop_path[i], layer_scale_init_value)
             for i in range(depth)])
-        self.downsample = Downsample(dim, out_dim) if out_dim is not None else None
+        self.downsample = Downsample(dim, out_dim) if out_dim is not None else nn.Identity()
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         sin, cos = self.RoPE(x.shape[2], x.shape[3])
-        chunk = self.inference_chunk(x)
-        if chunk >= x.shape[0]:
-            return self.run_blocks(x, sin, cos)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        for start in range(0, x.shape[0], chunk):
-            out[start:start + chunk] = self.run_blocks(x[start:start + chunk], sin, cos)
-        return out
-
-    def inference_chunk(self, x: torch.Tensor) -> int:
-        """How many images CPU inference passes through the blocks at once: the batch in as few equal slices
-        as keep the FFN's hidden map (the largest) under INFERENCE_CHUNK_BYTES, one image at least. Every
-        image is computed alone, so slicing changes no result; it keeps the maps in cache and in memory the
-        allocator reuses."""
-        if (torch.is_grad_enabled() or x.device.type != 'cpu' or torch.compiler.is_compiling()
-                or torch.jit.is_tracing() or len(self.blocks) == 0):
-            return x.shape[0]
-        image_bytes = self.blocks[0].ffn.fc1.out_channels * x.shape[2] * x.shape[3] * x.element_size()
-        slices = -(-x.shape[0] * image_bytes // INFERENCE_CHUNK_BYTES)  # ceil
-        return -(-x.shape[0] // max(slices, 1))  # slices of equal size (16 -> 8 + 8, not 14 + 2)
-
-    def run_blocks(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, sin, cos)
@@ -352,37 +264,36 @@ class RAVLTStage(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_blocks(x)
-        return x if self.downsample is None else self.downsample(x)
-
-
-def conv_stem(in_chans: int, dim: int) -> nn.Sequential:
-    """Four 3x3 convs (stride 2, 1, 1, 2) with BatchNorm, GELU between: stride 4 overall."""
-    half = dim // 2
-    return nn.Sequential(
-        nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), GELU(),
-        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), GELU(),
-        nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), GELU(),
-        nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
-    )
+        return self.downsample(self.forward_blocks(x))
 
 
 class PatchEmbed(nn.Module):
-    """The convolutional stem (key `patch_embed.proj`)."""
+    """The convolutional stem (key `patch_embed.proj`): four 3x3 convs (stride 2, 1, 1, 2) with BatchNorm,
+    GELU between; stride 4 overall."""
 
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
-        self.proj = conv_stem(in_chans, dim)
+        half = dim // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The network runs channels-last from here on (faster convs, copy-free LayerNorm and attention).
-        x = x.contiguous(memory_format=torch.channels_last)
-        layers = list(self.proj)  # (conv, BatchNorm, GELU) x 3, then conv, BatchNorm
-        for i in range(0, len(layers), 3):
-            x = conv_norm(layers[i], layers[i + 1], x)
-            if i + 2 < len(layers):
-                x = layers[i + 2](x)
-        return x
+        return self.proj(x.contiguous(memory_format=torch.channels_last))
+
+    def reparameterize(self):
+        """Fold each BatchNorm's inference statistics into the conv before it (eval mode only)."""
+        layers = []
+        for layer in self.proj:
+            if isinstance(layer, nn.BatchNorm2d):
+                layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
+            else:
+                layers.append(layer)
+        self.proj = nn.Sequential(*layers)
 
 
 def _per_stage(value, num_stages: int) -> list:
@@ -391,8 +302,7 @@ def _per_stage(value, num_stages: int) -> list:
 
 class RAVLT(nn.Module):
     """RAVLT: conv stem, four stages (RALA, RALA, softmax, softmax by default), then a 1x1 conv
-    projection to `projection_dim` with BatchNorm and SiLU, global average pooling and a 1x1 conv
-    classifier.
+    projection to `projection_dim` with BatchNorm and SiLU, global pooling and a 1x1 conv classifier.
 
     Args:
         in_chans: Number of input image channels.
@@ -406,7 +316,8 @@ class RAVLT(nn.Module):
         layer_scale_init_value: Initial layer scale, one value or one per stage.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks.
-        global_pool: Only 'avg' (the classifier is defined on pooled features).
+        global_pool: A pool type of timm's SelectAdaptivePool2d ('avg', the authors', 'max', 'avgmax',
+            'catavgmax'), or '' for none: the classifier then applies to every position of the map.
     """
 
     def __init__(
@@ -430,13 +341,11 @@ class RAVLT(nn.Module):
         unknown = sorted(set(attn_types) - set(ATTENTION_TYPES))
         if unknown:
             raise ValueError(f'unknown attention type(s) {unknown}; choose from {sorted(ATTENTION_TYPES)}')
-        self._check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dims = list(embed_dims)
         self.attn_types = attn_types
-        self.num_features = self.head_hidden_size = projection_dim
-        self.global_pool = global_pool
+        self.num_features = projection_dim
         self.drop_rate = drop_rate
         layer_scale = _per_stage(layer_scale_init_value, num_stages)
 
@@ -456,14 +365,15 @@ class RAVLT(nn.Module):
                 drop_path=dpr[first:first + depths[i]],
                 layer_scale_init_value=layer_scale[i],
             ))
-            # Dense features are the stage outputs before the stage's downsampling.
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'layers.{i}'))
+            # Dense features are the stage outputs before the stage's downsampling: its last block's output.
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i,
+                                          module=f'layers.{i}.blocks.{depths[i] - 1}'))
 
         self.proj = nn.Conv2d(embed_dims[-1], projection_dim, 1)
         self.norm = nn.BatchNorm2d(projection_dim)
         self.act = nn.SiLU()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Conv2d(projection_dim, num_classes, 1) if num_classes > 0 else nn.Identity()
+        self._build_head(num_classes, global_pool)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -473,10 +383,13 @@ class RAVLT(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    @staticmethod
-    def _check_pool(global_pool: str):
-        if global_pool != 'avg':
-            raise ValueError(f"RAVLT supports global_pool='avg' only, got {global_pool!r}")
+    def _build_head(self, num_classes: int, global_pool: str):
+        """Global pooling, the 1x1 conv classifier on the pooled (B, C, 1, 1) features, and the flatten to
+        (B, classes); without pooling, the classifier applies to every position and the map stays 4-D."""
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head = nn.Conv2d(self.head_hidden_size, num_classes, 1) if num_classes > 0 else nn.Identity()
+        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -505,10 +418,8 @@ class RAVLT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        if global_pool is not None:
-            self._check_pool(global_pool)
         self.num_classes = num_classes
-        self.head = nn.Conv2d(self.num_features, num_classes, 1) if num_classes > 0 else nn.Identity()
+        self._build_head(num_classes, self.global_pool.pool_type if global_pool is None else global_pool)
 
     def forward_intermediates(
             self,
@@ -537,8 +448,7 @@ class RAVLT(nn.Module):
             x = stage.forward_blocks(x)
             if i in take_indices:
                 intermediates.append(x)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
+            x = stage.downsample(x)
         if intermediates_only:
             return intermediates
         return self.forward_neck(x), intermediates
@@ -552,10 +462,10 @@ class RAVLT(nn.Module):
         """Drop the stages, downsampling and head not needed for the intermediates in `indices`."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = None
+        self.layers[-1].downsample = nn.Identity()
         if prune_head:
             self.proj, self.norm = nn.Identity(), nn.Identity()
-            self.reset_classifier(0)
+            self.reset_classifier(0, '')
         return take_indices
 
     def forward_neck(self, x: torch.Tensor) -> torch.Tensor:
@@ -568,8 +478,8 @@ class RAVLT(nn.Module):
         return self.forward_neck(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(F.adaptive_avg_pool2d(x, 1))
-        return x.flatten(1) if pre_logits else self.head(x).flatten(1)
+        x = self.head_drop(self.global_pool(x))
+        return self.flatten(x if pre_logits else self.head(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

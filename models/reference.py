@@ -6,6 +6,7 @@ factors of RALA kept, an explicit softmax over the N x N scores. Slow and memory
 only for reading and for tests. It takes its weights from our modules, so both compute with the same ones.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .ravlt import RankAugmentedLinearAttention, RAVLTBlock, SoftmaxAttention
@@ -73,11 +74,16 @@ def layer_norm_2d(norm, x: torch.Tensor) -> torch.Tensor:
     return norm.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The plain convolution of a conv module (without the skip connection of a ResidualDepthwiseConv)."""
+    return nn.Conv2d.forward(module, x)
+
+
 def block(module: RAVLTBlock, x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """What a RAVLTBlock computes without stochastic depth."""
     x = x + module.pos(x)
     x = x + module.gamma_1 * attention(module.attn, layer_norm_2d(module.norm1, x), angle)
     ffn = module.ffn
     y = F.gelu(ffn.fc1(layer_norm_2d(module.norm2, x)))
-    y = ffn.fc2(y + ffn.dwconv(y))
+    y = ffn.fc2(y + conv(ffn.dwconv, y))
     return x + module.gamma_2 * y

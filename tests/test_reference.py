@@ -1,6 +1,6 @@
-"""The fast attention, RoPE and block code equals the literal reference (models/reference.py), and the
-model compiles with torch.compile(fullgraph=True), exports with torch.export, runs under bf16 autocast and
-takes channels-last input."""
+"""The model's attention, RoPE and block code equals the literal reference (models/reference.py), forward
+and backward, also after inference re-parameterization; the model compiles with torch.compile(fullgraph=True),
+exports with torch.export, runs under bf16 autocast and takes channels-last input and weights."""
 import pytest
 import timm
 import torch
@@ -8,6 +8,7 @@ import torch
 import models  # noqa: F401  (registers the RAVLT models)
 from models import reference
 from models.ravlt import RAVLTBlock, RotaryEmbedding2d, apply_rope
+from timm.utils import reparameterize_model
 
 
 def rel_err(a, b):
@@ -62,8 +63,9 @@ def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, h
         assert rel_err(outs[0], outs[1]) < 1e-12
         for g_fast, g_ref in zip(*grads):
             assert rel_err(g_fast, g_ref) < 1e-11
-        with torch.no_grad():  # the in-place path taken without autograd
-            assert rel_err(fast(x.clone()), outs[1]) < 1e-12
+    with torch.no_grad():  # the FFN's skip connection folded into its depthwise kernel
+        fused = reparameterize_model(block.eval())
+        assert rel_err(fused(x, sin, cos), reference.block(block, x, angle)) < 1e-12
 
 
 def test_no_grad_path_leaves_inputs_untouched():
@@ -76,33 +78,30 @@ def test_no_grad_path_leaves_inputs_untouched():
     assert torch.equal(x, kept)
 
 
-def test_rope_tables_are_cached_per_size_device_and_dtype():
+def test_rope_tables_follow_the_buffer():
+    """The tables are the reference's, one column per channel pair, in the angle buffer's dtype and device."""
     rope = RotaryEmbedding2d(16)
-    first = rope(7, 5)
-    assert rope(7, 5)[0] is first[0]
-    assert rope(5, 7)[0] is not first[0] and rope(5, 7)[0].shape == (35, 8)
-    rope.double()
-    assert rope(7, 5)[0].dtype == torch.float64
-    sin, cos = reference.rope_tables(rope.angle, 7, 5)
-    torch.testing.assert_close(rope(7, 5)[0], sin[:, 0::2], rtol=0, atol=0)
-    torch.testing.assert_close(rope(7, 5)[1], cos[:, 1::2], rtol=0, atol=0)
+    sin, cos = rope(7, 5)
+    assert sin.shape == cos.shape == (35, 8) and rope(5, 7)[0].shape == (35, 8)
+    ref_sin, ref_cos = reference.rope_tables(rope.angle, 7, 5)
+    torch.testing.assert_close(sin, ref_sin[:, 0::2], rtol=0, atol=0)
+    torch.testing.assert_close(cos, ref_cos[:, 1::2], rtol=0, atol=0)
+    assert rope.double()(7, 5)[0].dtype == torch.float64
 
 
-def test_rope_real_form_equals_complex_form():
-    """torch.compile (and pairs not adjacent in memory) take the real form, eager the complex multiply;
-    float16 input is turned in float32 (the tables' dtype) and returned as float16."""
+def test_rope_equals_reference_in_the_tables_precision():
+    """RoPE as one complex multiply equals the reference's real form; float16 input is turned in float32
+    (the tables' dtype, as under autocast) and returned as float16."""
     rope = RotaryEmbedding2d(8)
     sin, cos = rope(3, 4)
-    x = torch.randn(2, 8, 12).transpose(1, 2)  # (2, 12, 8) with the pairs strided
-    for shift in (0.0, 1.0):
-        real = apply_rope(x, sin, cos, shift=shift)
-        complex_form = apply_rope(x.contiguous(), sin, cos, shift=shift)
-        torch.testing.assert_close(real, complex_form, rtol=1e-6, atol=1e-6)
-        expected = reference.rope(x.double() + shift, *(t.double().repeat_interleave(2, -1) for t in (sin, cos)))
-        torch.testing.assert_close(complex_form.double(), expected, rtol=1e-6, atol=1e-6)
-        half = apply_rope(x.contiguous().half(), sin, cos, shift=shift)
-        assert half.dtype == torch.float16
-        torch.testing.assert_close(half.float(), complex_form, rtol=2e-3, atol=2e-3)
+    x = torch.randn(2, 12, 8)
+    expected = reference.rope(x.double(), *(t.double().repeat_interleave(2, -1) for t in (sin, cos)))
+    torch.testing.assert_close(apply_rope(x, sin, cos).double(), expected, rtol=1e-6, atol=1e-6)
+    strided = torch.randn(2, 12, 16)[..., 4:12]  # a channel slice: rows strided, pairs adjacent
+    torch.testing.assert_close(apply_rope(strided, sin, cos), apply_rope(strided.contiguous(), sin, cos))
+    half = apply_rope(x.half(), sin, cos)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), apply_rope(x.half().float(), sin, cos), rtol=1e-3, atol=1e-3)
 
 
 def small_model(**kwargs):
@@ -170,42 +169,24 @@ def test_bf16_autocast_runs_and_is_close_to_fp32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_channels_last_input_gives_the_same_output():
-    model = small_model().eval()
+def test_channels_last_input_and_weights_give_the_same_output_and_gradients():
+    model = small_model()
     x = torch.randn(2, 3, 45, 61)
     with torch.no_grad():
-        nchw = model(x)
+        nchw = model.eval()(x)
         channels_last = model(x.contiguous(memory_format=torch.channels_last))
-        model_cl = model.to(memory_format=torch.channels_last)(x)
+        weights_channels_last = model.to(memory_format=torch.channels_last)(x)
     torch.testing.assert_close(channels_last, nchw, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model_cl, nchw, rtol=1e-5, atol=1e-6)
-
-
-def test_cpu_inference_in_batch_slices_equals_the_whole_batch(monkeypatch):
-    """Stages pass a large batch through their blocks in slices (see INFERENCE_CHUNK_BYTES): same result."""
-    from models import ravlt
-    model = randomize_(small_model()).eval()
-    for module in model.modules():  # non-trivial BatchNorm statistics, folded into the convs in inference
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(5, 3, 40, 56, dtype=torch.float64)
-    with torch.no_grad():
-        whole = model(x)
-    with torch.enable_grad():  # autograd takes the unsliced, out-of-place path with BatchNorm unfolded
-        tracked = model(x.clone().requires_grad_()).detach()
-    assert rel_err(whole, tracked) < 1e-12
-    stage = model.layers[0]
-    image_bytes = stage.blocks[0].ffn.fc1.out_channels * 10 * 14 * 8  # stage 1 runs at 10x14, float64
-    for budget, per_chunk, expected_chunks in [(1, 1, 5), (2, 2, 3), (4, 3, 2)]:  # (4: 3 + 2, not 4 + 1)
-        monkeypatch.setattr(ravlt, 'INFERENCE_CHUNK_BYTES', budget * image_bytes)
-        with torch.no_grad():
-            assert stage.inference_chunk(stage.blocks[0].pos.weight.new_empty(5, 16, 10, 14)) == per_chunk
-            calls = []
-            handle = stage.blocks[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-            sliced = model(x)
-            handle.remove()
-        assert len(calls) == expected_chunks and sum(calls) == 5
-        assert rel_err(sliced, whole) < 1e-12
-        with torch.enable_grad():  # training and autograd see the whole batch
-            assert stage.inference_chunk(torch.empty(5, 16, 10, 14, dtype=torch.float64)) == 5
+    torch.testing.assert_close(weights_channels_last, nchw, rtol=1e-5, atol=1e-6)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model.to(memory_format=fmt).train().zero_grad()
+        torch.manual_seed(3)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+        # A channels-last weight gets a channels-last gradient (what DistributedDataParallel's buckets expect).
+        param = model.get_parameter(name)
+        if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+            assert grad.is_contiguous(memory_format=torch.channels_last), name
