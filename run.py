@@ -12,6 +12,7 @@ schedule and evaluation. Guarantees, all tested with one and with two processes:
 - SIGTERM / SIGUSR1 stop every process after the same step, write a resumable checkpoint and exit with 3;
 - one run at a time per output folder.
 """
+import copy
 import datetime
 import fcntl
 import functools
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import timm
+import timm.utils
 import torch
 import torch.distributed as dist
 import yaml
@@ -454,11 +456,12 @@ class Run:
             raise FloatingPointError(f'the weights hold NaN or infinite values ({len(broken)} tensors, e.g. '
                                      f'{broken[0]}): nothing to evaluate')
         loader = self.val_loader(task)
-        stats = task.evaluate(model, loader)
+        stats = task.evaluate(for_inference(model, inplace=True), loader)
         print(f'Weights: {_format(stats)}')
         results = dict(stats)
         if task.ema is not None:  # the EMA's numbers: null when the checkpoint has no EMA
-            ema_stats = task.evaluate(model_ema.module, loader) if model_ema is not None else dict.fromkeys(stats)
+            ema_stats = dict.fromkeys(stats) if model_ema is None else \
+                task.evaluate(for_inference(model_ema.module, inplace=True), loader)
             if model_ema is not None:
                 print(f'EMA weights: {_format(ema_stats)}')
             results.update({f'ema_{k}': v for k, v in ema_stats.items()})
@@ -670,9 +673,11 @@ class EpochLoop:
         improved = []
         if self.task.evaluate_after(steps_before, self.state.global_step, self.total_steps):
             try:
-                evaluations = {'test': self.task.evaluate(self.model_without_ddp, self.loader_val)}
+                # What --eval measures: the inference form of a copy (training goes on with the model).
+                evaluations = {'test': self.task.evaluate(for_inference(self.model_without_ddp), self.loader_val)}
                 if self.model_ema is not None:
-                    evaluations['test_ema'] = self.task.evaluate(self.model_ema.module, self.loader_val)
+                    evaluations['test_ema'] = self.task.evaluate(for_inference(self.model_ema.module),
+                                                                 self.loader_val)
             except UsageError as e:  # unreadable validation data: keep the trained epoch, evaluate it next time
                 pending = {'stats': result.stats, 'steps_before': steps_before}
                 self._save(self._state(epoch, pending_eval=pending), RESUME_FILE)
@@ -707,6 +712,17 @@ class EpochLoop:
             return 'no checkpoint was written yet'
         return f'the resume point stays {os.path.join(self.args.output_dir, RESUME_FILE)} of epoch ' \
             f'{self.state.last_log["epoch"]}'
+
+
+def for_inference(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    """The model as --eval, the benchmark and the ONNX export run it: in eval mode, with timm's inference-only
+    folds applied (timm.utils.reparameterize_model: RAVLT's BatchNorms into their convs, its FFN skips into
+    their kernels). Unless `inplace`, a copy (training goes on with the model itself); the model itself when
+    nothing folds."""
+    if not any(hasattr(m, 'reparameterize') for m in model.modules()):
+        return model.eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
+    return timm.utils.reparameterize_model(model, inplace=True)
 
 
 def channels_last_convs(model: torch.nn.Module):

@@ -97,9 +97,7 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
     with open(tmp_path / 'eval_results.json') as f:
         results = json.load(f)
     last = read_log(out)[-1]
-    assert {k: results[k] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')} == \
-        {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')}
-    assert (results['loss'], results['ema_loss']) == pytest.approx((last['test_loss'], last['test_ema_loss']), rel=1e-6)
+    assert results == {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'loss', 'ema_acc1', 'ema_acc5', 'ema_loss')}
     assert 'Weights: acc1' in result.stdout and 'EMA weights: acc1' in result.stdout
     # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why.
     wrong = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--model-kwargs', '{}',
