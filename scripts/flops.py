@@ -4,8 +4,7 @@ Convention (the authors'): fvcore's FlopCountAnalysis with its default handles, 
 counts as one FLOP; element-wise work (activations, softmax, RoPE) is not counted. We report the total
 with the attention matrix products (q.k^T, attn.v, the linear-attention KV products) and without them
 (convolutions, norms and pooling only). fvcore does not know `scaled_dot_product_attention`, which our
-softmax blocks call, so it is counted here as its two matrix products; nor the in-place `baddbmm_` with
-which RALA's inference path adds its last product to the LePE map, counted here as that product.
+softmax blocks call, so it is counted (profiling.py) as its two matrix products.
 
     python scripts/flops.py                       # all four variants at 224x224
     python scripts/flops.py --model RAVLT_S --input-size 384
@@ -16,55 +15,18 @@ Sizes are `--input-size H [W]`: height then width, one number for a square input
 """
 import json
 import sys
-import warnings
-from math import prod
 
+import timm
 import torch
 
-warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fvcore's import
-import timm
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
-
-import models  # registers the RAVLT models
+import models
 from cli import ArgumentParser, UsageError, json_object, run_cli
 from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model
+from profiling import ATTENTION_OPS, count_flops, count_params
 from run import create_model
 
 # The authors' README: params (M) and FLOPs (G) at 224x224.
 PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}
-
-# Operators that compute attention products (RAVLT has no linear layers, so these are all attention).
-ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'baddbmm_', 'scaled_dot_product_attention')
-
-
-def baddbmm_flop_jit(inputs, outputs) -> int:
-    """The product of baddbmm(input, batch1, batch2): B*N*K*M multiply-adds (the addition is not counted)."""
-    b, n, k = get_shape(inputs[1])
-    return b * n * k * get_shape(inputs[2])[-1]
-
-
-def sdpa_flop_jit(inputs, outputs) -> int:
-    """q.k^T and attn.v of scaled_dot_product_attention: B*h*Lq*Lk*(E + Ev) multiply-adds."""
-    q, k, v = (get_shape(t) for t in inputs[:3])
-    return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: torch.nn.Module, inputs) -> dict:
-    """fvcore FLOPs of model(inputs), in total and per operator (fvcore names, `aten::` dropped)."""
-    model.eval()
-    analysis = (FlopCountAnalysis(model, inputs)
-                .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
-                .set_op_handle('aten::baddbmm', baddbmm_flop_jit)
-                .set_op_handle('aten::baddbmm_', baddbmm_flop_jit)
-                .unsupported_ops_warnings(False)
-                .uncalled_modules_warnings(False))
-    with torch.no_grad():
-        return {'total': analysis.total(), 'by_operator': dict(analysis.by_operator())}
 
 
 def measure(name: str, input_size=(224, 224), task: str = 'classification', model_kwargs=None) -> dict:

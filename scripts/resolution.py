@@ -1,8 +1,8 @@
 """Resolution scaling: throughput, peak memory and FLOPs of RAVLT and its peers from 224 px to detection sizes.
 
-At each size the models are measured side by side as scripts/benchmark.py measures them (models take turns
-step by step; with `--memory`, each model's peak memory in a fresh process) and their FLOPs are counted as
-scripts/flops.py counts them (fvcore, one multiply-add = one FLOP, attention products included). The
+At each size the models are measured side by side as scripts/benchmark.py measures them (profiling.py: models
+take turns step by step; with `--memory`, each model's peak memory in a fresh process) and their FLOPs are
+counted as scripts/flops.py counts them (fvcore, one multiply-add = one FLOP, attention products included). The
 results go to a table (stdout), a JSON file and a figure of the three quantities against the pixel count.
 
     python scripts/resolution.py --memory --threads 2 --figure docs/resolution_scaling.png --json resolution.json
@@ -16,7 +16,6 @@ is 1 at every size (`--batch-size`). Models (`--models`, default all but the aut
 linear), authors:RAVLT_S (the authors' code with our weights), convnext_tiny and swin_tiny (timm's
 swin_tiny_patch4_window7_224 built for each input size; its windows are padded where the size needs it).
 """
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import sys
 import torch
 
 from cli import ArgumentParser, UsageError, run_cli
-from scripts import benchmark
+from profiling import Contender, Settings, benchmark, forward_macs, load_authors_module, progress
 
 # label -> (model name, model kwargs for an input of height h and width w)
 MODELS = {
@@ -68,16 +67,10 @@ def parse_size(text: str) -> tuple:
     return int(match.group(1)), int(match.group(2) or match.group(1))
 
 
-def benchmark_args(args, size) -> argparse.Namespace:
-    """The settings scripts/benchmark.py would parse for this size."""
-    argv = ['--mode', args.mode, '--batch-size', str(args.batch_size), '--input-size', *map(str, size),
-            '--warmup', str(args.warmup), '--iters', str(args.iters), '--seed', str(args.seed)]
-    argv += ['--threads', str(args.threads)] if args.threads is not None else []
-    argv += ['--memory'] if args.memory else []
-    if args.authors_file:
-        argv += ['--authors-file', args.authors_file, '--authors-path-extra', *args.authors_path_extra]
-    settings = benchmark.get_args_parser().parse(argv)
-    benchmark.check_args(settings)
+def settings_at(args, size) -> Settings:
+    settings = Settings(args.batch_size, size, 'cpu', 'none', False, args.threads, args.warmup, args.iters,
+                        args.memory, args.seed, args.authors_file, args.authors_path_extra)
+    settings.check()
     return settings
 
 
@@ -85,13 +78,13 @@ def sweep(labels, sizes, args, authors_module=None, models=MODELS) -> list:
     """One row per model and size: img/s (and spread), peak MiB with args.memory, GMACs ("GFLOPs")."""
     rows = []
     for size in sizes:
-        settings = benchmark_args(args, size)
-        contenders = [benchmark.Contender(models[label][0], args.mode, 'eager', models[label][1](*size), label)
+        settings = settings_at(args, size)
+        contenders = [Contender(models[label][0], args.mode, 'eager', models[label][1](*size), label)
                       for label in labels]
-        benchmark.progress(f'size {size[0]}x{size[1]}: {", ".join(labels)}')
-        for row, contender in zip(benchmark.benchmark(contenders, settings, authors_module), contenders):
-            benchmark.progress(f'{contender.label} at {size[0]}x{size[1]}: counting FLOPs')
-            macs = benchmark.forward_macs(contender, settings, authors_module)
+        progress(f'size {size[0]}x{size[1]}: {", ".join(labels)}')
+        for row, contender in zip(benchmark(contenders, settings, authors_module), contenders):
+            progress(f'{contender.label} at {size[0]}x{size[1]}: counting FLOPs')
+            macs = forward_macs(contender, settings, authors_module)
             rows.append({**row, 'input_size': list(size), 'gmacs': macs / 1e9})
     return rows
 
@@ -156,11 +149,11 @@ def main(argv):
             raise UsageError(f'the folder of {path!r} does not exist')
     if args.iters < 1:
         raise UsageError('--iters must be at least 1')
-    benchmark_args(args, sizes[0])  # checks every shared setting before the long run
+    for size in sizes:
+        settings_at(args, size)  # every setting checked before the long run
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    authors = (benchmark.load_authors_module(args.authors_file, args.authors_path_extra)
-               if args.authors_file else None)
+    authors = load_authors_module(args.authors_file, args.authors_path_extra) if args.authors_file else None
     rows = sweep(labels, sizes, args, authors)
     line = (f'{args.mode}, batch {args.batch_size}, float32, {torch.get_num_threads()} threads, '
             f'{args.warmup} warm-up + {args.iters} timed steps per model and size, torch {torch.__version__}')

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: rows for every model, mode and backend, JSON, --model-kwargs, the authors' file with
+"""scripts/benchmark.py and profiling.py: rows for every model, mode and backend, JSON, --model-kwargs, the authors' file with
 our weights, peak memory from a fresh process with the gradients counted, the ONNX Runtime backend, the
 matrix-product reference rate, progress on stderr, and one-line errors."""
 import json
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli import UsageError
+import profiling
 from scripts import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +52,8 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     # Progress, as it happens: which contender warms up, each timing round.
     assert 'authors:RAVLT_T train (eager): warming up' in stderr and 'timing: round 2/2' in stderr
 
-    module = benchmark.load_authors_module(str(authors), [])
-    ours, theirs = benchmark.build_model('RAVLT_T', 3), benchmark.build_model('authors:RAVLT_T', 3, None, module)
+    module = profiling.load_authors_module(str(authors), [])
+    ours, theirs = profiling.build_model('RAVLT_T', 3), profiling.build_model('authors:RAVLT_T', 3, None, module)
     for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -60,7 +61,7 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
 def test_model_kwargs_reach_the_model():
     import timm
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
-    tiny = count(benchmark.build_model('RAVLT_T', 0, json.loads(TINY)))
+    tiny = count(profiling.build_model('RAVLT_T', 0, json.loads(TINY)))
     assert tiny == count(timm.create_model('ravlt_t', **json.loads(TINY))) < count(timm.create_model('ravlt_t')) / 2
     row, = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'train', '--batch-size', '2',
                            '--input-size', '32', '--warmup', '1', '--iters', '1'])
@@ -71,7 +72,7 @@ def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
     """The training step's peak holds the gradients (as big as the weights) on top of the activations."""
     rows = benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '2', '--input-size', '32',
                            '--iters', '0', '--memory'])
-    weights_mib = sum(p.numel() * 4 for p in benchmark.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
+    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
     eval_row, train_row = rows
     assert 0 < eval_row['peak_mib'] < weights_mib and 'img_per_s' not in eval_row
     assert train_row['peak_mib'] > weights_mib
@@ -96,19 +97,18 @@ class RecordingMeter:
 def test_memory_baseline_is_read_without_the_previous_steps_gradients():
     """The sequence both devices share (CUDA used to read its baseline with the untimed step's gradients
     alive, and so under-counted a training step by their size)."""
-    args = benchmark.get_args_parser().parse(['--batch-size', '2', '--input-size', '32', '--model-kwargs', TINY])
-    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=args.model_kwargs), args, None)
+    settings = profiling.Settings(batch_size=2, input_size=(32, 32))
+    runner = profiling.make_runner(profiling.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
     meter = RecordingMeter(runner)
-    benchmark.peak_memory_mib(runner, meter)
+    profiling.peak_memory_mib(runner, meter)
     n = len(list(runner.module.parameters()))
     assert meter.events == [('start', 0), ('peak', n)]
 
 
 def test_amp_and_channels_last_reach_the_step():
     """The PyTorch backends' settings: channels-last weights and input, the step under autocast."""
-    args = benchmark.get_args_parser().parse(['--batch-size', '2', '--input-size', '32', '--model-kwargs', TINY,
-                                              '--amp', 'bf16', '--channels-last'])
-    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=args.model_kwargs), args, None)
+    settings = profiling.Settings(batch_size=2, input_size=(32, 32), amp='bf16', channels_last=True)
+    runner = profiling.make_runner(profiling.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
     assert runner.x.is_contiguous(memory_format=torch.channels_last) and runner.x.dtype == torch.float32
     convs = [m for m in runner.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -177,7 +177,7 @@ def test_cuda_timing_memory_and_amp(amp):
     rows = benchmark.main(['--device', 'cuda', '--model', 'RAVLT_T', '--mode', 'eval', 'train', '--amp', amp,
                            '--channels-last', '--batch-size', '4', '--input-size', '64', '--warmup', '1',
                            '--iters', '2', '--memory'])
-    weights_mib = sum(p.numel() * 4 for p in benchmark.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
+    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
     eval_row, train_row = rows
     assert eval_row['img_per_s'] > 0 and train_row['img_per_s'] > 0
     assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import deploy
 import models  # noqa: F401  (registers the RAVLT models)
 from cli import UsageError
 from scripts import export_onnx
@@ -59,11 +60,11 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported, capsys):
     assert output.is_file() and not [p for p in os.listdir(output.parent) if p.endswith('.tmp.onnx')]
     ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()
     ema.load_state_dict(tiny_state(1))  # --ema: the EMA weights, and the class count of the checkpoint
-    session = export_onnx.create_session(str(output), threads=1)
+    session = deploy.create_session(str(output), threads=1)
     inputs = session.get_inputs()[0]
     assert inputs.name == 'image' and isinstance(inputs.shape[0], str)  # a named, dynamic batch
     for batch, size in ((3, (96, 128)), (1, (32, 224))):  # neither is an exported or checked size
-        assert export_onnx.relative_difference(ema, session, size, batch, seed=5) <= 1e-5
+        assert deploy.relative_difference(ema, session, size, batch, seed=5) <= 1e-5
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         not_ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()

@@ -1,0 +1,483 @@
+"""Measuring models: FLOPs with fvcore, and throughput and peak memory of models side by side.
+
+Shared by scripts/flops.py, scripts/benchmark.py and scripts/resolution.py (their docstrings say what each
+prints). The method:
+
+- **Timing.** Each contender (a model in a mode on a backend) takes `warmup` untimed steps, then `iters`
+  timed steps; the contenders take turns step by step (every other round in reverse order), so a busy
+  machine slows them alike. A row holds the median images/s and the spread (25th-75th percentile). An eval
+  step is a forward pass under `torch.no_grad()` of the model after `timm.utils.reparameterize_model`; a
+  train step is forward, cross-entropy on random labels and backward (no optimizer step, no fp16 loss
+  scaling). On CUDA every step is timed between `torch.cuda.synchronize()` calls.
+- **Peak memory.** Each contender runs in a fresh Python process (this file run as a script), which builds
+  it, runs one untimed step, frees what it left (gradients set to None, Python garbage collected, on the
+  CPU freed C memory returned to the OS with `malloc_trim`), reads the baseline, runs one step and reads
+  the peak. On CUDA the figure is `torch.cuda.max_memory_allocated()` above `memory_allocated()` before the
+  step; on the CPU the kernel's peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) above the RSS
+  before it. Weights and input are excluded; everything the step allocates (activations, temporaries and,
+  in training, the gradients) is included. ONNX Runtime runs without its memory arena there.
+- **Reference rate.** A float32 matrix product (2048 x 2048 on the CPU, 8192 x 8192 on CUDA; in the
+  autocast dtype with amp) timed in the same rounds; a model's GFLOP/s = img/s x FLOPs per image (fvcore's
+  count, 2 FLOPs per multiply-add, a train step counted as 3 forward passes).
+- **FLOPs.** fvcore's FlopCountAnalysis with its default handles (one multiply-add = one FLOP, the authors'
+  convention; element-wise work not counted), plus `scaled_dot_product_attention`, which fvcore does not
+  know, counted as its two matrix products.
+
+Model names: ours (RAVLT_S, ravlt_s), timm's, or `authors:RAVLT_S`, the authors' implementation loaded from
+their file with the weights of our model built from the same seed, so both compute the same function.
+"""
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from math import prod
+from typing import Optional
+
+import timm.utils
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fvcore's import
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+
+import models
+from cli import UsageError, first_line
+from deploy import INPUT_NAME, create_session, export, import_onnxruntime
+from run import create_model
+
+AUTHORS_PREFIX = 'authors:'
+BACKENDS = ('eager', 'compile', 'onnxruntime')
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+MATMUL_SIZE = {'cpu': 2048, 'cuda': 8192}
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs and of the weights)
+# Operators that compute attention products (RAVLT has no linear layers, so these are all attention).
+ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'scaled_dot_product_attention')
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+# ----------------------------------------------------------------------------------------------------
+
+def sdpa_flop_jit(inputs, outputs) -> int:
+    """q.k^T and attn.v of scaled_dot_product_attention: B*h*Lq*Lk*(E + Ev) multiply-adds."""
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: torch.nn.Module, inputs) -> dict:
+    """fvcore FLOPs (multiply-adds) of model(inputs), in total and per operator (fvcore names, `aten::` dropped)."""
+    model.eval()
+    analysis = (FlopCountAnalysis(model, inputs)
+                .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
+                .unsupported_ops_warnings(False)
+                .uncalled_modules_warnings(False))
+    with torch.no_grad():
+        return {'total': analysis.total(), 'by_operator': dict(analysis.by_operator())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# What is measured
+# ----------------------------------------------------------------------------------------------------
+
+_START = time.perf_counter()
+
+
+def progress(message: str):
+    """One line on stderr, at once: long runs say what they are doing."""
+    elapsed = int(time.perf_counter() - _START)
+    print(f'[benchmark {elapsed // 60}:{elapsed % 60:02d}] {message}', file=sys.stderr, flush=True)
+
+
+@dataclass(eq=False)
+class Contender:
+    """One model in one mode on one backend; `label` names it in the table (the model name by default)."""
+    name: str
+    mode: str = 'eval'
+    backend: str = 'eager'
+    model_kwargs: Optional[dict] = None
+    label: str = ''
+
+    def __post_init__(self):
+        self.label = self.label or self.name
+
+    @property
+    def title(self) -> str:
+        return self.label if self.backend == '-' else f'{self.label} {self.mode} ({self.backend})'
+
+
+@dataclass
+class Settings:
+    """How every contender of one measurement runs."""
+    batch_size: int = 16
+    input_size: tuple = (224, 224)  # height, width
+    device: str = 'cpu'
+    amp: str = 'none'
+    channels_last: bool = False
+    threads: Optional[int] = None
+    warmup: int = 3
+    iters: int = 10
+    memory: bool = False
+    seed: int = 0
+    authors_file: Optional[str] = None
+    authors_path_extra: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.input_size = tuple(self.input_size)
+
+    def check(self):
+        if self.device == 'cuda' and not torch.cuda.is_available():
+            raise UsageError('--device cuda but CUDA is not available; use --device cpu')
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            raise UsageError('--input-size takes H or H W (height then width, positive)')
+        if self.batch_size < 1 or self.warmup < 1 or self.iters < 0:
+            raise UsageError('--batch-size and --warmup must be at least 1, --iters at least 0')
+        if self.threads is not None and self.threads < 1:
+            raise UsageError('--threads must be at least 1')
+
+    def describe(self) -> str:
+        return (f'device {self.device} ({torch.get_num_threads()} threads), batch {self.batch_size}, input '
+                f'{self.input_size[0]}x{self.input_size[1]} (HxW), amp {self.amp}, channels-last '
+                f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps')
+
+
+def load_authors_module(path: str, extra_paths):
+    """Import the authors' RALA.py from a file; any import failure becomes one clear line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--authors-file {path!r} does not exist; point it at the authors' classfication/RALA.py")
+    sys.path[:0] = [os.path.abspath(p) for p in extra_paths]
+    spec = importlib.util.spec_from_file_location('authors_rala', path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # old timm import paths warn
+            spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"the authors' file needs the package {e.name!r}: pip install {e.name} "
+                         f"(or give its folder with --authors-path-extra)") from None
+    except ImportError as e:
+        raise UsageError(f"the authors' file does not import with this timm ({e}); edit its import lines to "
+                         f"today's paths (e.g. timm.layers instead of timm.models.layers)") from None
+    return module
+
+
+def build_model(name: str, seed: int, model_kwargs=None, authors_module=None) -> torch.nn.Module:
+    """Our model, a timm model, or the authors' model carrying our model's weights (same seed)."""
+    if name.startswith(AUTHORS_PREFIX):
+        variant = name[len(AUTHORS_PREFIX):].upper()
+        if authors_module is None:
+            raise UsageError(f'{name} needs --authors-file PATH/TO/RALA.py')
+        if model_kwargs:
+            raise UsageError(f"{name}: the authors' models take no --model-kwargs")
+        if not hasattr(authors_module, variant) or variant.lower() not in models.RAVLT_CONFIGS:
+            raise UsageError(f"the authors' file has no model {variant!r}; use one of "
+                             f"{', '.join(AUTHORS_PREFIX + n.upper() for n in models.RAVLT_CONFIGS)}")
+        model = getattr(authors_module, variant)()
+        torch.manual_seed(seed)
+        model.load_state_dict(create_model(variant).state_dict(), strict=True)
+        return model
+    torch.manual_seed(seed)
+    return create_model(name, model_kwargs)
+
+
+def forward_macs(contender: Contender, settings: Settings, authors_module=None) -> int:
+    """Multiply-adds of one image's forward pass (fvcore's count, scripts/flops.py's "GFLOPs")."""
+    model = build_model(contender.name, settings.seed, contender.model_kwargs, authors_module)
+    return count_flops(model, torch.randn(1, 3, *settings.input_size))['total']
+
+
+def autocast_context(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runners: one step of a contender
+# ----------------------------------------------------------------------------------------------------
+
+class TorchRunner:
+    """A model in eager mode or under torch.compile: its input, autocast and step function."""
+
+    def __init__(self, contender: Contender, model: torch.nn.Module, settings: Settings):
+        self.contender, self.mode = contender, contender.mode
+        self.device = torch.device(settings.device)
+        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+        model = model.to(self.device, memory_format=fmt).train(self.mode == 'train')
+        if self.mode == 'eval':
+            model = timm.utils.reparameterize_model(model, inplace=True)
+        self.module = model  # uncompiled, for its parameters
+        self.model = torch.compile(model) if contender.backend == 'compile' else model
+        shape = (settings.batch_size, 3, *settings.input_size)
+        self.x = torch.randn(*shape, device=self.device).contiguous(memory_format=fmt)
+        self.target = torch.randint(0, 1000, (settings.batch_size,), device=self.device)
+        self.amp = settings.amp
+
+    def step(self):
+        if self.mode == 'eval':
+            with torch.no_grad(), autocast_context(self.device, self.amp):
+                self.model(self.x)
+            return
+        self.module.zero_grad(set_to_none=True)  # as a training loop does: each step allocates its gradients
+        with autocast_context(self.device, self.amp):
+            loss = F.cross_entropy(self.model(self.x).float(), self.target)
+        loss.backward()
+
+    def prepare_measured_step(self):
+        """Free what the previous step left (its gradients): the measured step then allocates them anew."""
+        self.module.zero_grad(set_to_none=True)
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+
+class OnnxRuntimeRunner:
+    """The eval model exported to ONNX and run by ONNX Runtime (CPU)."""
+
+    def __init__(self, contender: Contender, onnx_file: str, settings: Settings, arena: bool = True):
+        self.contender, self.mode, self.device = contender, 'eval', torch.device('cpu')
+        self.session = create_session(onnx_file, settings.threads, arena=arena)
+        self.feed = {INPUT_NAME: torch.randn(settings.batch_size, 3, *settings.input_size).numpy()}
+
+    def step(self):
+        self.session.run(None, self.feed)
+
+    def prepare_measured_step(self):
+        pass
+
+    def sync(self):
+        pass
+
+
+class MatmulRunner:
+    """The machine's reference rate: an n x n matrix product, in the models' (autocast) dtype."""
+
+    def __init__(self, settings: Settings):
+        self.device = torch.device(settings.device)
+        self.n = MATMUL_SIZE[self.device.type]
+        dtype = AMP_DTYPES[settings.amp] or torch.float32
+        self.a, self.b = (torch.randn(self.n, self.n, device=self.device, dtype=dtype) for _ in range(2))
+        self.c = torch.empty_like(self.a)
+        self.flops = 2 * self.n ** 3
+        self.contender = Contender(f'matmul {self.n}x{self.n} {str(dtype).split(".")[1]}', mode='-', backend='-')
+
+    def step(self):
+        torch.mm(self.a, self.b, out=self.c)
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+
+def export_for_onnxruntime(contender: Contender, settings: Settings, authors_module, folder: str) -> str:
+    """Export the contender's eval model (the same weights as its PyTorch runs) into `folder`."""
+    import_onnxruntime()
+    model = build_model(contender.name, settings.seed, contender.model_kwargs, authors_module).eval()
+    model = timm.utils.reparameterize_model(model, inplace=True)
+    path = os.path.join(folder, f'{len(os.listdir(folder))}.onnx')
+    progress(f'{contender.title}: exporting to ONNX')
+    export(model, path, settings.input_size)
+    return path
+
+
+def make_runner(contender: Contender, settings: Settings, authors_module=None, onnx_file=None, arena=True):
+    if contender.backend == 'onnxruntime':
+        return OnnxRuntimeRunner(contender, onnx_file, settings, arena)
+    model = build_model(contender.name, settings.seed, contender.model_kwargs, authors_module)
+    return TorchRunner(contender, model, settings)
+
+
+def first_step(runner):
+    """One untimed step; a model that rejects the settings (e.g. a fixed input size) is reported in one line."""
+    try:
+        runner.step()
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise UsageError(f'{runner.contender.title} failed with these settings: {first_line(e)}') from None
+    runner.sync()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peak memory
+# ----------------------------------------------------------------------------------------------------
+
+def read_status_kib(field_name: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    raise UsageError(f'/proc/self/status has no {field_name}: CPU peak memory needs Linux')
+
+
+def release_freed_memory():
+    """Hand memory freed by Python and the C allocator back to the OS, so RSS counts only live memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL('libc.so.6').malloc_trim(0)  # glibc keeps freed blocks otherwise
+
+
+class RssMeter:
+    """CPU: the peak resident set of the step above the resident set before it."""
+
+    def start(self):
+        release_freed_memory()
+        self.before = read_status_kib('VmRSS')
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # reset the peak-RSS counter (VmHWM) to the current RSS
+        except OSError as e:
+            raise UsageError(f'cannot reset the peak-RSS counter ({e}); CPU peak memory needs Linux >= 4.0') from None
+
+    def peak_mib(self) -> float:
+        return (read_status_kib('VmHWM') - self.before) / 1024
+
+
+class CudaMeter:
+    """CUDA: the allocator's peak during the step above what was allocated before it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self):
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+
+    def peak_mib(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return (torch.cuda.max_memory_allocated(self.device) - self.before) / 2 ** 20
+
+
+def peak_memory_mib(runner, meter) -> float:
+    """Peak memory of one step above what was in use just before it: one untimed step (compilation, lazy
+    initialisation), then what it left is freed, the baseline read, and one step measured. Both devices
+    share this sequence; only the meter differs."""
+    first_step(runner)
+    runner.prepare_measured_step()
+    meter.start()
+    runner.step()
+    return meter.peak_mib()
+
+
+def measure_memory_in_child(contender: Contender, settings: Settings, onnx_file=None) -> float:
+    """Peak memory (MiB) of one step of the contender, measured in a fresh process (this file as a script)."""
+    job = json.dumps({'contender': asdict(contender), 'settings': asdict(settings), 'onnx_file': onnx_file})
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), job], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise UsageError(f'memory run of {contender.title} failed: {lines[-1] if lines else result.returncode}')
+    return json.loads(result.stdout.strip().splitlines()[-1])['peak_mib']
+
+
+def memory_child(job: str):
+    """The fresh process of measure_memory_in_child: prints {"peak_mib": ...}."""
+    job = json.loads(job)
+    settings, contender = Settings(**job['settings']), Contender(**job['contender'])
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    authors = (load_authors_module(settings.authors_file, settings.authors_path_extra)
+               if settings.authors_file else None)
+    runner = make_runner(contender, settings, authors, job['onnx_file'], arena=False)
+    meter = CudaMeter(runner.device) if runner.device.type == 'cuda' else RssMeter()
+    print(json.dumps({'peak_mib': peak_memory_mib(runner, meter)}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------
+
+def time_runners(runners, warmup: int, iters: int):
+    """Warm up each runner, then time them in turns; returns {runner: [seconds per step]}."""
+    for runner in runners:
+        progress(f'{runner.contender.title}: warming up ({warmup} steps)')
+        first_step(runner)
+        for _ in range(warmup - 1):
+            runner.step()
+        runner.sync()
+    times = {runner: [] for runner in runners}
+    for i in range(iters):
+        progress(f'timing: round {i + 1}/{iters} of {len(runners)} contenders')
+        # Every other round in reverse order: a step's speed depends on what ran just before it (the
+        # allocator's state, the caches), and alternating shares that effect out evenly.
+        for runner in (runners if i % 2 == 0 else runners[::-1]):
+            runner.sync()
+            start = time.perf_counter()
+            runner.step()
+            runner.sync()
+            times[runner].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(contender: Contender, seconds, batch_size: int) -> dict:
+    row = {'model': contender.label, 'backend': contender.backend, 'mode': contender.mode}
+    if seconds:
+        q1, median, q3 = statistics.quantiles(seconds, n=4, method='inclusive') if len(seconds) > 1 else seconds * 3
+        row.update(img_per_s=batch_size / median, img_per_s_p25=batch_size / q3,
+                   img_per_s_p75=batch_size / q1, ms_per_step=median * 1e3)
+    return row
+
+
+def add_matmul_fractions(rows, contenders, reference: MatmulRunner, seconds, settings: Settings, authors_module):
+    """Each timed row's GFLOP/s and its fraction of the matrix product's rate; returns the matmul row."""
+    matmul_row = {'model': reference.contender.label, 'backend': '-', 'mode': '-'}
+    if not seconds:
+        return matmul_row
+    rate = reference.flops / statistics.median(seconds)
+    matmul_row['gflop_per_s'] = rate / 1e9
+    counted = {}
+    for row, c in zip(rows, contenders):
+        if 'img_per_s' in row:
+            key = (c.name, json.dumps(c.model_kwargs, sort_keys=True))
+            if key not in counted:
+                progress(f'{c.label}: counting FLOPs')
+                counted[key] = 2 * forward_macs(c, settings, authors_module)  # 2 FLOPs per multiply-add
+            per_image = counted[key] * (TRAIN_FLOPS_PER_FORWARD if c.mode == 'train' else 1)
+            row['gflop_per_s'] = row['img_per_s'] * per_image / 1e9
+            row['matmul_fraction'] = row['gflop_per_s'] * 1e9 / rate
+    return matmul_row
+
+
+def benchmark(contenders, settings: Settings, authors_module=None, matmul: bool = False):
+    """Time (and with settings.memory, measure the memory of) the contenders side by side; returns their rows,
+    and the matrix product's row last when `matmul`."""
+    with tempfile.TemporaryDirectory(prefix='ravlt_onnx_') as folder:
+        onnx_files = {c: export_for_onnxruntime(c, settings, authors_module, folder)
+                      for c in contenders if c.backend == 'onnxruntime'}
+        runners = []
+        for c in contenders:
+            progress(f'{c.title}: building')
+            runners.append(make_runner(c, settings, authors_module, onnx_files.get(c)))
+        reference = MatmulRunner(settings) if matmul else None
+        timed = runners + ([reference] if reference else [])
+        times = (time_runners(timed, settings.warmup, settings.iters) if settings.iters > 0
+                 else {r: [] for r in timed})
+        rows = [summarize(r.contender, times[r], settings.batch_size) for r in runners]
+        matmul_seconds = times.get(reference, [])
+        del runners, timed, times  # the memory runs below start fresh processes: free this one's models first
+        if settings.memory:
+            for row, c in zip(rows, contenders):
+                progress(f'{c.title}: measuring peak memory in a fresh process')
+                row['peak_mib'] = measure_memory_in_child(c, settings, onnx_files.get(c))
+    if reference is not None:
+        rows.append(add_matmul_fractions(rows, contenders, reference, matmul_seconds, settings, authors_module))
+    return rows
+
+
+if __name__ == '__main__':
+    try:
+        memory_child(sys.argv[1])
+    except UsageError as e:
+        sys.exit(f'error: {e}')
