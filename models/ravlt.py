@@ -88,6 +88,13 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1, RALA's feature map, as relu(x) + exp(min(x, 0)): the same values and gradients (1 at
+    x = 0, as elu's), but `exp` is vectorised on the CPU where elu's `expm1` is not (6x faster here)."""
+    positive = F.relu(x)
+    return positive + torch.exp(x - positive)
+
+
 class GatedAttentionBase(nn.Module):
     """What RALA and softmax attention share: one 1x1 conv to q, k, v, o; a 5x5 depthwise LePE of v;
     the output gated by o and projected: proj((attend(q, k, v) + lepe(v)) * o)."""
@@ -143,8 +150,7 @@ class RankAugmentedLinearAttention(GatedAttentionBase):
 
     def attend(self, x, v, sin, cos):
         q, k = self.query_key(x)
-        q = F.elu(q) + 1.0
-        k = F.elu(k) + 1.0
+        q, k = elu_plus_one(q), elu_plus_one(k)
         # Products as einsum: fvcore counts them as the authors' matmuls.
         scores = torch.einsum('bnhd,bhd->bnh', k, q.mean(dim=1))  # mean_tokens(q') . k'
         k = k * torch.softmax(self.scale * scores, dim=1).unsqueeze(-1)  # alpha * k'

@@ -36,7 +36,7 @@ MODELS = {
     'swin_tiny': ('swin_tiny_patch4_window7_224', lambda h, w: {'img_size': [h, w]}),
 }
 DEFAULT_SIZES = ['224', '384', '512', '768', '1024', '800x1280']
-QUANTITIES = (('img_per_s', 'img/s', '{:.1f}'), ('peak_mib', 'peak MiB', '{:.0f}'), ('gmacs', 'GFLOPs', '{:.1f}'))
+QUANTITIES = (('img_per_s', 'img/s', '{:.3g}'), ('peak_mib', 'peak MiB', '{:.0f}'), ('gmacs', 'GFLOPs', '{:.1f}'))
 
 
 def get_args_parser() -> ArgumentParser:
@@ -113,19 +113,23 @@ def draw(rows, labels, path: str, title: str):
     shown = [(k, t) for k, t, _ in QUANTITIES if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.2))
     for ax, (key, name) in zip(axes if len(shown) > 1 else [axes], shown):
-        for label in labels:
+        for i, label in enumerate(labels):
             points = sorted((r['input_size'][0] * r['input_size'][1] / 1e6, r[key], r['input_size'])
                             for r in rows if r['model'] == label and key in r)
-            if not points:
-                continue
+            square = [p for p in points if p[2][0] == p[2][1]]
+            other = [p for p in points if p[2][0] != p[2][1]]  # e.g. 800x1280: beside, not on, the square curve
+            color = f'C{i}'
             style = '--' if label.startswith('authors:') else '-'
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker='o', ms=3, label=label)
+            ax.plot([p[0] for p in square], [p[1] for p in square], style, color=color, marker='o', ms=3,
+                    label=label)
+            ax.plot([p[0] for p in other], [p[1] for p in other], 'x', color=color, ms=7)
         ax.set_xscale('log')
         ax.set_yscale('log')
-        sizes = sorted({tuple(r['input_size']) for r in rows}, key=lambda s: s[0] * s[1])
+        sizes = sorted({tuple(r['input_size']) for r in rows if r['input_size'][0] == r['input_size'][1]})
         ax.set_xticks([h * w / 1e6 for h, w in sizes], [f'{h}x{w}' for h, w in sizes], rotation=45, fontsize=8)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel('input (HxW), on a scale of pixel count')
+        others = sorted({f'{h}x{w}' for h, w in (r['input_size'] for r in rows) if h != w})
+        ax.set_xlabel('input (HxW), on a scale of pixel count' + (f'; x: {", ".join(others)}' if others else ''))
         ax.set_title(name)
         ax.grid(True, which='both', alpha=0.3)
     (axes[0] if len(shown) > 1 else axes).legend(fontsize=8)

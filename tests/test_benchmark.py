@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from cli import UsageError
 import profiling
+from cli import UsageError
 from scripts import benchmark
 
+pytestmark = pytest.mark.usefixtures('one_thread')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]})
 
@@ -25,14 +26,6 @@ def RAVLT_T(args=None):
     CALLS.append(1)
     return timm.create_model('ravlt_t')
 '''
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):

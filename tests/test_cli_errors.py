@@ -15,7 +15,7 @@ from PIL import Image
 import checkpoints
 import main
 from cli import run_cli
-from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, one_thread, read_log,  # noqa: F401
+from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, read_log,
                            run_here)
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -17,16 +17,9 @@ from scripts import export_onnx
 
 ort = pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
 
+pytestmark = pytest.mark.usefixtures('one_thread')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_state(seed: int, num_classes: int = 10) -> dict:

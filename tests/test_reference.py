@@ -7,7 +7,7 @@ import torch
 
 import models  # noqa: F401  (registers the RAVLT models)
 from models import reference
-from models.ravlt import RAVLTBlock, RotaryEmbedding2d, apply_rope
+from models.ravlt import RAVLTBlock, RotaryEmbedding2d, apply_rope, elu_plus_one
 from timm.utils import reparameterize_model
 
 
@@ -76,6 +76,19 @@ def test_no_grad_path_leaves_inputs_untouched():
         block(x, *rope(9, 7))
         block.attn(x, *rope(9, 7))
     assert torch.equal(x, kept)
+
+
+def test_elu_plus_one_equals_elu_values_and_gradients():
+    x = torch.tensor([-800.0, -30.0, -1.5, -1e-8, -0.0, 0.0, 1e-8, 0.7, 40.0, 1e30], dtype=torch.float64)
+    x = torch.cat([x, torch.randn(1000, dtype=torch.float64) * 3])
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.rand_like(x)
+    (elu_plus_one(ours) * weights).sum().backward()
+    ((torch.nn.functional.elu(theirs) + 1.0) * weights).sum().backward()
+    # Absolute: elu(x) + 1 itself rounds off exp(x) for very negative x (elu(-30) + 1 keeps 3 digits).
+    torch.testing.assert_close(elu_plus_one(x), torch.nn.functional.elu(x) + 1.0, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-15, atol=0)
+    assert torch.equal(ours.grad[4:6], weights[4:6])  # slope 1 at -0.0 and 0.0, as elu's
 
 
 def test_rope_tables_follow_the_buffer():

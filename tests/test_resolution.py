@@ -3,18 +3,11 @@ one-line errors."""
 import json
 
 import pytest
-import torch
 
 from cli import UsageError
 from scripts import resolution
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoints
 import main
-from train_helpers import (DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, one_thread, read_log,  # noqa: F401
+from train_helpers import (DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, read_log,
                            run_here)
 
 pytestmark = pytest.mark.usefixtures('one_thread')

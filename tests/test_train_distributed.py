@@ -20,7 +20,7 @@ import checkpoints
 import main
 from test_dense import TINY_JSON, write_ade
 from train_helpers import (RANDOM, ROOT, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log,
-                           one_thread, run_here, signal_all, start, torchrun_command, wait_for_log)  # noqa: F401
+                           run_here, signal_all, start, torchrun_command, wait_for_log)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

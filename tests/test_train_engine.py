@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 import engine
 import run
 import utils
-from train_helpers import TINY_MODEL_KWARGS, one_thread  # noqa: F401  (a fixture)
+from train_helpers import TINY_MODEL_KWARGS
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

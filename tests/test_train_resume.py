@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoints
 import main
-from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, one_thread, read_log,  # noqa: F401
+from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, read_log,
                            run_here, run_main)
 
 pytestmark = pytest.mark.usefixtures('one_thread')

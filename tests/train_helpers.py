@@ -11,7 +11,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,15 +28,6 @@ DIGITS = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--lr', '0.016', 
 # generator), random erasing (torch's), mixup / cutmix (numpy's), drop path (torch's), repeated augmentation.
 RANDOM = TINY + ['--data-set', 'FAKE', '--batch-size', '32', '--epochs', '2', '--warmup-epochs', '1',
                  '--drop-path', '0.2', '--save-freq', '0', '--model-ema-warmup']
-
-
-@pytest.fixture
-def one_thread():
-    """Run a test's in-process work on one thread: on shared cores, extra OpenMP threads mostly wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def command_env(**extra) -> dict:
