@@ -44,10 +44,13 @@ def export(model: torch.nn.Module, path: str, example_size=(224, 224)):
     program.save(path, external_data=False)  # one self-contained file (every variant is far below 2 GB)
 
 
-def create_session(path: str, threads: int = None, arena: bool = True):
-    """An ONNX Runtime CPU session with every graph optimisation (layout transforms and fusions included)."""
+def create_session(path: str, threads: int = None, arena: bool = True, spin: bool = True):
+    """An ONNX Runtime CPU session with every graph optimisation (layout transforms and fusions included).
+    `spin=False`: its worker threads sleep when a run ends instead of spinning for the next one, so they take
+    no CPU from other work (a benchmark's other contenders) between runs."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
+    options.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin else '0')
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1

@@ -249,7 +249,8 @@ class OnnxRuntimeRunner:
 
     def __init__(self, contender: Contender, onnx_file: str, settings: Settings, arena: bool = True):
         self.contender, self.mode, self.device = contender, 'eval', torch.device('cpu')
-        self.session = create_session(onnx_file, settings.threads, arena=arena)
+        # No spinning: its idle threads would slow the contender that runs next.
+        self.session = create_session(onnx_file, settings.threads, arena=arena, spin=False)
         self.feed = {INPUT_NAME: torch.randn(settings.batch_size, 3, *settings.input_size).numpy()}
 
     def step(self):
