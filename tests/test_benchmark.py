@@ -136,6 +136,17 @@ def test_onnxruntime_backend(capsys):
     assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
 
 
+def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
+    """Spinning ONNX Runtime threads would take the cores from the contender that runs next."""
+    pytest.importorskip('onnxruntime')
+    settings = profiling.Settings(batch_size=1, input_size=(64, 64), threads=1)
+    contender = profiling.Contender('RAVLT_T', backend='onnxruntime', model_kwargs=json.loads(TINY))
+    path = profiling.export_for_onnxruntime(contender, settings, None, str(tmp_path))
+    options = profiling.make_runner(contender, settings, onnx_file=path).session.get_session_options()
+    assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
+    assert options.intra_op_num_threads == 1
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--model', 'authors:RAVLT_T'], 'needs --authors-file'),
     (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
