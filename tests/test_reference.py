@@ -126,7 +126,7 @@ def small_model(**kwargs):
 def test_torch_compile_fullgraph_whole_model_matches_eager():
     """Dynamo captures the whole network, forward and backward, as one graph (any graph break raises).
     aot_eager keeps this fast; Inductor's code generation is tested on blocks below and the whole network
-    compiles in `scripts/benchmark.py --compile`."""
+    compiles in `scripts/benchmark.py --backend compile`."""
     model = small_model().eval()
     x = torch.randn(2, 3, 56, 40)
     with torch.no_grad():
