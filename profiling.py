@@ -149,9 +149,13 @@ class Settings:
             raise UsageError('--threads must be at least 1')
 
     def describe(self) -> str:
+        # CPU speed depends on how the C allocator hands out memory (see the README), so its settings are shown.
+        allocator = ' '.join(f'{k}={v}' for k, v in sorted(os.environ.items())
+                             if k.startswith('MALLOC_') or k == 'THP_MEM_ALLOC_ENABLE')
         return (f'device {self.device} ({torch.get_num_threads()} threads), batch {self.batch_size}, input '
                 f'{self.input_size[0]}x{self.input_size[1]} (HxW), amp {self.amp}, channels-last '
-                f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps')
+                f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps'
+                + (f', allocator {allocator}' if allocator else ''))
 
 
 def load_authors_module(path: str, extra_paths):

@@ -51,6 +51,15 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
         assert torch.equal(a, b), k
 
 
+def test_settings_line_names_the_allocator_settings(monkeypatch):
+    monkeypatch.delenv('THP_MEM_ALLOC_ENABLE', raising=False)
+    for name in [k for k in os.environ if k.startswith('MALLOC_')]:
+        monkeypatch.delenv(name)
+    assert 'allocator' not in profiling.Settings().describe()
+    monkeypatch.setenv('MALLOC_MMAP_MAX_', '0')
+    assert profiling.Settings().describe().endswith(', allocator MALLOC_MMAP_MAX_=0')
+
+
 def test_model_kwargs_reach_the_model():
     import timm
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
