@@ -68,8 +68,9 @@ def parse_size(text: str) -> tuple:
 
 
 def settings_at(args, size) -> Settings:
-    settings = Settings(args.batch_size, size, 'cpu', 'none', False, args.threads, args.warmup, args.iters,
-                        args.memory, args.seed, args.authors_file, args.authors_path_extra)
+    settings = Settings(batch_size=args.batch_size, input_size=size, threads=args.threads, warmup=args.warmup,
+                        iters=args.iters, memory=args.memory, seed=args.seed, authors_file=args.authors_file,
+                        authors_path_extra=args.authors_path_extra)
     settings.check()
     return settings
 
