@@ -11,22 +11,20 @@ the weights inside every kind of file the project meets:
 Every problem is a one-line `UsageError` that names at most a few keys and says what to do.
 """
 import argparse
-import contextlib
-import errno
 import functools
-import glob
 import os
 import pickle
 import re
-import tempfile
 import warnings
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import timm
 import torch
 
 import models
-from cli import UsageError, first_line
+from errors import UsageError, first_line
+from utils import atomic_file
 
 # The anchor of RAVLT weights inside any checkpoint: the stem's first conv.
 BACKBONE_ANCHOR = 'patch_embed.proj.0.weight'
@@ -36,55 +34,10 @@ BACKBONE_ANCHOR = 'patch_embed.proj.0.weight'
 # Files
 # ----------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_file(path, mode: str = 'wb'):
-    """Open a temporary file beside `path` for writing; when the block ends, fsync it and rename it over
-    `path`, so `path` always holds a whole file (the old one until the new one is complete). On an error the
-    temporary file is removed; a full disk raises OSError(ENOSPC) naming `path`."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private (0600)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."): say what it was.
-        if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(obj, path):
     """torch.save `obj` to `path` atomically (see atomic_file)."""
     with atomic_file(path) as f:
         torch.save(obj, f)
-
-
-def _disk_is_full(directory: str) -> bool:
-    stats = os.statvfs(directory)
-    return stats.f_bavail * stats.f_frsize < 64 * 2 ** 20
-
-
-def remove_stale_temporaries(folder) -> List[str]:
-    """Delete the temporary files (see atomic_file) that killed saves left in `folder` (call only while no
-    other run writes there: `Run` holds the folder's lock). Returns their names."""
-    stale = sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), '.*.tmp')))
-    for path in stale:
-        os.remove(path)
-    return [os.path.basename(p) for p in stale]
 
 
 def load_checkpoint(path, map_location='cpu') -> dict:
@@ -119,12 +72,12 @@ def load_checkpoint(path, map_location='cpu') -> dict:
 
 
 def flags_of(checkpoint: dict) -> dict:
-    """The flags a checkpoint was trained with, {flag name or destination: value}: ours store flag names
-    (`model-kwargs`), the authors' argparse.Namespace destinations (`model_kwargs`)."""
+    """The flags a checkpoint was trained with, as {argparse destination: value} (`model_kwargs`): ours store
+    them by flag name (`model-kwargs`), the authors' files as an argparse.Namespace."""
     args = checkpoint.get('args')
     if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return dict(args) if isinstance(args, dict) else {}
+        return dict(vars(args))
+    return {str(k).replace('-', '_'): v for k, v in args.items()} if isinstance(args, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,3 +191,80 @@ def load_backbone_weights(model: torch.nn.Module, checkpoint: dict, source: str,
         raise UsageError(f'{source}: ' + describe_mismatch(model_name, state, mismatched, [], []))
     result = backbone.load_state_dict(state, strict=False)
     return result.missing_keys, result.unexpected_keys
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training state: what a training checkpoint holds beside the weights, written and read here only
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingState:
+    """Where a training run stands."""
+    start_epoch: int = 0
+    first_step: int = 0              # steps of start_epoch already done (a mid-epoch resume)
+    global_step: int = 0
+    totals: Optional[dict] = None    # the metric totals of start_epoch's first steps
+    best: dict = field(default_factory=dict)
+    last_log: Optional[dict] = None  # the log line of the last completed epoch
+    pending_eval: Optional[dict] = None  # the train stats of an epoch whose evaluation failed
+
+
+def training_checkpoint(*, model, model_ema, optimizer, lr_scheduler, scaler, epoch: int, state: TrainingState,
+                        flags: dict, meta: dict, world_size: int, best_metric: Optional[str], **extra) -> dict:
+    """A training checkpoint: the weights (`model`, `model_ema`), the optimizer, schedule and loss-scaler state,
+    the last completed `epoch` and the run's step, the resolved `flags` ({flag name: value}), the task's `meta`,
+    the process count, the best metrics and the epoch's log line; `extra` (a mid-epoch `progress`, a
+    `pending_eval`) is added. `max_accuracy` is kept for DeiT-style tools."""
+    checkpoint = {
+        'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'lr_scheduler': lr_scheduler.state_dict(),
+        'scaler': scaler.state_dict(), 'epoch': epoch, 'step': state.global_step, 'args': flags, 'meta': meta,
+        'world_size': world_size, 'best': state.best, 'log': state.last_log,
+        **{'max_accuracy': state.best[k] for k in [best_metric] if k in state.best},
+        **extra,
+    }
+    if model_ema is not None:
+        checkpoint['model_ema'] = model_ema.module.state_dict()
+    return checkpoint
+
+
+def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_metric: Optional[str],
+                     world_size: int, batch_size: int, steps_per_epoch: int, schedule_in_epochs: bool,
+                     start_option: str) -> TrainingState:
+    """Load the optimizer and loss-scaler state of a training checkpoint and return where training stands.
+
+    Hyperparameters given now (learning rate, weight decay ...) override the saved ones. A checkpoint taken
+    mid-epoch continues at its step when the process count and --batch-size are unchanged; otherwise that
+    epoch restarts (epoch-counted schedules) or the run continues at its step (step-counted ones)."""
+    if not all(k in checkpoint for k in ('optimizer', 'epoch')):
+        raise UsageError(f'{source} holds weights only (no optimizer state or epoch): use it with --eval, or start '
+                         f'training from it with {start_option}')
+    hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise UsageError(f'{source}: its optimizer state does not fit this optimizer ({e})') from None
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)  # flags changed since the checkpoint apply (the schedule is rebuilt from them too)
+    if checkpoint.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint['scaler'])
+    state = TrainingState(start_epoch=checkpoint['epoch'] + 1, best=dict(checkpoint.get('best', {})),
+                          last_log=checkpoint.get('log'))
+    for legacy in ('max_accuracy', 'max_accuracy_ema'):  # the authors' files and DeiT's
+        if legacy in checkpoint and best_metric:
+            state.best.setdefault(best_metric + ('_ema' if legacy.endswith('ema') else ''), checkpoint[legacy])
+    saved_batch = flags_of(checkpoint).get('batch_size', batch_size)
+    same_shape = checkpoint.get('world_size', world_size) == world_size and saved_batch == batch_size
+    state.global_step = checkpoint['step'] if 'step' in checkpoint and (same_shape or not schedule_in_epochs) \
+        else state.start_epoch * steps_per_epoch
+    progress = checkpoint.get('progress')
+    if progress is not None and same_shape:
+        state.first_step, state.global_step, state.totals = progress['steps'], progress['global_step'], \
+            progress['totals']
+    elif progress is not None:
+        print(f'The checkpoint was taken during epoch {state.start_epoch} with {checkpoint.get("world_size")} '
+              f'processes of batch {saved_batch}: with {world_size} of {batch_size} that epoch restarts from its '
+              'beginning')
+    state.pending_eval = checkpoint.get('pending_eval')
+    if state.pending_eval is not None:
+        state.start_epoch -= 1
+    return state

@@ -15,24 +15,9 @@ import sys
 import torch
 import yaml
 
-from utils import cleanup_distributed, is_main_process
-
-# Exit codes: 1 a failure during the run, 2 bad input, 3 stopped by a signal with a resumable checkpoint, 130 Ctrl-C.
-EXIT_FAILURE, EXIT_USAGE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 130
-
-
-class UsageError(Exception):
-    """Bad input (flags, files, checkpoints, data): `run_cli` prints it as one line and exits with 2.
-
-    `everywhere`: every process raised it together (an agreed decision), so only rank 0 reports it."""
-
-    def __init__(self, message: str, everywhere: bool = False):
-        super().__init__(message)
-        self.everywhere = everywhere
-
-
-class Preempted(Exception):
-    """A signal (SIGTERM, SIGUSR1) stopped the run after a resumable checkpoint was written."""
+from distributed import cleanup_distributed, is_main_process
+from errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line
+from utils import AMP_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,6 +202,37 @@ def read_config(path: str, parser: ArgumentParser, _seen=()) -> dict:
     return values
 
 
+def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, num_workers: int, print_freq: int):
+    """The flags every entry point shares (run.Run reads them)."""
+    parser.add_argument('--model', default=model, metavar='MODEL',
+                        help='RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L (or ravlt_t ...)')
+    parser.add_argument('--model-kwargs', default=None, type=json_object, metavar='JSON',
+                        help='extra model arguments as a JSON object, e.g. \'{"embed_dims": [32, 64, 128, 256], '
+                        '"depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]}\' (a mapping in a config file)')
+    parser.add_argument('--drop-path', type=FRACTION, default=None, metavar='RATE',
+                        help="stochastic depth rate (default: the variant's own, models.RAVLT_CONFIGS)")
+    parser.add_argument('--batch-size', default=batch_size, type=COUNT, help='images per process and step')
+    parser.add_argument('--data-path', default='', help='data folder')
+    parser.add_argument('--resume', default='', help='resume from this checkpoint (default: OUTPUT_DIR/'
+                        'checkpoint.pth if it exists); with --eval, evaluate it. The model flags it was trained '
+                        'with apply unless given again')
+    parser.add_argument('--eval', action='store_true', help='evaluate only')
+    parser.add_argument('--output_dir', '--output-dir', default='', help='where to write checkpoints and logs '
+                        '(empty: write nothing)')
+    parser.add_argument('--device', default=None, choices=['cpu', 'cuda'], help='default: cuda if available')
+    parser.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
+                        help='autocast precision (default: fp16 on CUDA, as the authors, none on the CPU)')
+    parser.add_argument('--seed', default=0, type=NON_NEGATIVE_INT)
+    parser.add_argument('--num_workers', '--num-workers', default=None, type=NON_NEGATIVE_INT,
+                        help=f'data loading processes per training process (default: {num_workers}, or the CPU '
+                        'cores per process if fewer)')
+    parser.add_argument('--print-freq', default=print_freq, type=COUNT, metavar='N', help='print every N steps')
+    parser.add_argument('--dist-timeout', default=60, type=POSITIVE, metavar='MINUTES',
+                        help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
+                        'and writes checkpoints meanwhile) before the run fails')
+    parser.set_defaults(default_num_workers=num_workers)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The error policy
 # ----------------------------------------------------------------------------------------------------
@@ -232,12 +248,6 @@ def _report(message: str, code: int, everyone: bool = True) -> int:
         sys.stderr.write(f'{_rank_prefix()}{" ".join(message.split())}\n')
         sys.stderr.flush()
     return code
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error message, with its type, for one-line reports."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
 def run_cli(main_fn, argv):

@@ -4,12 +4,10 @@ import os
 
 import torch
 from PIL import Image, ImageOps
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from timm.data import auto_augment, create_transform
 from torchvision import datasets, transforms
 
-from cli import UsageError
+from errors import UsageError
 
 DATA_SETS = ('IMNET', 'CIFAR', 'FAKE', 'DIGITS')
 FAKE_SIZES = {True: 1024, False: 256}  # train / val images of the FAKE set
@@ -27,8 +25,11 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-    auto_augment.NAME_TO_OP[_name] = posterize
+def use_zero_bit_posterize():
+    """Make timm's RandAugment build its posterize ops with `posterize` above (timm looks ops up by name when a
+    policy is built, so this runs before create_transform)."""
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        auto_augment.NAME_TO_OP[name] = posterize
 
 
 class Digits(torch.utils.data.Dataset):
@@ -36,6 +37,8 @@ class Digits(torch.utils.data.Dataset):
     Images are returned as (3, 8, 8) tensors in [0, 1] for the transform to upscale."""
 
     def __init__(self, train: bool, transform=None):
+        from sklearn.datasets import load_digits  # the demo's data: scikit-learn is the `demo` extra
+        from sklearn.model_selection import train_test_split
         digits = load_digits()
         indices = train_test_split(range(len(digits.target)), test_size=DIGITS_VAL_SIZE,
                                    stratify=digits.target, random_state=0)[0 if train else 1]
@@ -119,6 +122,7 @@ def build_transform(is_train: bool, args):
                   else transforms.Resize(size))
         return transforms.Compose([resize, transforms.Normalize([0.5] * 3, [0.5] * 3)])
     if is_train:
+        use_zero_bit_posterize()
         transform = create_transform(size, is_training=True, color_jitter=args.color_jitter,
                                      auto_augment=args.aa if args.aa and args.aa != 'none' else None,
                                      interpolation=args.train_interpolation, re_prob=args.reprob,

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from cli import UsageError, first_line
+from errors import UsageError, first_line
 
 STRIDE = 32  # RAVLT's total stride: the exported height and width are multiples of it
 INPUT_NAME, OUTPUT_NAME = 'image', 'logits'

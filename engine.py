@@ -1,5 +1,4 @@
 """The loops: one training epoch of any task (the task gives its loss), and classification evaluation."""
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
@@ -8,15 +7,10 @@ import torch
 import torch.nn.functional as F
 from timm.utils import unwrap_model
 
+import distributed
 import utils
-from cli import UsageError
-
-
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """torch.amp.autocast for `device`; nothing when `amp_dtype` is None (full precision)."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.amp.autocast(device_type=device.type, dtype=amp_dtype)
+from errors import UsageError
+from utils import autocast
 
 
 def to_device(data, device: torch.device):
@@ -48,7 +42,7 @@ def evaluation_batches(batches: Iterable):
             error = batch.message
             break
         yield batch
-    error = utils.first_error(error)
+    error = distributed.first_error(error)
     if error is not None:
         raise UsageError(error, everywhere=True)
 
@@ -63,8 +57,8 @@ def optimizer_step(losses: Dict[str, torch.Tensor], optimizer: torch.optim.Optim
     disk stay the last good ones. Returns ({'loss': ..., part: ...}, stop)."""
     loss = sum(losses.values())
     parts = [] if list(losses) == ['loss'] else list(losses)
-    world = utils.get_world_size()
-    totals = utils.all_reduce_sum([loss.item()] + [losses[k].item() for k in parts] + [float(stop)])
+    world = distributed.get_world_size()
+    totals = distributed.all_reduce_sum([loss.item()] + [losses[k].item() for k in parts] + [float(stop)])
     values = {'loss': totals[0] / world, **{k: v / world for k, v in zip(parts, totals[1:-1])}}
     if not math.isfinite(values['loss']):
         raise FloatingPointError(f'loss is {values["loss"]} at {where}; training stopped, the checkpoints on disk '
@@ -106,7 +100,7 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.3g}'))
     metric_logger.restore(totals or {})
     steps_per_epoch = first_step + len(data_loader)
-    rank, step, stopped = utils.get_rank(), first_step, False
+    rank, step, stopped = distributed.get_rank(), first_step, False
     for batch in metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start=first_step,
                                          total=steps_per_epoch):
         if last_step is not None and global_step >= last_step:
@@ -156,7 +150,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[
         loss_sum += F.cross_entropy(output, target, reduction='sum').item()
         metric_logger.update(acc1=100.0 * batch_correct1 / len(target))
     if distributed:
-        count, correct1, correct5, loss_sum = utils.all_reduce_sum([count, correct1, correct5, loss_sum])
+        count, correct1, correct5, loss_sum = distributed.all_reduce_sum([count, correct1, correct5, loss_sum])
     denominator = max(count, 1)
     stats = {'acc1': 100.0 * correct1 / denominator, 'acc5': 100.0 * correct5 / denominator,
              'loss': loss_sum / denominator}

@@ -1,6 +1,5 @@
-"""What main_det.py and main_seg.py share: the model from the flags, the optimizer's parameter groups, and
-COCO and mIoU evaluation (the training epoch is engine.train_one_epoch, shared with classification)."""
-import json
+"""What main_det.py and main_seg.py share: the optimizer as the authors' mmcv configs build it, and COCO and
+mIoU evaluation (the training epoch is engine.train_one_epoch, shared with classification)."""
 from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -10,33 +9,15 @@ import torch
 import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from timm.optim import create_optimizer_v2
 
-import checkpoints
+import distributed
 import utils
-from cli import UsageError
-from engine import autocast, evaluation_batches, to_device
-from models.dense import build_dense_model, dense_backbone
+from engine import evaluation_batches, to_device
+from models.dense import dense_backbone
+from utils import autocast
 
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
-
-
-def build_model(args, num_classes: int, **detector_kwargs) -> torch.nn.Module:
-    """The task's model on a RAVLT backbone (--model, --model-kwargs, --drop-path), with the backbone weights of
-    --pretrained when given."""
-    backbone_kwargs = dict(args.model_kwargs or {})
-    if args.drop_path is not None:
-        backbone_kwargs['drop_path_rate'] = args.drop_path
-    try:
-        model = build_dense_model(args.task, args.model, num_classes, backbone_kwargs, **detector_kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise UsageError(f'cannot build {args.task} with --model {args.model} and --model-kwargs '
-                         f'{json.dumps(args.model_kwargs)}: {e}') from None
-    if args.pretrained:
-        missing, unexpected = checkpoints.load_backbone_weights(
-            model, checkpoints.load_checkpoint(args.pretrained), f'--pretrained {args.pretrained}', args.model)
-        print(f'Backbone weights from {args.pretrained}: {len(missing)} missing {missing}, '
-              f'{len(unexpected)} unexpected {unexpected}')
-    return model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, norm_no_decay: bool) -> List[dict]:
@@ -49,6 +30,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_no_decay: boo
         if param.requires_grad:
             (no_decay if id(param) in exempt else decay).append(param)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, norm_no_decay: bool) -> torch.optim.Optimizer:
+    """The dense recipes' AdamW over `param_groups`."""
+    return create_optimizer_v2(param_groups(model, weight_decay, norm_no_decay), 'adamw', lr=lr,
+                               weight_decay=weight_decay)
 
 
 def coco_results(output: dict, image_id: int, category_of: Callable[[int], int]) -> List[dict]:
@@ -105,10 +92,10 @@ def evaluate_coco(model: torch.nn.Module, data_loader: Iterable, dataset, iou_ty
             outputs = model(to_device(images, device))
         for output, target in zip(outputs, targets):
             results += coco_results(output, target['image_id'], dataset.category_of)
-    gathered = utils.gather_objects(results)
+    gathered = distributed.gather_objects(results)
     stats = coco_metrics(dataset.coco, [r for part in gathered for r in part], iou_types) \
-        if utils.is_main_process() else None
-    return utils.broadcast_object(stats)
+        if distributed.is_main_process() else None
+    return distributed.broadcast_object(stats)
 
 
 def miou_metrics(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> Dict[str, float]:
@@ -138,7 +125,7 @@ def evaluate_segmentation(model: torch.nn.Module, data_loader: Iterable, num_cla
         tp, fp, fn, _ = smp.metrics.get_stats(logits.argmax(1), masks.long(), mode='multiclass',
                                               ignore_index=ignore_index, num_classes=num_classes)
         counts += torch.stack([tp.sum(0), fp.sum(0), fn.sum(0)]).double().cpu()
-    counts = torch.tensor(utils.all_reduce_sum(counts.flatten().tolist()), dtype=torch.float64).view(3, -1)
+    counts = torch.tensor(distributed.all_reduce_sum(counts.flatten().tolist()), dtype=torch.float64).view(3, -1)
     stats = miou_metrics(*counts)
     print(f"* mIoU {stats['mIoU']:.2f} mAcc {stats['mAcc']:.2f} aAcc {stats['aAcc']:.2f}")
     return stats

@@ -19,10 +19,12 @@ import torch
 
 import checkpoints
 import engine
-from cli import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, UsageError, number_type,
-                 run_cli)
+from cli import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, add_run_arguments,
+                 number_type, run_cli)
 from datasets import DATA_SETS, build_dataset
-from run import Run, Task, add_run_arguments, create_model
+from errors import UsageError
+from model_factory import create_model
+from run import Run, Task, run_task
 
 # The flags that describe the model and its evaluation: --eval and --resume take them from the checkpoint
 # unless given.
@@ -212,9 +214,7 @@ def build_task(args, run: Run) -> Task:
 
 def main(args):
     check_args(args)
-    with Run(get_args_parser(), args, MODEL_FLAGS) as run:
-        task = build_task(args, run)
-        return run.evaluate(task) if args.eval else run.train(task)
+    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task)
 
 
 def cli(argv=None):

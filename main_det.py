@@ -10,14 +10,15 @@ a total batch of 16 (2 images on each of 8 GPUs) and is not rescaled.
 """
 import sys
 
-from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
 
 import models
-from cli import COUNT, ArgumentParser, UsageError, add_dense_arguments, apply_recipe, run_cli
+from cli import COUNT, ArgumentParser, add_dense_arguments, add_run_arguments, apply_recipe, run_cli
+from errors import UsageError
 from dense_datasets import CocoInstances, check_img_scale, check_same_categories, collate_lists
-from engine_dense import build_model, evaluate_coco, param_groups
-from run import Run, Task, add_run_arguments
+from engine_dense import adamw, evaluate_coco
+from model_factory import create_dense_model
+from run import Run, Task, run_task
 
 RECIPES = {
     'retinanet': dict(lr=1e-4, weight_decay=1e-4, epochs=12, lr_steps=[8, 11], warmup_iters=500, warmup_ratio=1e-3),
@@ -56,12 +57,9 @@ def build_task(args, run: Run) -> Task:
         dataset_train = CocoInstances(args.data_path, args.train_split, True, with_masks, FIRST_LABEL[args.task])
         check_same_categories(dataset_train, dataset_val)
     min_size = tuple(short * k // 25 for k in range(15, 26)) if args.multiscale else short
-    model = build_model(args, dataset_val.num_classes, min_size=min_size, max_size=long)
+    model = create_dense_model(args.task, args.model, dataset_val.num_classes, args.model_kwargs, args.drop_path,
+                               args.pretrained, min_size=min_size, max_size=long)
     iou_types = ('bbox', 'segm') if with_masks else ('bbox',)
-
-    def make_optimizer(model):
-        return create_optimizer_v2(param_groups(model, args.weight_decay, NORM_NO_DECAY[args.task]), 'adamw',
-                                   lr=args.lr, weight_decay=args.weight_decay)
 
     def make_schedule(optimizer, steps_per_epoch):
         if max(args.lr_steps) > args.epochs:
@@ -77,13 +75,11 @@ def build_task(args, run: Run) -> Task:
         meta={'task': args.task, 'model': models.resolve_model_name(args.model),
               'classes': dataset_val.category_names},
         dataset_train=dataset_train, loss=lambda model, images, targets: model(images, targets),
-        make_optimizer=make_optimizer, make_schedule=make_schedule)
+        make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]), make_schedule=make_schedule)
 
 
 def main(args):
-    with Run(get_args_parser(), args, MODEL_FLAGS) as run:
-        task = build_task(args, run)
-        return run.evaluate(task) if args.eval else run.train(task)
+    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task)
 
 
 def cli(argv=None):

@@ -11,15 +11,16 @@ norms), 1500 warm-up steps, linear decay to 0. Batches of 2 on 8 GPUs; 512x512 c
 """
 import sys
 
-from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
 
 import models
-from cli import (COUNT, NON_NEGATIVE, POSITIVE, ArgumentParser, UsageError, add_dense_arguments, apply_recipe,
+from cli import (COUNT, NON_NEGATIVE, POSITIVE, ArgumentParser, add_dense_arguments, add_run_arguments, apply_recipe,
                  run_cli)
+from errors import UsageError
 from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, check_img_scale
-from engine_dense import build_model, evaluate_segmentation, param_groups
-from run import Run, Task, add_run_arguments
+from engine_dense import adamw, evaluate_segmentation
+from model_factory import create_dense_model
+from run import Run, Task, run_task
 
 RECIPES = {
     'semfpn': dict(lr=1e-4, weight_decay=1e-4, iters=80000, eval_interval=4000, warmup_iters=0, warmup_ratio=1.0,
@@ -39,8 +40,11 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument('--train-split', default='training', help='DATA/images/SPLIT/, DATA/annotations/SPLIT/')
     parser.add_argument('--val-split', default='validation')
     parser.add_argument('--num-classes', type=COUNT, default=150)
+    parser.add_argument('--reduce-zero-label', action='store_true',
+                        help='label 0 is "other", ignored, and the classes are 1..N, as in ADE20K (default)')
     parser.add_argument('--no-reduce-zero-label', action='store_false', dest='reduce_zero_label',
-                        help='label files hold the classes from 0 (default: 0 is "other", ignored, as in ADE20K)')
+                        help='label files hold the classes from 0')
+    parser.set_defaults(reduce_zero_label=True)
     parser.add_argument('--iters', type=COUNT, default=None, help='training steps (default: 80k Semantic FPN, '
                         '160k UperNet)')
     parser.add_argument('--eval-interval', type=COUNT, default=None, metavar='STEPS',
@@ -62,11 +66,8 @@ def build_task(args, run: Run) -> Task:
                 reduce_zero_label=args.reduce_zero_label)
     dataset_val = ADE20KSegmentation(args.data_path, args.val_split, False, **data)
     dataset_train = None if args.eval else ADE20KSegmentation(args.data_path, args.train_split, True, **data)
-    model = build_model(args, args.num_classes)
-
-    def make_optimizer(model):
-        return create_optimizer_v2(param_groups(model, args.weight_decay, NORM_NO_DECAY[args.task]), 'adamw',
-                                   lr=args.lr, weight_decay=args.weight_decay)
+    model = create_dense_model(args.task, args.model, args.num_classes, args.model_kwargs, args.drop_path,
+                               args.pretrained)
 
     def make_schedule(optimizer, steps_per_epoch):
         return PolyLRScheduler(optimizer, t_initial=args.iters, power=args.poly_power, lr_min=args.min_lr,
@@ -79,16 +80,14 @@ def build_task(args, run: Run) -> Task:
                                                              run.amp_dtype, args.print_freq),
         meta={'task': args.task, 'model': models.resolve_model_name(args.model), 'num_classes': args.num_classes},
         dataset_train=dataset_train, loss=lambda model, images, masks: model(images, masks),
-        make_optimizer=make_optimizer, make_schedule=make_schedule, schedule_in_epochs=False,
+        make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]), make_schedule=make_schedule, schedule_in_epochs=False,
         # after the epoch in which a multiple of --eval-interval steps was reached, and after the last
         evaluate_after=lambda before, after, total: after // args.eval_interval > before // args.eval_interval
         or after == total)
 
 
 def main(args):
-    with Run(get_args_parser(), args, MODEL_FLAGS) as run:
-        task = build_task(args, run)
-        return run.evaluate(task) if args.eval else run.train(task)
+    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task)
 
 
 def cli(argv=None):

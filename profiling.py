@@ -51,13 +51,13 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
 import models
-from cli import UsageError, first_line
+from errors import UsageError, first_line
 from deploy import INPUT_NAME, create_session, export, import_onnxruntime
-from run import create_model
+from model_factory import create_model
+from utils import AMP_DTYPES, autocast
 
 AUTHORS_PREFIX = 'authors:'
 BACKENDS = ('eager', 'compile', 'onnxruntime')
-AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 MATMUL_SIZE = {'cpu': 2048, 'cuda': 8192}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs and of the weights)
 # Operators that compute attention products (RAVLT has no linear layers, so these are all attention).
@@ -203,11 +203,6 @@ def forward_macs(contender: Contender, settings: Settings, authors_module=None) 
     return count_flops(model, torch.randn(1, 3, *settings.input_size))['total']
 
 
-def autocast_context(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Runners: one step of a contender
 # ----------------------------------------------------------------------------------------------------
@@ -231,11 +226,11 @@ class TorchRunner:
 
     def step(self):
         if self.mode == 'eval':
-            with torch.no_grad(), autocast_context(self.device, self.amp):
+            with torch.no_grad(), autocast(self.device, AMP_DTYPES[self.amp]):
                 self.model(self.x)
             return
         self.module.zero_grad(set_to_none=True)  # as a training loop does: each step allocates its gradients
-        with autocast_context(self.device, self.amp):
+        with autocast(self.device, AMP_DTYPES[self.amp]):
             loss = F.cross_entropy(self.model(self.x).float(), self.target)
         loss.backward()
 

@@ -1,114 +1,81 @@
-"""Helpers of the run and the loops: process-group queries and collectives, seeding, the data-loading
+"""Small helpers of the run and the loops: files replaced atomically, autocast precision, the data-loading
 wrappers that make every random draw a function of (seed, epoch, rank, position), and metric logging."""
-import builtins
+import contextlib
 import datetime
+import errno
+import glob
+import os
 import random
+import tempfile
 import time
-import warnings
 from collections import defaultdict, deque
 from typing import List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes
+# Files
 # ----------------------------------------------------------------------------------------------------
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+@contextlib.contextmanager
+def atomic_file(path, mode: str = 'wb'):
+    """Open a temporary file beside `path` for writing; when the block ends, fsync it and rename it over
+    `path`, so `path` always holds a whole file (the old one until the new one is complete). On an error the
+    temporary file is removed; a full disk raises OSError(ENOSPC) naming `path`."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private (0600)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."): say what it was.
+        if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
 
 
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def _disk_is_full(directory: str) -> bool:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize < 64 * 2 ** 20
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def remove_stale_temporaries(folder) -> List[str]:
+    """Delete the temporary files (see atomic_file) that killed writes left in `folder` (call only while no
+    other process writes there: a run holds its output folder's lock). Returns their names."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), '.*.tmp')))
+    for path in stale:
+        os.remove(path)
+    return [os.path.basename(p) for p in stale]
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
+# ----------------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------------
+
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
 
 
-def cleanup_distributed():
-    """Destroy the process group if one was initialised."""
-    if is_distributed():
-        dist.destroy_process_group()
-
-
-def silence_unless_main():
-    """Only rank 0 prints progress (errors go to stderr directly, from every rank: see cli.run_cli)."""
-    if not is_main_process():
-        builtins.print = lambda *a, **k: None
-        warnings.filterwarnings('ignore')
-
-
-def _collective_device() -> torch.device:
-    """Where collective tensors must live: NCCL needs CUDA tensors, gloo CPU ones."""
-    if dist.get_backend() == 'nccl':
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
-
-
-def all_reduce_sum(values) -> list:
-    """Sum a list of numbers over all processes (identity with one process)."""
-    if get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s `obj` on every process."""
-    if get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def gather_objects(obj) -> Optional[list]:
-    """Every process's `obj`, as a list on rank 0 (None elsewhere)."""
-    if get_world_size() == 1:
-        return [obj]
-    gathered = [None] * get_world_size() if is_main_process() else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
-
-
-def first_error(error: Optional[str]) -> Optional[str]:
-    """Processes that must stop together when any of them failed: `error` is this process's one-line problem
-    or None; every process gets the first process's problem (naming its rank when there are several), or None."""
-    errors = [error]
-    if get_world_size() > 1:
-        errors = [None] * get_world_size()
-        dist.all_gather_object(errors, error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if not failed:
-        return None
-    rank, message = failed[0]
-    return message if len(errors) == 1 else f'rank {rank}: {message}'
-
-
-def wait_for_main_process():
-    """The other processes wait here, explicitly, while rank 0 works alone (scoring COCO, writing
-    checkpoints); the wait is bounded by the process group's timeout (--dist-timeout)."""
-    if get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_buffers(*modules: torch.nn.Module):
-    """Give every process rank 0's buffers (BatchNorm statistics). Without SyncBatchNorm (not available
-    on the CPU) each process ends an epoch with the statistics of its own last batch."""
-    if get_world_size() == 1:
-        return
-    for module in modules:
-        for buffer in module.buffers():
-            dist.broadcast(buffer.data, src=0)
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """torch.amp.autocast for `device`; nothing when `amp_dtype` is None (full precision)."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

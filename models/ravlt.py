@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -35,7 +36,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-__all__ = ['RAVLT', 'RankAugmentedLinearAttention', 'SoftmaxAttention', 'RAVLT_CONFIGS']
+__all__ = ['RAVLT', 'RankAugmentedLinearAttention', 'SoftmaxAttention', 'RAVLT_CONFIGS', 'PAPER_RESULTS']
 
 
 class ChannelLayerNorm(nn.Module):
@@ -175,23 +176,13 @@ ATTENTION_TYPES = {'rala': RankAugmentedLinearAttention, 'softmax': SoftmaxAtten
 
 
 class ResidualDepthwiseConv(nn.Conv2d):
-    """y + dwconv(y), the FFN's 'same' depthwise conv with its skip connection (key `dwconv`). `fuse()` returns
-    the one conv that computes both, for inference: the skip joins the kernel's centre tap."""
+    """y + dwconv(y), the FFN's 'same' depthwise conv with its skip connection (key `dwconv`)."""
 
     def __init__(self, dim: int, kernel_size: int):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self._conv_forward(x, self.weight, self.bias)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
-                         groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
-        conv.weight.copy_(self.weight)
-        conv.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2] += 1
-        conv.bias.copy_(self.bias)
-        return conv
 
 
 class ConvFeedForward(nn.Module):
@@ -206,6 +197,19 @@ class ConvFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dwconv(self.act(self.fc1(x))))
+
+    @torch.no_grad()
+    def reparameterize(self):
+        """For inference: the depthwise conv's skip joins its kernel's centre tap, one plain conv for both."""
+        residual = self.dwconv
+        if not isinstance(residual, ResidualDepthwiseConv):
+            return
+        conv = nn.Conv2d(residual.in_channels, residual.out_channels, residual.kernel_size, padding=residual.padding,
+                         groups=residual.groups, device=residual.weight.device, dtype=residual.weight.dtype)
+        conv.weight.copy_(residual.weight)
+        conv.weight[:, :, residual.kernel_size[0] // 2, residual.kernel_size[1] // 2] += 1
+        conv.bias.copy_(residual.bias)
+        self.dwconv = conv
 
 
 class RAVLTBlock(nn.Module):
@@ -242,9 +246,10 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.reduction(x))
 
-    def fuse(self) -> nn.Conv2d:
-        """The conv with the BatchNorm's inference statistics folded in (eval mode only)."""
-        return fuse_conv_bn_eval(self.reduction, self.norm)
+    def reparameterize(self):
+        """Fold the BatchNorm's inference statistics into the conv (eval mode only)."""
+        if isinstance(self.norm, _BatchNorm):
+            self.reduction, self.norm = fuse_conv_bn_eval(self.reduction, self.norm), nn.Identity()
 
 
 class RAVLTStage(nn.Module):
@@ -295,7 +300,7 @@ class PatchEmbed(nn.Module):
         """Fold each BatchNorm's inference statistics into the conv before it (eval mode only)."""
         layers = []
         for layer in self.proj:
-            if isinstance(layer, nn.BatchNorm2d):
+            if isinstance(layer, _BatchNorm):  # SyncBatchNorm too (a multi-GPU run's evaluations)
                 layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
             else:
                 layers.append(layer)
@@ -504,6 +509,15 @@ RAVLT_CONFIGS = {
 }
 
 
+# The paper's ImageNet-1k results at 224x224: params (M), GFLOPs (its convention: scripts/flops.py) and top-1 (%).
+PAPER_RESULTS = {
+    'ravlt_t': dict(params=15, gflops=2.4, top1=82.8),
+    'ravlt_s': dict(params=26, gflops=4.6, top1=84.4),
+    'ravlt_b': dict(params=48, gflops=9.9, top1=85.5),
+    'ravlt_l': dict(params=95, gflops=16.0, top1=85.8),
+}
+
+
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.Tensor]:
     """Accept a raw state dict or a training checkpoint (`model`, `state_dict` or `model_ema` entry),
     with or without DistributedDataParallel's `module.` prefix.
@@ -535,6 +549,8 @@ def _cfg(**kwargs) -> dict:
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj.0', 'classifier': 'head',
         'hf_hub_id': 'aldjalkdf/RAVLT',
+        # The authors published the weights without a licence.
+        'license': 'unknown', 'origin_url': 'https://github.com/qhfan/RALA',
         'paper_ids': 'arXiv:2411.07635', 'paper_name': 'Breaking the Low-Rank Dilemma of Linear Attention',
         **kwargs,
     }
@@ -554,23 +570,23 @@ def _factory(variant: str, pretrained: bool, **kwargs) -> RAVLT:
 
 @register_model
 def ravlt_t(pretrained: bool = False, **kwargs) -> RAVLT:
-    """RAVLT-T: 14.9M params, 2.4 GFLOPs (224x224), 82.8% ImageNet-1k top-1 (paper)."""
+    """RAVLT-T, the smallest of the paper's variants (PAPER_RESULTS['ravlt_t'])."""
     return _factory('ravlt_t', pretrained, **kwargs)
 
 
 @register_model
 def ravlt_s(pretrained: bool = False, **kwargs) -> RAVLT:
-    """RAVLT-S: 25.6M params, 4.6 GFLOPs (224x224), 84.4% ImageNet-1k top-1 (paper)."""
+    """RAVLT-S (PAPER_RESULTS['ravlt_s'])."""
     return _factory('ravlt_s', pretrained, **kwargs)
 
 
 @register_model
 def ravlt_b(pretrained: bool = False, **kwargs) -> RAVLT:
-    """RAVLT-B: 48.2M params, 9.9 GFLOPs (224x224), 85.5% ImageNet-1k top-1 (paper)."""
+    """RAVLT-B (PAPER_RESULTS['ravlt_b'])."""
     return _factory('ravlt_b', pretrained, **kwargs)
 
 
 @register_model
 def ravlt_l(pretrained: bool = False, **kwargs) -> RAVLT:
-    """RAVLT-L: 95.2M params, 16.0 GFLOPs (224x224), 85.8% ImageNet-1k top-1 (paper)."""
+    """RAVLT-L, the largest of the paper's variants (PAPER_RESULTS['ravlt_l'])."""
     return _factory('ravlt_l', pretrained, **kwargs)

@@ -24,13 +24,14 @@ Our models accept the authors' names (RAVLT_S) and ours (ravlt_s); other names a
 width; one number for a square input).
 """
 import json
-import os
 import sys
 
 import torch
 
-from cli import ArgumentParser, UsageError, json_object, run_cli
+from cli import ArgumentParser, json_object, run_cli
+from errors import UsageError
 from profiling import BACKENDS, Contender, Settings, benchmark, load_authors_module
+from utils import atomic_file
 
 
 def get_args_parser() -> ArgumentParser:
@@ -118,10 +119,9 @@ def main(argv):
     rows = benchmark(contenders, settings, authors, matmul=args.matmul_rate)
     print(format_table(rows, settings.describe()), flush=True)
     if args.json:
-        with open(args.json + '.tmp', 'w') as f:
+        with atomic_file(args.json, 'w') as f:
             json.dump({'settings': {k: v for k, v in vars(args).items() if k != 'given'}, 'torch': torch.__version__,
                        'threads': torch.get_num_threads(), 'results': rows}, f, indent=1)
-        os.replace(args.json + '.tmp', args.json)
     return rows
 
 

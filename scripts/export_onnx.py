@@ -7,14 +7,15 @@ checked before it is kept: ONNX Runtime and PyTorch run the same random input at
 height and width), and the relative difference ||ort - torch|| / ||torch|| of the logits must stay within
 `--tolerance` (1e-5 in float32). Only a file that passes is written to `--output`.
 
-    python scripts/export_onnx.py --model RAVLT_S --checkpoint RAVLT_S.pth --output ravlt_s.onnx
-    python scripts/export_onnx.py --model RAVLT_S --checkpoint out/checkpoint.pth --ema --output ravlt_s_ema.onnx
+    python scripts/export_onnx.py --checkpoint RAVLT_S.pth --output ravlt_s.onnx
+    python scripts/export_onnx.py --checkpoint out/checkpoint.pth --ema --output ravlt_s_ema.onnx
     python scripts/export_onnx.py --model RAVLT_T --model-kwargs '{"attn_types": ["rala", "rala", "rala", "rala"]}' \
         --output ravlt_t_linear.onnx
 
 Weights: our checkpoints (`model`, or `model_ema` with `--ema`), the authors' files, raw state dicts, with
-or without `module.` prefixes; without `--checkpoint` the model keeps its random initialisation. A
-checkpoint written by main.py carries its --model-kwargs, used unless the command line gives them.
+or without `module.` prefixes; without `--checkpoint` the model keeps its random initialisation. The
+model, its --model-kwargs and its class count come from the checkpoint (as `main.py --eval` takes them) unless
+the command line gives them.
 Needs the optional `onnx` extra (onnx, onnxruntime, onnxscript). Sizes are `--check-sizes H [W]` pairs
 (height then width).
 """
@@ -22,18 +23,21 @@ import os
 import sys
 import time
 
-import timm.utils
-import torch
 
-from checkpoints import classifier_keys, flags_of, load_checkpoint, load_weights, state_dict_of
-from cli import ArgumentParser, UsageError, json_object, run_cli
+from checkpoints import load_checkpoint
+from cli import ArgumentParser, json_object, run_cli
+from errors import UsageError
 from deploy import INPUT_NAME, OUTPUT_NAME, STRIDE, create_session, export, import_onnxruntime, relative_difference
-from run import create_model
+from model_factory import create_model, for_inference, model_from_checkpoint
+
+
+DEFAULT_MODEL = 'RAVLT_S'
 
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('Export a RAVLT model to ONNX', add_help=True)
-    parser.add_argument('--model', default='RAVLT_S', help='RAVLT_T ... RAVLT_L, ravlt_t ... or a timm model name')
+    parser.add_argument('--model', default=None, help='RAVLT_T ... RAVLT_L, ravlt_t ... or a timm model name (default: '
+                        f'the checkpoint\'s, else {DEFAULT_MODEL})')
     parser.add_argument('--checkpoint', default='', help='weights: ours, the authors\' or a raw state dict')
     parser.add_argument('--ema', action='store_true', help="export the checkpoint's EMA weights (model_ema)")
     parser.add_argument('--model-kwargs', type=json_object, default=None,
@@ -47,22 +51,16 @@ def get_args_parser() -> ArgumentParser:
     return parser
 
 
-def build_model(name: str, model_kwargs=None, checkpoint: str = '', ema: bool = False) -> torch.nn.Module:
-    """The eval model with the checkpoint's weights (any kind), reparameterized for inference. The class
-    count follows the checkpoint's classifier (a model fine-tuned on CIFAR-100 exports with 100 classes)."""
-    model = create_model(name, model_kwargs)
-    if checkpoint:
-        ckpt = load_checkpoint(checkpoint)
-        if model_kwargs is None:
-            flags = flags_of(ckpt)
-            model_kwargs = flags.get('model-kwargs', flags.get('model_kwargs'))
-        state = state_dict_of(ckpt, ema)
-        head = next((k for k in sorted(classifier_keys(model)) if k.endswith('weight') and k in state), None)
-        num_classes = state[head].shape[0] if head is not None else model.num_classes
-        if model_kwargs or num_classes != model.num_classes:
-            model = create_model(name, model_kwargs, num_classes=num_classes)
-        load_weights(model, ckpt, source=checkpoint, model_name=name, ema=ema)
-    return timm.utils.reparameterize_model(model.eval(), inplace=True)
+def build_model(args):
+    """(the inference form of the model, its name): with --checkpoint, the checkpoint's model, keyword arguments
+    and class count unless --model / --model-kwargs are given, as `main.py --eval` takes them; else --model."""
+    if args.checkpoint:
+        model, name = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint, args.model,
+                                            args.model_kwargs, ema=args.ema)
+    else:
+        name = args.model or DEFAULT_MODEL
+        model = create_model(name, args.model_kwargs)
+    return for_inference(model, inplace=True), name
 
 
 def check_sizes(values) -> list:
@@ -86,18 +84,18 @@ def main(argv) -> None:
     if args.ema and not args.checkpoint:
         raise UsageError('--ema needs --checkpoint')
     import_onnxruntime()  # before the long export: fail early when the extra is missing
-    model = build_model(args.model, args.model_kwargs, args.checkpoint, args.ema)
+    model, name = build_model(args)
     start = time.perf_counter()
     temporary = os.path.join(folder, f'.{os.path.basename(args.output)}.{os.getpid()}.tmp.onnx')
     try:
         export(model, temporary)
-        print(f'exported {args.model} in {time.perf_counter() - start:.0f} s; checking ONNX Runtime against PyTorch',
+        print(f'exported {name} in {time.perf_counter() - start:.0f} s; checking ONNX Runtime against PyTorch',
               flush=True)
         session = create_session(temporary)
         shape = session.get_inputs()[0].shape  # symbolic dimensions are names, fixed ones numbers
         fixed = [name for name, i in (('batch', 0), ('height', 2), ('width', 3)) if not isinstance(shape[i], str)]
         if fixed:
-            raise UsageError(f'the exported graph has a fixed {" and ".join(fixed)}: {args.model} does not take '
+            raise UsageError(f'the exported graph has a fixed {" and ".join(fixed)}: {name} does not take '
                              'other sizes (its code checks or uses them as constants)')
         for i, size in enumerate(sizes):
             batch = 2 - i % 2  # batches 2 and 1: the batch is dynamic too

@@ -20,13 +20,12 @@ import timm
 import torch
 
 import models
-from cli import ArgumentParser, UsageError, json_object, run_cli
-from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model
+from cli import ArgumentParser, json_object, run_cli
+from errors import UsageError
+from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward
 from profiling import ATTENTION_OPS, count_flops, count_params
-from run import create_model
+from model_factory import create_dense_model, create_model
 
-# The authors' README: params (M) and FLOPs (G) at 224x224.
-PUBLISHED = {'ravlt_t': (15, 2.4), 'ravlt_s': (26, 4.6), 'ravlt_b': (48, 9.9), 'ravlt_l': (95, 16.0)}
 
 
 def measure(name: str, input_size=(224, 224), task: str = 'classification', model_kwargs=None) -> dict:
@@ -36,10 +35,7 @@ def measure(name: str, input_size=(224, 224), task: str = 'classification', mode
     if task == 'classification':
         model = counted = create_model(name, model_kwargs)
     else:
-        try:
-            model = build_dense_model(task, models.resolve_model_name(name), backbone_kwargs=model_kwargs)
-        except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
-            raise UsageError(f'cannot build {task} {name} with --model-kwargs {json.dumps(model_kwargs)}: {e}') from None
+        model = create_dense_model(task, name, model_kwargs=model_kwargs)
         counted = FlopsForward(model)
     flops = count_flops(counted, torch.randn(1, 3, *input_size))
     attention = sum(v for k, v in flops['by_operator'].items() if k in ATTENTION_OPS)
@@ -56,7 +52,8 @@ def format_table(rows, task: str = 'classification', modified: bool = False) -> 
         if modified:
             paper = ('-', '-')
         elif task == 'classification':
-            paper = PUBLISHED.get(models.resolve_model_name(r['model']), ('-', '-'))
+            published = models.PAPER_RESULTS.get(models.resolve_model_name(r['model']), {})
+            paper = (published.get('params', '-'), published.get('gflops', '-'))
         else:
             published = DENSE_PUBLISHED[task].get(models.resolve_model_name(r['model']), {})
             paper = (published.get('params', '-'), published.get('gflops') or '-')

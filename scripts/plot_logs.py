@@ -17,8 +17,9 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from checkpoints import atomic_file  # noqa: E402
-from cli import ArgumentParser, UsageError, run_cli  # noqa: E402
+from cli import ArgumentParser, run_cli  # noqa: E402
+from errors import UsageError  # noqa: E402
+from utils import atomic_file  # noqa: E402
 
 PANELS = [  # (log key, title)
     ('train_loss', 'train loss'),

@@ -24,11 +24,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
-from checkpoints import atomic_file, load_checkpoint, load_weights, state_dict_of  # noqa: E402
-from cli import ArgumentParser, UsageError, json_object, run_cli  # noqa: E402
+from checkpoints import load_checkpoint, load_weights, state_dict_of  # noqa: E402
+from cli import ArgumentParser, json_object, run_cli  # noqa: E402
+from errors import UsageError  # noqa: E402
 from datasets import build_dataset, build_transform  # noqa: E402
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention, apply_rope  # noqa: E402
-from run import create_model  # noqa: E402
+from model_factory import create_model  # noqa: E402
+from utils import atomic_file  # noqa: E402
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 DENOM_EPS = 1e-6  # the linear-attention denominator's epsilon, as in RankAugmentedLinearAttention

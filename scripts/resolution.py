@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from cli import ArgumentParser, UsageError, run_cli
+from cli import ArgumentParser, run_cli
+from errors import UsageError
 from profiling import Contender, Settings, benchmark, forward_macs, load_authors_module, progress
 
 # label -> (model name, model kwargs for an input of height h and width w)

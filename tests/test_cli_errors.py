@@ -14,6 +14,7 @@ from PIL import Image
 
 import checkpoints
 import main
+import utils
 from cli import run_cli
 from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, read_log,
                            run_here)
@@ -170,7 +171,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_old_file(tmp_path, mo
         f.write(b'x' * 100)
         raise RuntimeError('[enforce fail at inline_container.cc:783] . unexpected pos 2857536 vs 2857424')
     monkeypatch.setattr(torch, 'save', full_disk)
-    monkeypatch.setattr(checkpoints, '_disk_is_full', lambda directory: True)
+    monkeypatch.setattr(utils, '_disk_is_full', lambda directory: True)
 
     def save(_):
         checkpoints.save_checkpoint({'epoch': 2}, path)

@@ -555,7 +555,7 @@ def test_img_scale_is_long_then_short_and_the_reverse_is_refused(coco_root, tmp_
 
 def _coco_in_two_processes(rank, port, root, folder):
     import torch.distributed as dist
-    import utils
+    import distributed
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE='2', RANK=str(rank))
     dist.init_process_group('gloo', rank=rank, world_size=2)
     dataset = CocoInstances(root, 'val2017', False, with_masks=True, first_label=1)
@@ -569,7 +569,7 @@ def _coco_in_two_processes(rank, port, root, folder):
 
     stats = engine_dense.evaluate_coco(GroundTruth(), torch.utils.data.DataLoader(share, 1, collate_fn=collate_lists),
                                        dataset, ('bbox', 'segm'))
-    torch.save({'stats': stats, 'gathered': utils.gather_objects([rank])}, os.path.join(folder, f'{rank}.pt'))
+    torch.save({'stats': stats, 'gathered': distributed.gather_objects([rank])}, os.path.join(folder, f'{rank}.pt'))
     dist.destroy_process_group()
 
 

@@ -2,6 +2,8 @@
 as in PyTorch; the weights come from every kind of checkpoint; a failed check writes nothing; bad input
 is one line."""
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -12,7 +14,9 @@ import torch
 
 import deploy
 import models  # noqa: F401  (registers the RAVLT models)
+from checkpoints import load_checkpoint
 from cli import UsageError
+from model_factory import model_from_checkpoint
 from scripts import export_onnx
 
 ort = pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
@@ -34,7 +38,8 @@ def tiny_state(seed: int, num_classes: int = 10) -> dict:
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-    """Our training checkpoint (weights, EMA weights, the flags with --model-kwargs) exported with --ema."""
+    """Our training checkpoint (weights, EMA weights, the flags with --model and --model-kwargs) exported with
+    --ema, the model taken from the checkpoint; returns (checkpoint, file, what the script printed)."""
     folder = tmp_path_factory.mktemp('export')
     checkpoint = folder / 'checkpoint.pth'
     torch.save({'model': tiny_state(0), 'model_ema': tiny_state(1), 'epoch': 3,
@@ -42,14 +47,21 @@ def exported(tmp_path_factory):
     output = folder / 'tiny.onnx'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    export_onnx.main(['--model', 'RAVLT_T', '--checkpoint', str(checkpoint), '--ema', '--output', str(output),
-                      '--check-sizes', '64', '64', '96', '160'])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export_onnx.main(['--checkpoint', str(checkpoint), '--ema', '--output', str(output),
+                          '--check-sizes', '64', '64', '96', '160'])
     torch.set_num_threads(threads)
-    return checkpoint, output
+    return checkpoint, output, printed.getvalue()
 
 
-def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported, capsys):
-    checkpoint, output = exported
+def test_the_model_comes_from_the_checkpoint(exported):
+    """No --model: the checkpoint's narrow RAVLT-T (its --model and --model-kwargs), named as such."""
+    assert exported[2].startswith('exported RAVLT_T in ')
+
+
+def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported):
+    checkpoint, output, _ = exported
     assert output.is_file() and not [p for p in os.listdir(output.parent) if p.endswith('.tmp.onnx')]
     ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()
     ema.load_state_dict(tiny_state(1))  # --ema: the EMA weights, and the class count of the checkpoint
@@ -67,7 +79,7 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported, capsys):
 
 def test_failed_check_writes_nothing(exported, tmp_path, monkeypatch):
     """The file from the EMA weights checked against the model's weights: the check fails, nothing is left."""
-    checkpoint, output = exported
+    checkpoint, output, _ = exported
     monkeypatch.setattr(export_onnx, 'export', lambda model, path: shutil.copyfile(output, path))
     target = tmp_path / 'out.onnx'
     with pytest.raises(UsageError, match=r'ONNX Runtime differs from PyTorch by .* nothing written'):
@@ -84,7 +96,8 @@ def test_weights_from_every_kind_of_checkpoint(tmp_path):
     authors = tmp_path / 'authors.pth'
     torch.save({'model': weights, 'model_ema': ema, 'args': argparse.Namespace(model='RAVLT_T', lr=5e-4)}, authors)
     for path, use_ema, expected in ((raw, False, weights), (authors, False, weights), (authors, True, ema)):
-        model = export_onnx.build_model('RAVLT_T', TINY, str(path), use_ema)
+        model, _ = model_from_checkpoint(load_checkpoint(path), str(path), 'RAVLT_T', TINY, ema=use_ema)
+        model.eval()
         reference = export_onnx.create_model('RAVLT_T', TINY).eval()
         reference.load_state_dict(expected)
         x = torch.randn(1, 3, 64, 64)
@@ -118,7 +131,9 @@ def test_weights_of_another_variant_name_it(tmp_path):
         shapes = export_onnx.create_model('RAVLT_T').state_dict()
     torch.save({'model': {k: torch.zeros(()).expand(v.shape) for k, v in shapes.items()}}, tmp_path / 't.pth')
     with pytest.raises(UsageError, match='the weights are RAVLT_T weights but the model is RAVLT_S'):
-        export_onnx.build_model('RAVLT_S', None, str(tmp_path / 't.pth'))
+        model_from_checkpoint(load_checkpoint(tmp_path / 't.pth'), 't.pth', 'RAVLT_S')
+    model, name = model_from_checkpoint(load_checkpoint(tmp_path / 't.pth'), 't.pth')
+    assert name == 'RAVLT_T' and model.num_classes == 1000  # without --model: the variant the weights fit
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):

@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
+import distributed
 import main
+import model_factory
 import run
 from cli import UsageError
 
@@ -15,18 +17,18 @@ from cli import UsageError
 def test_launch_environment_of_torchrun_srun_and_a_plain_process():
     torchrun = {'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '3', 'MASTER_ADDR': 'node1', 'MASTER_PORT': '29400',
                 'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}
-    assert run.launch_environment(torchrun) == {k: torchrun[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK',
+    assert distributed.launch_environment(torchrun) == {k: torchrun[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK',
                                                                          'MASTER_ADDR', 'MASTER_PORT')}
     srun = {'SLURM_PROCID': '9', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '1', 'SLURM_NODELIST': 'gpu[07-08],cpu1'}
-    assert run.launch_environment(srun) == {'RANK': '9', 'WORLD_SIZE': '16', 'LOCAL_RANK': '1',
+    assert distributed.launch_environment(srun) == {'RANK': '9', 'WORLD_SIZE': '16', 'LOCAL_RANK': '1',
                                             'MASTER_ADDR': 'gpu07', 'MASTER_PORT': '29500'}
-    assert run.launch_environment(dict(srun, MASTER_ADDR='head', MASTER_PORT='1234'))['MASTER_ADDR'] == 'head'
+    assert distributed.launch_environment(dict(srun, MASTER_ADDR='head', MASTER_PORT='1234'))['MASTER_ADDR'] == 'head'
     # One srun task, or a batch script's own shell: a single process.
-    assert run.launch_environment({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'})['WORLD_SIZE'] == '1'
-    assert run.launch_environment({}) == {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0'}
+    assert distributed.launch_environment({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'})['WORLD_SIZE'] == '1'
+    assert distributed.launch_environment({}) == {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0'}
     with pytest.raises(UsageError, match='under srun, set MASTER_ADDR'):
-        run.launch_environment({'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_NODELIST': '['})
-    assert [run.first_slurm_host(n) for n in ('node5', 'a[1-3]', 'gpu[003,7]', 'x-1,y-2')] == \
+        distributed.launch_environment({'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_NODELIST': '['})
+    assert [distributed.first_slurm_host(n) for n in ('node5', 'a[1-3]', 'gpu[003,7]', 'x-1,y-2')] == \
         ['node5', 'a1', 'gpu003', 'x-1']
 
 
@@ -39,7 +41,7 @@ def test_the_process_group_waits_as_long_as_dist_timeout(monkeypatch):
     monkeypatch.setattr(builtins, 'print', builtins.print)  # rank 1 silences its print: undone after the test
     args = main.get_args_parser().parse(['--device', 'cpu', '--dist-timeout', '90'])
     with warnings.catch_warnings():
-        run.init_distributed(args)
+        distributed.init_distributed(args)
     assert (args.rank, args.world_size, args.distributed) == (1, 2, True)
     assert seen['backend'] == 'gloo' and seen['timeout'] == datetime.timedelta(minutes=90)
     assert main.get_args_parser().parse([]).dist_timeout == 60  # minutes: COCO scoring and large saves fit
@@ -61,9 +63,23 @@ def test_gradients_take_their_parameters_layout():
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8))
     gamma = torch.nn.Parameter(torch.ones(1, 8, 1, 1))
     model.register_parameter('gamma', gamma)
-    run.match_gradient_layouts(model)
+    model_factory.match_gradient_layouts(model)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     (model(x) * gamma).square().sum().backward()
     for name, param in model.named_parameters():
         assert param.grad.stride() == param.stride(), name
+
+
+def test_the_inference_form_applies_every_kind_of_fold_timm_knows():
+    """for_inference (what every evaluation runs) folds a model whose modules only have timm's `fuse()`."""
+    class Fusable(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+        def fuse(self):
+            return torch.nn.Identity()
+
+    model = torch.nn.Sequential(Fusable())
+    folded = model_factory.for_inference(model)
+    assert isinstance(folded[0], torch.nn.Identity) and isinstance(model[0], Fusable)  # a copy was folded

@@ -251,3 +251,23 @@ def test_reparameterize_within_a_parent_model():
         fused = reparameterize_model(parent)
         assert rel_err(fused(x), expected) < 1e-12
     assert not any(isinstance(m, ResidualDepthwiseConv) for m in fused.modules())
+
+
+def test_a_multi_gpu_models_sync_batchnorms_fold_too():
+    """A run with several GPUs converts the BatchNorms to SyncBatchNorm; its evaluations fold them all the same."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(with_random_statistics_(tiny().double())).eval()
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == 8
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        fused = reparameterize_model(model)
+        assert rel_err(fused(x), expected) < 1e-12
+    assert [n for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == ['norm']
+
+
+def test_every_fold_is_timms_in_place_reparameterize():
+    """One convention: the modules that fold define `reparameterize()` (in place), none `fuse()`."""
+    model = tiny()
+    folding = {type(m).__name__ for m in model.modules() if hasattr(m, 'reparameterize')}
+    assert folding == {'PatchEmbed', 'ConvFeedForward', 'Downsample'}
+    assert not any(hasattr(m, 'fuse') or hasattr(m, 'switch_to_deploy') for m in model.modules())

@@ -8,8 +8,8 @@ import torch
 from timm.optim import create_optimizer_v2
 
 import engine
-import run
 import utils
+from errors import UsageError
 from train_helpers import TINY_MODEL_KWARGS
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -34,11 +34,11 @@ def test_training_in_each_precision_on_cpu(amp):
     scaler = torch.amp.GradScaler('cpu', enabled=amp == 'fp16')
 
     result = engine.train_one_epoch(model, cross_entropy, loader, optimizer, scaler, CPU, 0,
-                                    amp_dtype=run.AMP_DTYPES[amp], print_freq=100)
+                                    amp_dtype=utils.AMP_DTYPES[amp], print_freq=100)
 
     assert math.isfinite(result.stats['loss']) and result.stats['lr'] == 1e-3
     assert (result.steps, result.global_step, result.stopped) == (2, 2, False)
-    assert head_dtypes == [run.AMP_DTYPES[amp] or torch.float32] * 2
+    assert head_dtypes == [utils.AMP_DTYPES[amp] or torch.float32] * 2
     after = dict(model.named_parameters())
     assert all(after[k].dtype == torch.float32 for k in after)
     assert sum(not torch.equal(before[k], after[k]) for k in after) == len(after)
@@ -140,5 +140,5 @@ def test_a_sample_that_fails_to_load_names_its_file():
     loader = torch.utils.data.DataLoader(utils.SeededDataset(torch.utils.data.Subset(Broken(), [0, 2])),
                                          sampler=utils.SeededSampler(range(2), 0, 0), batch_size=2,
                                          collate_fn=utils.collate_or_error(torch.utils.data.default_collate))
-    with pytest.raises(run.UsageError, match='^/data/val/2.jpg: image file is truncated'):
+    with pytest.raises(UsageError, match='^/data/val/2.jpg: image file is truncated'):
         engine.check_batch(next(iter(loader)))
