@@ -12,6 +12,7 @@ Every problem is a one-line `UsageError` that names at most a few keys and says 
 """
 import argparse
 import functools
+import json
 import os
 import pickle
 import re
@@ -134,8 +135,10 @@ def _examples(keys: Iterable[str], limit: int = 2) -> str:
     return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
 
 
-def describe_mismatch(model_name: str, state_dict: dict, mismatched, missing, unexpected) -> str:
-    """One line: what does not fit (a few keys), which published variant the weights are, and the fix."""
+def describe_mismatch(model_name: str, state_dict: dict, mismatched, missing, unexpected,
+                      trained_with: str = '') -> str:
+    """One line: what does not fit (a few keys), which published variant the weights are (or the model flags
+    they were trained with), and the fix."""
     parts = []
     if mismatched:
         parts.append(f'{len(mismatched)} tensors differ in shape (e.g. {mismatched[0][0]}: '
@@ -151,6 +154,8 @@ def describe_mismatch(model_name: str, state_dict: dict, mismatched, missing, un
     if variant is not None:
         return (f'the weights are {variant} weights with its default shape, but --model-kwargs changed the model '
                 f'({problem}): drop --model-kwargs')
+    if trained_with:
+        return f'the weights do not fit {model_name} ({problem}): they were trained with {trained_with}'
     return f'the weights do not fit {model_name} ({problem}): check --model and --model-kwargs'
 
 
@@ -170,8 +175,16 @@ def load_weights(model: torch.nn.Module, checkpoint: dict, source: str, model_na
         raise UsageError(f'{source}: the checkpoint classifier has {theirs[0]} classes, the model {ours[0]}: use '
                          '--finetune to start from these weights with a new classifier')
     if mismatched or missing or unexpected:
-        raise UsageError(f'{source}: ' + describe_mismatch(model_name, state, mismatched, missing, unexpected))
+        raise UsageError(f'{source}: ' + describe_mismatch(model_name, state, mismatched, missing, unexpected,
+                                                           _trained_with(checkpoint)))
     model.load_state_dict(state, strict=False)
+
+
+def _trained_with(checkpoint: dict) -> str:
+    """'--model X --model-kwargs {...}' from the checkpoint's flags, or ''."""
+    flags = flags_of(checkpoint)
+    return ' '.join(f'--{k.replace("_", "-")} {json.dumps(flags[k], default=str)}' for k in ('model', 'model_kwargs')
+                    if flags.get(k) is not None)
 
 
 def load_backbone_weights(model: torch.nn.Module, checkpoint: dict, source: str,

@@ -6,6 +6,7 @@ then, for the flags that describe the model (see `Run`), the checkpoint being re
 parser's default.
 """
 import argparse
+import copy
 import difflib
 import errno
 import json
@@ -15,6 +16,7 @@ import sys
 import torch
 import yaml
 
+import models
 from distributed import cleanup_distributed, is_main_process
 from errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line
 from utils import AMP_DTYPES
@@ -71,12 +73,47 @@ FRACTION = number_type(float, 0, 1)    # a probability, a rate
 # The parser and config files
 # ----------------------------------------------------------------------------------------------------
 
+def did_you_mean(name: str, names) -> str:
+    """'; did you mean X?' for the closest of `names` to a mistyped `name`, or ''."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ''
+
+
+def _default_text(action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return 'on' if action.default == action.const else 'off'  # whether this switch is in effect
+    if action.default is None or action.default == '':
+        return 'not set'
+    if isinstance(action.default, (list, tuple)):
+        return ' '.join(map(str, action.default))
+    return str(action.default)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows every flag's default after its help (unless the help already says what it is)."""
+
+    def _format_action(self, action):
+        if action.option_strings and not action.help and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse leaves flags without help text out of this
+            action.help = f'(default: {_default_text(action).replace("%", "%%")})'
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS or \
+                'default' in text.lower():
+            return text
+        return f'{text} (default: {_default_text(action).replace("%", "%%")})'.lstrip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors, `--config FILE` (YAML whose keys are flag names) and a record of
-    which flags the user gave (`args.given`: destinations set on the command line or in the config)."""
+    which flags the user gave (`args.given`: destinations set on the command line or in the config).
+    Flags are never guessed: an abbreviation is an unknown flag, answered with the closest one."""
 
     def __init__(self, *args, with_config: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
         if with_config:
             self.add_argument('--config', default='', help='YAML file of flag values (keys are flag names without '
                               'dashes, e.g. batch-size; `_base_: FILE` inherits another); the command line '
@@ -84,6 +121,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f'{message} (see python {os.path.basename(sys.argv[0])} --help)')
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        options = [o for o in self._option_string_actions if o.startswith('--')]
+        for token in argv:
+            if token == '--':
+                break
+            name = token.split('=', 1)[0]
+            if token.startswith('--') and name not in options:  # before argparse's own checks (required flags)
+                self.error(f'unknown flag {name!r}{did_you_mean(name, options)}')
+        return super().parse_args(argv, namespace)
+
+    def add_training_group(self, title: str):
+        """An argument group of flags that only training reads (--eval's settings line leaves them out)."""
+        group = self.add_argument_group(title)
+        group.training_only = True
+        return group
 
     def long_options(self) -> dict:
         """Every long flag name without dashes -> its action."""
@@ -116,6 +170,13 @@ class ArgumentParser(argparse.ArgumentParser):
             value = getattr(args, action.dest)
             values[name] = value.type if isinstance(value, torch.device) else value
         return values
+
+    def evaluation_config(self, args) -> dict:
+        """`to_config` without the flags of training groups: what an evaluation reads."""
+        training = {action.dest for group in self._action_groups if getattr(group, 'training_only', False)
+                    for action in group._group_actions}
+        options = self.long_options()
+        return {name: value for name, value in self.to_config(args).items() if options[name].dest not in training}
 
     def from_config(self, config: dict) -> dict:
         """{dest: value} of a {flag name: value} mapping (unknown names left out)."""
@@ -195,22 +256,24 @@ def read_config(path: str, parser: ArgumentParser, _seen=()) -> dict:
     for key, value in data.items():
         action = options.get(str(key))
         if action is None:
-            close = difflib.get_close_matches(str(key), list(options), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            raise UsageError(f'unknown key {key!r} in config {path}: keys are flag names without dashes{hint}')
+            raise UsageError(f'unknown key {key!r} in config {path}: keys are flag names without dashes'
+                             f'{did_you_mean(str(key), options)}')
         values[action.dest] = _config_value(action, str(key), value, path)
     return values
 
 
 def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, num_workers: int, print_freq: int):
-    """The flags every entry point shares (run.Run reads them)."""
+    """The flags every entry point shares (run.Run reads them). Returns the group of training flags, which
+    the entry point extends."""
     parser.add_argument('--model', default=model, metavar='MODEL',
                         help='RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L (or ravlt_t ...)')
     parser.add_argument('--model-kwargs', default=None, type=json_object, metavar='JSON',
                         help='extra model arguments as a JSON object, e.g. \'{"embed_dims": [32, 64, 128, 256], '
                         '"depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]}\' (a mapping in a config file)')
-    parser.add_argument('--drop-path', type=FRACTION, default=None, metavar='RATE',
-                        help="stochastic depth rate (default: the variant's own, models.RAVLT_CONFIGS)")
+    training = parser.add_training_group('training')
+    rates = ', '.join(f'{name.upper()} {config["drop_path_rate"]}' for name, config in models.RAVLT_CONFIGS.items())
+    training.add_argument('--drop-path', type=FRACTION, default=None, metavar='RATE',
+                          help=f"stochastic depth rate (default: the variant's own: {rates})")
     parser.add_argument('--batch-size', default=batch_size, type=COUNT, help='images per process and step')
     parser.add_argument('--data-path', default='', help='data folder')
     parser.add_argument('--resume', default='', help='resume from this checkpoint (default: OUTPUT_DIR/'
@@ -231,6 +294,7 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
                         help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
                         'and writes checkpoints meanwhile) before the run fails')
     parser.set_defaults(default_num_workers=num_workers)
+    return training
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,16 +364,27 @@ def _lost_contact(error: RuntimeError) -> bool:
 # Detection and segmentation: one recipe per --task, under the command line and the config
 # ----------------------------------------------------------------------------------------------------
 
-def add_dense_arguments(parser: ArgumentParser, tasks):
-    """--task, --pretrained and the flags each task's recipe sets; left at None they take the recipe's value."""
+def add_dense_arguments(parser: ArgumentParser, training, tasks):
+    """--task, --pretrained and the flags each task's recipe sets (into the `training` group); left at None
+    they take the recipe's value."""
     parser.add_argument('--task', default=tasks[0], choices=list(tasks))
-    parser.add_argument('--pretrained', default='', help="backbone weights: an ImageNet checkpoint (ours or the "
-                        "authors') or the authors' mmdet / mmseg checkpoint (its backbone part)")
-    parser.add_argument('--lr', type=POSITIVE, default=None, help="learning rate (default: the task's recipe; "
-                        'not scaled with the batch)')
-    parser.add_argument('--weight-decay', type=NON_NEGATIVE, default=None)
-    parser.add_argument('--warmup-iters', type=NON_NEGATIVE_INT, default=None, help='linear warm-up steps')
-    parser.add_argument('--warmup-ratio', type=FRACTION, default=None, help='warm-up starts at lr * this')
+    training.add_argument('--pretrained', default='', help="backbone weights: an ImageNet checkpoint (ours or the "
+                          "authors') or the authors' mmdet / mmseg checkpoint (its backbone part)")
+    training.add_argument('--lr', type=POSITIVE, default=None, help='learning rate (not scaled with the batch)')
+    training.add_argument('--weight-decay', type=NON_NEGATIVE, default=None)
+    training.add_argument('--warmup-iters', type=NON_NEGATIVE_INT, default=None, help='linear warm-up steps')
+    training.add_argument('--warmup-ratio', type=FRACTION, default=None, help='warm-up starts at lr * this')
+
+
+def show_recipe_defaults(parser: ArgumentParser, recipes: dict):
+    """--help gives each recipe flag's default per --task (call once every flag is added)."""
+    for action in parser._actions:
+        values = {task: recipe[action.dest] for task, recipe in recipes.items() if action.dest in recipe}
+        if values and action.default is None:
+            shown = {task: ' '.join(map(str, v)) if isinstance(v, list) else str(v) for task, v in values.items()}
+            text = next(iter(shown.values())) if len(set(shown.values())) == 1 else \
+                ', '.join(f'{v} for {task}' for task, v in shown.items())
+            action.help = f'{action.help or ""} (default: {text}, the --task recipe\'s)'.lstrip()
 
 
 def apply_recipe(args, recipes: dict):

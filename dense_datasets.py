@@ -5,6 +5,8 @@ COCO layout:   DATA/annotations/instances_{split}.json and DATA/{split}/<images>
 ADE20K layout: DATA/images/{split}/<name>.jpg and DATA/annotations/{split}/<name>.png  (split: training,
                validation), label 0 = "other" (ignored), 1..150 = the classes
 """
+import contextlib
+import io
 import os
 from typing import List
 
@@ -67,7 +69,8 @@ class CocoInstances(torch.utils.data.Dataset):
     def __init__(self, data_path: str, split: str, train: bool, with_masks: bool, first_label: int):
         image_folder, annotation_file = coco_paths(data_path, split)
         try:
-            self.coco_dataset = CocoDetection(image_folder, annotation_file)
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
+                self.coco_dataset = CocoDetection(image_folder, annotation_file)
         except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise UsageError(f'{annotation_file} is not a COCO annotation file ({type(e).__name__}: {e})') from None
         self.coco = self.coco_dataset.coco

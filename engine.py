@@ -152,8 +152,5 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[
     if distributed:
         count, correct1, correct5, loss_sum = distributed.all_reduce_sum([count, correct1, correct5, loss_sum])
     denominator = max(count, 1)
-    stats = {'acc1': 100.0 * correct1 / denominator, 'acc5': 100.0 * correct5 / denominator,
-             'loss': loss_sum / denominator}
-    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} "
-          f'({int(count)} images)')
-    return stats
+    return {'acc1': 100.0 * correct1 / denominator, 'acc5': 100.0 * correct5 / denominator,
+            'loss': loss_sum / denominator}

@@ -1,5 +1,7 @@
 """What main_det.py and main_seg.py share: the optimizer as the authors' mmcv configs build it, and COCO and
 mIoU evaluation (the training epoch is engine.train_one_epoch, shared with classification)."""
+import contextlib
+import io
 from typing import Callable, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -65,15 +67,18 @@ def _no_detections(coco_gt: COCO) -> COCO:
 
 def coco_metrics(coco_gt: COCO, results: List[dict], iou_types) -> Dict[str, Optional[float]]:
     """pycocotools' COCOeval: AP, AP50, AP75, APs, APm, APl (%) for each IoU type ('bbox', 'segm'). A metric
-    COCO cannot apply (no ground-truth object in that size range: -1) is None."""
+    COCO cannot apply (no ground-truth object in that size range: -1) is None. pycocotools' own prints (its
+    progress and its table, with -1.000 for those) are kept out of the output: the run prints the metrics."""
     stats = {}
+    if not results:
+        print('No detections: AP is 0 where there are objects to find')
     for iou_type in iou_types:
-        detections = coco_gt.loadRes(results) if results else _no_detections(coco_gt)
-        coco_eval = COCOeval(coco_gt, detections, iou_type)
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-        print(f'{iou_type}:' + ('' if results else ' (no detections)'))
-        coco_eval.summarize()
+        with contextlib.redirect_stdout(io.StringIO()):
+            detections = coco_gt.loadRes(results) if results else _no_detections(coco_gt)
+            coco_eval = COCOeval(coco_gt, detections, iou_type)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
         stats.update({f'{iou_type}_{n}': None if v < 0 else 100.0 * float(v)
                       for n, v in zip(COCO_METRICS, coco_eval.stats[:6])})
     return stats
@@ -126,6 +131,4 @@ def evaluate_segmentation(model: torch.nn.Module, data_loader: Iterable, num_cla
                                               ignore_index=ignore_index, num_classes=num_classes)
         counts += torch.stack([tp.sum(0), fp.sum(0), fn.sum(0)]).double().cpu()
     counts = torch.tensor(distributed.all_reduce_sum(counts.flatten().tolist()), dtype=torch.float64).view(3, -1)
-    stats = miou_metrics(*counts)
-    print(f"* mIoU {stats['mIoU']:.2f} mAcc {stats['mAcc']:.2f} aAcc {stats['aAcc']:.2f}")
-    return stats
+    return miou_metrics(*counts)

@@ -23,8 +23,8 @@ from cli import (COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, Argu
                  number_type, run_cli)
 from datasets import DATA_SETS, build_dataset
 from errors import UsageError
-from model_factory import create_model
-from run import Run, Task, run_task
+from model_factory import checkpoint_classes, create_model, model_from_checkpoint
+from run import Run, Task, report_taken, run_task
 
 # The flags that describe the model and its evaluation: --eval and --resume take them from the checkpoint
 # unless given.
@@ -33,76 +33,87 @@ MODEL_FLAGS = ('model', 'model_kwargs', 'input_size', 'data_set')
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('main.py', description='RAVLT training and evaluation')
-    add_run_arguments(parser, model='RAVLT_T', batch_size=64, num_workers=10, print_freq=10)
-    parser.add_argument('--epochs', '--epoch', default=300, type=COUNT)
+    training = add_run_arguments(parser, model='RAVLT_T', batch_size=64, num_workers=10, print_freq=10)
+    optimizer = parser.add_training_group('training: optimizer')
+    schedule = parser.add_training_group('training: learning-rate schedule')
+    augmentation = parser.add_training_group('training: augmentation (ignored by DIGITS, which has its own light '
+                                             'crop-and-upscale)')
+    mixing = parser.add_training_group('training: label smoothing, mixup and cutmix')
+    training.add_argument('--epochs', '--epoch', default=300, type=COUNT)
     parser.add_argument('--input-size', default=224, type=COUNT, help='image size (pixels, square)')
-    parser.add_argument('--drop', type=FRACTION, default=0.0, metavar='PCT', help='dropout before the classifier')
-    parser.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (default)')
-    parser.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    training.add_argument('--drop', type=FRACTION, default=0.0, metavar='PCT', help='dropout before the classifier')
+    parser.add_argument('--model-ema', action='store_true',
+                        help='keep an EMA of the weights; --eval reports it when the checkpoint has one (default)')
+    parser.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no EMA of the weights')
     parser.set_defaults(model_ema=True)
-    parser.add_argument('--model-ema-decay', type=FRACTION, default=0.99996,
-                        help='EMA decay per step at a total batch of 512; used as decay ** (total batch / 512)')
-    parser.add_argument('--model-ema-warmup', action='store_true',
-                        help="ramp the EMA decay up as 1 - (1 + step) ** -2/3 (timm's warm-up; for short runs)")
+    training.add_argument('--model-ema-decay', type=FRACTION, default=0.99996,
+                          help='EMA decay per step at a total batch of 512; used as decay ** (total batch / 512)')
+    training.add_argument('--model-ema-warmup', action='store_true',
+                          help="ramp the EMA decay up as 1 - (1 + step) ** -2/3 (timm's warm-up; for short runs)")
     parser.add_argument('--model-ema-force-cpu', action='store_true',
                         help='keep the EMA weights on the CPU (and evaluate them there)')
 
-    # Optimizer
-    parser.add_argument('--opt', default='adamw', metavar='OPTIMIZER', help='a timm optimizer name')
-    parser.add_argument('--opt-eps', default=1e-8, type=POSITIVE, metavar='EPSILON')
-    parser.add_argument('--opt-betas', default=None, type=number_type(float, 0, 1, high_open=True), nargs='+',
-                        metavar='BETA')
-    parser.add_argument('--clip-grad', type=POSITIVE, default=None, metavar='NORM', help='clip the gradient norm')
-    parser.add_argument('--momentum', type=FRACTION, default=0.9, metavar='M', help='SGD momentum')
-    parser.add_argument('--weight-decay', type=NON_NEGATIVE, default=0.05)
+    optimizer.add_argument('--opt', default='adamw', metavar='OPTIMIZER', help='a timm optimizer name')
+    optimizer.add_argument('--opt-eps', default=1e-8, type=POSITIVE, metavar='EPSILON')
+    optimizer.add_argument('--opt-betas', default=None, type=number_type(float, 0, 1, high_open=True), nargs='+',
+                           metavar='BETA', help="(default: the optimizer's own)")
+    optimizer.add_argument('--clip-grad', type=POSITIVE, default=None, metavar='NORM',
+                           help='clip the gradient norm (default: no clipping)')
+    optimizer.add_argument('--momentum', type=FRACTION, default=0.9, metavar='M', help='SGD momentum')
+    optimizer.add_argument('--weight-decay', type=NON_NEGATIVE, default=0.05)
 
-    # Learning-rate schedule (stepped once per epoch)
-    parser.add_argument('--sched', default='cosine', metavar='SCHEDULER', help='a timm scheduler name')
-    parser.add_argument('--lr', type=POSITIVE, default=5e-4, metavar='LR',
-                        help='learning rate at a total batch of 512; scaled linearly with the total batch')
-    parser.add_argument('--warmup-lr', type=NON_NEGATIVE, default=1e-6, metavar='LR')
-    parser.add_argument('--min-lr', type=NON_NEGATIVE, default=1e-5, metavar='LR')
-    parser.add_argument('--warmup-epochs', type=NON_NEGATIVE_INT, default=5, metavar='N')
-    parser.add_argument('--decay-epochs', type=POSITIVE, default=30, metavar='N', help='for the step scheduler')
-    parser.add_argument('--decay-rate', type=POSITIVE, default=0.1, metavar='RATE', help='for the step scheduler')
+    schedule.add_argument('--sched', default='cosine', metavar='SCHEDULER', help='a timm scheduler name')
+    schedule.add_argument('--lr', type=POSITIVE, default=5e-4, metavar='LR',
+                          help='learning rate per 512 images of total batch (--batch-size x processes): the '
+                          'optimizer runs at LR x total batch / 512')
+    schedule.add_argument('--warmup-lr', type=NON_NEGATIVE, default=1e-6, metavar='LR',
+                          help='where the linear warm-up starts')
+    schedule.add_argument('--min-lr', type=NON_NEGATIVE, default=1e-5, metavar='LR', help='where the decay ends')
+    schedule.add_argument('--warmup-epochs', type=NON_NEGATIVE_INT, default=5, metavar='N')
+    schedule.add_argument('--sched-on-updates', action='store_true',
+                          help='update the learning rate after every step (warm-up and decay), not once per epoch '
+                          'at its start; for short runs, whose first epoch would otherwise run at --warmup-lr')
+    schedule.add_argument('--decay-epochs', type=POSITIVE, default=30, metavar='N', help='for the step scheduler')
+    schedule.add_argument('--decay-rate', type=POSITIVE, default=0.1, metavar='RATE', help='for the step scheduler')
 
-    # Augmentation (ignored by DIGITS, which has its own light crop-and-upscale)
-    parser.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4, metavar='PCT')
-    parser.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='NAME',
-                        help='RandAugment / AutoAugment policy ("none" for none)')
-    parser.add_argument('--train-interpolation', default='bicubic', choices=['random', 'bilinear', 'bicubic'])
-    parser.add_argument('--repeated-aug', action='store_true', help='repeated augmentation x3 (default)')
-    parser.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    augmentation.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4, metavar='PCT')
+    augmentation.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                              help='RandAugment / AutoAugment policy ("none" for none)')
+    augmentation.add_argument('--train-interpolation', default='bicubic', choices=['random', 'bilinear', 'bicubic'])
+    augmentation.add_argument('--repeated-aug', action='store_true', help='repeated augmentation x3 (default)')
+    augmentation.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
+                              help='no repeated augmentation')
     parser.set_defaults(repeated_aug=True)
-    parser.add_argument('--reprob', type=FRACTION, default=0.25, metavar='PCT', help='random erasing probability')
-    parser.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'], help='random erasing mode')
-    parser.add_argument('--recount', type=COUNT, default=1, help='random erasing count')
+    augmentation.add_argument('--reprob', type=FRACTION, default=0.25, metavar='PCT',
+                              help='random erasing probability')
+    augmentation.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'],
+                              help='random erasing mode')
+    augmentation.add_argument('--recount', type=COUNT, default=1, help='random erasing count')
 
-    # Label smoothing, mixup and cutmix
-    parser.add_argument('--smoothing', type=number_type(float, 0, 1, high_open=True), default=0.1,
+    mixing.add_argument('--smoothing', type=number_type(float, 0, 1, high_open=True), default=0.1,
                         help='label smoothing')
-    parser.add_argument('--mixup', type=NON_NEGATIVE, default=0.8, help='mixup alpha, on if > 0')
-    parser.add_argument('--cutmix', type=NON_NEGATIVE, default=1.0, help='cutmix alpha, on if > 0')
-    parser.add_argument('--cutmix-minmax', type=FRACTION, nargs=2, default=None, metavar=('MIN', 'MAX'),
+    mixing.add_argument('--mixup', type=NON_NEGATIVE, default=0.8, help='mixup alpha, on if > 0')
+    mixing.add_argument('--cutmix', type=NON_NEGATIVE, default=1.0, help='cutmix alpha, on if > 0')
+    mixing.add_argument('--cutmix-minmax', type=FRACTION, nargs=2, default=None, metavar=('MIN', 'MAX'),
                         help='cutmix min/max ratio; overrides alpha and turns cutmix on')
-    parser.add_argument('--mixup-prob', type=FRACTION, default=1.0, help='probability of mixup or cutmix per batch')
-    parser.add_argument('--mixup-switch-prob', type=FRACTION, default=0.5,
+    mixing.add_argument('--mixup-prob', type=FRACTION, default=1.0, help='probability of mixup or cutmix per batch')
+    mixing.add_argument('--mixup-switch-prob', type=FRACTION, default=0.5,
                         help='probability of cutmix rather than mixup when both are on')
-    parser.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    mixing.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
 
     # Weights, data, outputs
-    parser.add_argument('--finetune', default='', help='start from these weights (a new classifier if the class '
-                        'count differs)')
-    parser.add_argument('--start_epoch', default=0, type=NON_NEGATIVE_INT, metavar='N',
-                        help='first epoch when not resuming')
+    training.add_argument('--finetune', default='', help='start from these weights, with their --model and '
+                          '--model-kwargs unless given (a new classifier if the class count differs)')
+    training.add_argument('--start_epoch', default=0, type=NON_NEGATIVE_INT, metavar='N',
+                          help='first epoch when not resuming')
     parser.add_argument('--dist-eval', action='store_true', help='split evaluation over the processes')
     parser.add_argument('--data-set', default='IMNET', choices=DATA_SETS,
                         help='IMNET: DATA/train/ and DATA/val/ class folders; CIFAR: DATA/cifar-100-python/')
     parser.add_argument('--pin-mem', action='store_true', help='pin host memory on CUDA (default)')
-    parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='do not pin host memory')
     parser.set_defaults(pin_mem=True)
-    parser.add_argument('--save-freq', default=10, type=NON_NEGATIVE_INT, metavar='N',
-                        help='keep backup{epoch}.pth every N epochs (0: never)')
+    training.add_argument('--save-freq', default=10, type=NON_NEGATIVE_INT, metavar='N',
+                          help='keep backup{epoch}.pth every N epochs (0: never)')
     return parser
 
 
@@ -117,19 +128,23 @@ def check_args(args):
                          '(or pass --mixup 0 --cutmix 0)')
 
 
-def load_finetune_weights(model: torch.nn.Module, path: str, model_name: str):
-    """Weights from `path`; a classifier of another class count is dropped (the model keeps its new one)."""
-    checkpoint = checkpoints.load_checkpoint(path)
-    state = checkpoints.state_dict_of(checkpoint)
-    own = model.state_dict()
-    head = sorted(k for k in checkpoints.classifier_keys(model)
-                  if k in state and k in own and state[k].shape != own[k].shape)
-    if head:
-        print(f'--finetune: the checkpoint classifier has {state[head[0]].shape[0]} classes, this data set '
-              f'{own[head[0]].shape[0]}: dropping it ({", ".join(head)}) for a new one')
-        state = {k: v for k, v in state.items() if k not in head}
-    checkpoints.load_weights(model, state, path, model_name, allowed_missing=head)
-    print(f'Loaded weights for fine-tuning from {path}')
+def finetune_model(args, checkpoint: dict, num_classes: int, **create_kwargs) -> torch.nn.Module:
+    """The model --finetune starts from: the checkpoint's weights, built with its --model and --model-kwargs
+    unless given (it says which it took), with a new classifier when this data set has another class count."""
+    source = f'--finetune {args.finetune}'
+    given_kwargs = 'model_kwargs' in args.given
+    model, name = model_from_checkpoint(
+        checkpoint, source, model_name=args.model if 'model' in args.given else None,
+        model_kwargs=args.model_kwargs if given_kwargs else None, default_name=args.model, num_classes=num_classes,
+        **create_kwargs)
+    kwargs = args.model_kwargs if given_kwargs else checkpoints.flags_of(checkpoint).get('model_kwargs')
+    report_taken(source, {'model': name, 'model_kwargs': kwargs}, args)
+    theirs = checkpoint_classes(checkpoints.state_dict_of(checkpoint), model)
+    if theirs is not None and theirs != num_classes:
+        print(f'{source}: a new classifier for the {num_classes} classes of this data set (the checkpoint\'s has '
+              f'{theirs})')
+    print(f'Fine-tuning {name} from {args.finetune}')
+    return model
 
 
 def build_loss(args, num_classes: int):
@@ -154,6 +169,11 @@ def build_loss(args, num_classes: int):
 
 
 def build_task(args, run: Run) -> Task:
+    finetune = None
+    if args.finetune and run.checkpoint is None:
+        finetune = checkpoints.load_checkpoint(args.finetune)
+    elif args.finetune:
+        print(f'--finetune {args.finetune} is not loaded: the run goes on from {run.resume_path}')
     dataset_val, num_classes = build_dataset(is_train=False, args=args)
     dataset_train = None
     if not args.eval:
@@ -162,11 +182,12 @@ def build_task(args, run: Run) -> Task:
             raise UsageError(f'train/ and val/ must hold the same class folders: train has {num_train_classes} '
                              f'({", ".join(dataset_train.classes[:3])} ...), val {num_classes} '
                              f'({", ".join(dataset_val.classes[:3])} ...)')
-    print(f'Creating model: {args.model}')
-    model = create_model(args.model, args.model_kwargs, num_classes=num_classes, drop_rate=args.drop,
-                         **({} if args.drop_path is None else {'drop_path_rate': args.drop_path}))
-    if args.finetune:
-        load_finetune_weights(model, args.finetune, args.model)
+    create_kwargs = dict(drop_rate=args.drop, **({} if args.drop_path is None else {'drop_path_rate': args.drop_path}))
+    if finetune is not None:
+        model = finetune_model(args, finetune, num_classes, **create_kwargs)
+    else:
+        print(f'Creating model: {args.model}')
+        model = create_model(args.model, args.model_kwargs, num_classes=num_classes, **create_kwargs)
 
     total_batch = args.batch_size * run.world_size
     # The EMA horizon is kept constant in images: one step at batch B counts as B / 512 steps at 512.
@@ -174,6 +195,8 @@ def build_task(args, run: Run) -> Task:
     if args.model_ema and not args.eval:
         print(f'EMA decay per step: {ema_decay:.8f}')
     lr = args.lr * total_batch / 512.0
+    if not args.eval:
+        print(f'Learning rate {lr:.3g}: --lr {args.lr:g} per 512 images x total batch {total_batch} / 512')
 
     def make_optimizer(model):
         try:
@@ -188,7 +211,9 @@ def build_task(args, run: Run) -> Task:
             scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
                                                decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
                                                min_lr=args.min_lr, warmup_lr=args.warmup_lr,
-                                               warmup_epochs=args.warmup_epochs)
+                                               warmup_epochs=args.warmup_epochs,
+                                               step_on_epochs=not args.sched_on_updates,
+                                               updates_per_epoch=steps_per_epoch)
         except (ValueError, AssertionError) as e:
             raise UsageError(f'--sched {args.sched}: {e} (see timm.scheduler)') from None
         return scheduler, args.epochs * steps_per_epoch
@@ -213,8 +238,7 @@ def build_task(args, run: Run) -> Task:
 
 
 def main(args):
-    check_args(args)
-    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task)
+    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task, check_args)
 
 
 def cli(argv=None):

@@ -13,7 +13,8 @@ import sys
 from timm.scheduler import MultiStepLRScheduler
 
 import models
-from cli import COUNT, ArgumentParser, add_dense_arguments, add_run_arguments, apply_recipe, run_cli
+from cli import (COUNT, ArgumentParser, add_dense_arguments, add_run_arguments, apply_recipe, run_cli,
+                 show_recipe_defaults)
 from errors import UsageError
 from dense_datasets import CocoInstances, check_img_scale, check_same_categories, collate_lists
 from engine_dense import adamw, evaluate_coco
@@ -32,23 +33,33 @@ MODEL_FLAGS = ('task', 'model', 'model_kwargs', 'img_scale')
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('main_det.py', description='RAVLT detection and instance segmentation')
-    add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
-    add_dense_arguments(parser, list(RECIPES))
-    parser.add_argument('--train-split', default='train2017', help='DATA/annotations/instances_SPLIT.json, DATA/SPLIT/')
-    parser.add_argument('--val-split', default='val2017')
-    parser.add_argument('--epochs', type=COUNT, default=None, help='default 12')
-    parser.add_argument('--lr-steps', type=COUNT, nargs='+', default=None, metavar='EPOCH',
-                        help='epochs after which the learning rate drops x0.1 (default 8 11)')
+    training = add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
+    add_dense_arguments(parser, training, list(RECIPES))
+    training.add_argument('--train-split', default='train2017',
+                          help='DATA/annotations/instances_SPLIT.json, DATA/SPLIT/')
+    parser.add_argument('--val-split', default='val2017', help='as --train-split')
+    training.add_argument('--epochs', type=COUNT, default=None)
+    training.add_argument('--lr-steps', type=COUNT, nargs='+', default=None, metavar='EPOCH',
+                          help='epochs after which the learning rate drops x0.1')
     parser.add_argument('--img-scale', type=COUNT, nargs=2, default=[1333, 800], metavar=('LONG', 'SHORT'),
                         help='resize bound, as in mmdet configs: the long side at most LONG, the short side SHORT')
-    parser.add_argument('--multiscale', action='store_true',
-                        help="train with the short side drawn from 0.6-1.0 x SHORT in steps of SHORT/25 (480-800, "
-                        "the authors' 3x recipe)")
+    training.add_argument('--multiscale', action='store_true',
+                          help="train with the short side drawn from 0.6-1.0 x SHORT in steps of SHORT/25 (480-800, "
+                          "the authors' 3x recipe)")
+    show_recipe_defaults(parser, RECIPES)
     return parser
 
 
-def build_task(args, run: Run) -> Task:
+def check_args(args):
+    """The flags together, once final (the checkpoint's --task taken): before any data or model is loaded."""
     apply_recipe(args, RECIPES)
+    check_img_scale(args.img_scale)
+    if not args.eval and max(args.lr_steps) > args.epochs:
+        raise UsageError(f'--lr-steps {" ".join(map(str, args.lr_steps))} go beyond --epochs {args.epochs}: give '
+                         'steps within the epochs')
+
+
+def build_task(args, run: Run) -> Task:
     long, short = check_img_scale(args.img_scale)
     with_masks = args.task == 'maskrcnn'
     dataset_val = CocoInstances(args.data_path, args.val_split, False, with_masks, FIRST_LABEL[args.task])
@@ -62,8 +73,6 @@ def build_task(args, run: Run) -> Task:
     iou_types = ('bbox', 'segm') if with_masks else ('bbox',)
 
     def make_schedule(optimizer, steps_per_epoch):
-        if max(args.lr_steps) > args.epochs:
-            raise UsageError(f'--lr-steps {args.lr_steps} go beyond --epochs {args.epochs}')
         return MultiStepLRScheduler(optimizer, decay_t=[e * steps_per_epoch for e in args.lr_steps], decay_rate=0.1,
                                     warmup_t=args.warmup_iters, warmup_lr_init=args.lr * args.warmup_ratio,
                                     warmup_prefix=False, t_in_epochs=False), args.epochs * steps_per_epoch
@@ -75,11 +84,12 @@ def build_task(args, run: Run) -> Task:
         meta={'task': args.task, 'model': models.resolve_model_name(args.model),
               'classes': dataset_val.category_names},
         dataset_train=dataset_train, loss=lambda model, images, targets: model(images, targets),
-        make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]), make_schedule=make_schedule)
+        make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]),
+        make_schedule=make_schedule, warmup_flag='--warmup-iters')
 
 
 def main(args):
-    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task)
+    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task, check_args)
 
 
 def cli(argv=None):

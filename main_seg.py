@@ -15,7 +15,7 @@ from timm.scheduler import PolyLRScheduler
 
 import models
 from cli import (COUNT, NON_NEGATIVE, POSITIVE, ArgumentParser, add_dense_arguments, add_run_arguments, apply_recipe,
-                 run_cli)
+                 run_cli, show_recipe_defaults)
 from errors import UsageError
 from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, check_img_scale
 from engine_dense import adamw, evaluate_segmentation
@@ -35,33 +35,38 @@ MODEL_FLAGS = ('task', 'model', 'model_kwargs', 'img_scale', 'num_classes', 'red
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('main_seg.py', description='RAVLT semantic segmentation')
-    add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
-    add_dense_arguments(parser, list(RECIPES))
-    parser.add_argument('--train-split', default='training', help='DATA/images/SPLIT/, DATA/annotations/SPLIT/')
-    parser.add_argument('--val-split', default='validation')
+    training = add_run_arguments(parser, model='RAVLT_S', batch_size=2, num_workers=4, print_freq=50)
+    add_dense_arguments(parser, training, list(RECIPES))
+    training.add_argument('--train-split', default='training', help='DATA/images/SPLIT/, DATA/annotations/SPLIT/')
+    parser.add_argument('--val-split', default='validation', help='as --train-split')
     parser.add_argument('--num-classes', type=COUNT, default=150)
     parser.add_argument('--reduce-zero-label', action='store_true',
                         help='label 0 is "other", ignored, and the classes are 1..N, as in ADE20K (default)')
     parser.add_argument('--no-reduce-zero-label', action='store_false', dest='reduce_zero_label',
                         help='label files hold the classes from 0')
     parser.set_defaults(reduce_zero_label=True)
-    parser.add_argument('--iters', type=COUNT, default=None, help='training steps (default: 80k Semantic FPN, '
-                        '160k UperNet)')
-    parser.add_argument('--eval-interval', type=COUNT, default=None, metavar='STEPS',
-                        help='evaluate after the epoch that passes each multiple of STEPS (default 4000 / 8000)')
-    parser.add_argument('--poly-power', type=POSITIVE, default=None)
-    parser.add_argument('--min-lr', type=NON_NEGATIVE, default=None)
+    training.add_argument('--iters', type=COUNT, default=None, help='training steps')
+    training.add_argument('--eval-interval', type=COUNT, default=None, metavar='STEPS',
+                          help='evaluate after the epoch that passes each multiple of STEPS')
+    training.add_argument('--poly-power', type=POSITIVE, default=None)
+    training.add_argument('--min-lr', type=NON_NEGATIVE, default=None)
     parser.add_argument('--img-scale', type=COUNT, nargs=2, default=[2048, 512], metavar=('LONG', 'SHORT'),
                         help='resize bound, as in mmseg configs: the long side at most LONG, the short side at most '
                         'SHORT (training: times 0.5-2)')
-    parser.add_argument('--crop-size', type=COUNT, default=512, help='training crop')
+    training.add_argument('--crop-size', type=COUNT, default=512, help='training crop')
+    show_recipe_defaults(parser, RECIPES)
     return parser
 
 
-def build_task(args, run: Run) -> Task:
+def check_args(args):
+    """The flags together, once final (the checkpoint's --task taken): before any data or model is loaded."""
     apply_recipe(args, RECIPES)
+    check_img_scale(args.img_scale)
     if args.num_classes >= IGNORE_INDEX:
         raise UsageError(f'--num-classes must be below {IGNORE_INDEX} (the ignored label), got {args.num_classes}')
+
+
+def build_task(args, run: Run) -> Task:
     data = dict(num_classes=args.num_classes, img_scale=check_img_scale(args.img_scale), crop_size=args.crop_size,
                 reduce_zero_label=args.reduce_zero_label)
     dataset_val = ADE20KSegmentation(args.data_path, args.val_split, False, **data)
@@ -80,14 +85,15 @@ def build_task(args, run: Run) -> Task:
                                                              run.amp_dtype, args.print_freq),
         meta={'task': args.task, 'model': models.resolve_model_name(args.model), 'num_classes': args.num_classes},
         dataset_train=dataset_train, loss=lambda model, images, masks: model(images, masks),
-        make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]), make_schedule=make_schedule, schedule_in_epochs=False,
+        make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]),
+        make_schedule=make_schedule, schedule_in_epochs=False, length_flag='--iters', warmup_flag='--warmup-iters',
         # after the epoch in which a multiple of --eval-interval steps was reached, and after the last
         evaluate_after=lambda before, after, total: after // args.eval_interval > before // args.eval_interval
         or after == total)
 
 
 def main(args):
-    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task)
+    return run_task(get_args_parser(), args, MODEL_FLAGS, build_task, check_args)
 
 
 def cli(argv=None):

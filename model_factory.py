@@ -54,22 +54,36 @@ def create_dense_model(task: str, name: str, num_classes: Optional[int] = None, 
     return model
 
 
+def checkpoint_classes(state_dict: dict, model: torch.nn.Module) -> Optional[int]:
+    """The class count of the classifier in `state_dict` (weights of `model`'s kind), or None without one."""
+    head = next((k for k in sorted(checkpoints.classifier_keys(model)) if k.endswith('weight') and k in state_dict),
+                None)
+    return None if head is None else state_dict[head].shape[0]
+
+
 def model_from_checkpoint(checkpoint: dict, source: str, model_name: Optional[str] = None,
-                          model_kwargs: Optional[dict] = None, ema: bool = False,
-                          default_name: str = 'RAVLT_S') -> Tuple[torch.nn.Module, str]:
+                          model_kwargs: Optional[dict] = None, ema: bool = False, default_name: str = 'RAVLT_S',
+                          num_classes: Optional[int] = None, **kwargs) -> Tuple[torch.nn.Module, str]:
     """(classifier with the weights of `checkpoint`, its model name). The model and its keyword arguments are
     the checkpoint's own (its training flags, else the published variant its weights fit, else `default_name`)
-    unless given; the class count is its classifier's. `ema`: the EMA weights when it has them."""
+    unless given; the class count is its classifier's, or `num_classes`, for which a classifier of another
+    count is left new (fine-tuning). `ema`: the EMA weights when it has them; `kwargs` go to create_model."""
     flags = checkpoints.flags_of(checkpoint)
     state = checkpoints.state_dict_of(checkpoint, ema)
     name = model_name or flags.get('model') or checkpoints.ravlt_variant_of(state) or default_name
     if model_kwargs is None:
         model_kwargs = flags.get('model_kwargs')
-    model = create_model(name, model_kwargs)
-    head = next((k for k in sorted(checkpoints.classifier_keys(model)) if k.endswith('weight') and k in state), None)
-    if head is not None and state[head].shape[0] != model.num_classes:
-        model = create_model(name, model_kwargs, num_classes=state[head].shape[0])
-    checkpoints.load_weights(model, checkpoint, source, name, ema=ema)
+    model = create_model(name, model_kwargs, **kwargs)
+    theirs = checkpoint_classes(state, model)
+    classes = num_classes or theirs or model.num_classes
+    if classes != model.num_classes:
+        model = create_model(name, model_kwargs, num_classes=classes, **kwargs)
+    if theirs is not None and theirs != classes:
+        head = checkpoints.classifier_keys(model)
+        checkpoint = {'model': {k: v for k, v in state.items() if k not in head}, 'args': checkpoint.get('args')}
+        checkpoints.load_weights(model, checkpoint, source, name, allowed_missing=head)
+    else:
+        checkpoints.load_weights(model, checkpoint, source, name, ema=ema)
     return model, name
 
 

@@ -14,28 +14,63 @@ LOG_FILE = 'log.txt'
 
 
 class OutputFolder:
+    """Checked on creation (an existing folder is also locked then); made and locked by `create()`, which a run
+    calls once its inputs are known good and before it writes anything: a refused run leaves nothing behind."""
+
     def __init__(self, path: str):
-        self.path, self.writer = path, None
+        self.path, self.writer, self._lock, self.created = path, None, None, False
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise UsageError(f'--output_dir {path} exists and is not a folder')
+            self._check_writable()
+            self._take_lock()
+            return
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UsageError(f'--output_dir {path} lies under a file, not a folder')
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f'cannot write to --output_dir {path} (permission denied in {parent}): choose a '
+                             'writable folder')
+
+    def create(self):
+        """Make the folder if it is new, hold its lock, and remove the temporary files of an interrupted save."""
+        if self.created:
+            return
         try:
-            os.makedirs(path, exist_ok=True)
-            tempfile.TemporaryFile(dir=path).close()
+            os.makedirs(self.path, exist_ok=True)
         except FileExistsError:
-            raise UsageError(f'--output_dir {path} exists and is not a folder') from None
+            raise UsageError(f'--output_dir {self.path} exists and is not a folder') from None
         except NotADirectoryError:
-            raise UsageError(f'--output_dir {path} lies under a file, not a folder') from None
+            raise UsageError(f'--output_dir {self.path} lies under a file, not a folder') from None
         except OSError as e:
-            raise UsageError(f'cannot write to --output_dir {path} ({e.strerror.lower()}): choose a writable '
+            raise UsageError(f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable '
                              'folder') from None
-        self._lock = os.open(path, os.O_RDONLY)
+        self._check_writable()
+        if self._lock is None:
+            self._take_lock()
+        self.created = True
+        removed = remove_stale_temporaries(self.path)
+        if removed:
+            print(f'Removed {len(removed)} temporary file(s) left by an interrupted save: {", ".join(removed)}')
+
+    def _check_writable(self):
+        try:
+            tempfile.TemporaryFile(dir=self.path).close()
+        except OSError as e:
+            raise UsageError(f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable '
+                             'folder') from None
+
+    def _take_lock(self):
+        self._lock = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock)
-            raise UsageError(f'another run is using --output_dir {path} right now: wait for it to end or choose '
-                             'another folder') from None
-        removed = remove_stale_temporaries(path)
-        if removed:
-            print(f'Removed {len(removed)} temporary file(s) left by an interrupted save: {", ".join(removed)}')
+            self._lock = None
+            raise UsageError(f'another run is using --output_dir {self.path} right now: wait for it to end or '
+                             'choose another folder') from None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -88,4 +123,6 @@ class OutputFolder:
     def close(self):
         if self.writer is not None:
             self.writer.close()
-        os.close(self._lock)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

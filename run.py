@@ -24,7 +24,7 @@ import utils
 from errors import UsageError
 from model_factory import channels_last_convs, for_inference, match_gradient_layouts
 from output_folder import OutputFolder
-from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup
+from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup, print_evaluation
 
 # Flags whose change does not change the training.
 IGNORED_CHANGES = {'resume', 'eval', 'output_dir', 'num_workers', 'print_freq', 'dist_timeout', 'device', 'data_path',
@@ -53,21 +53,32 @@ class Task:
     max_norm: Optional[float] = None
     backup_every: int = 0           # keep backup{epoch}.pth every this many epochs
     log_extra: dict = field(default_factory=dict)
+    length_flag: str = '--epochs'   # the flag that sets how long training runs
+    warmup_flag: str = '--warmup-epochs'
 
 
-def run_task(parser, args, model_flags, build_task: Callable) -> dict:
-    """What an entry point's main does: a Run, the task built in it, then evaluate (--eval) or train."""
+def run_task(parser, args, model_flags, build_task: Callable, check_flags: Optional[Callable] = None) -> dict:
+    """What an entry point's main does: a Run; `check_flags(args)` once the flags are final (the checkpoint's
+    taken); the task built in it (data, model); then evaluate (--eval) or train. The output folder is made
+    only after all of these succeeded."""
     with Run(parser, args, model_flags) as run:
+        if check_flags is not None:
+            try:
+                check_flags(args)
+            except UsageError as e:  # the same flags on every process: one line, from rank 0
+                raise UsageError(str(e), everywhere=True) from None
         task = build_task(args, run)
         return run.evaluate(task) if args.eval else run.train(task)
+
 
 
 class Run:
     """One invocation of an entry point: set up on creation, then `train(task)` or `evaluate(task)`."""
 
     def __init__(self, parser, args, model_flags=()):
-        """Processes, device, precision and the output folder; rank 0 decides what to resume, every process
-        loads it, and the model flags it was trained with (`model_flags`, destinations) fill in those not given."""
+        """Processes, device, precision and the output folder (checked, and locked if it exists; made by
+        `create_output`); rank 0 decides what to resume, every process loads it, and the model flags it was
+        trained with (`model_flags`, destinations) fill in those not given."""
         self.parser, self.args = parser, args
         distributed.init_distributed(args)
         self.device, self.rank, self.world_size = args.device, args.rank, args.world_size
@@ -96,6 +107,16 @@ class Run:
         distributed.agree(error)
         return output
 
+    def create_output(self):
+        """Make (and lock) the output folder on rank 0: once the inputs are known good, before the first write."""
+        error = None
+        if self.output is not None:
+            try:
+                self.output.create()
+            except UsageError as e:
+                error = str(e)
+        distributed.agree(error)
+
     def _find_checkpoint(self, model_flags):
         """Rank 0 decides what to resume (--resume, else the output folder's checkpoint.pth); every process reads it."""
         args = self.args
@@ -111,7 +132,7 @@ class Run:
                     'output folder must be shared)'
             distributed.agree(error)
             self.resume_path = path
-            self._take_model_flags(model_flags)
+            self.take_flags(self.checkpoint, model_flags, 'the checkpoint')
         self.own_checkpoint = bool(path) and own is not None and os.path.abspath(path) == os.path.abspath(own)
 
     def __enter__(self):
@@ -132,16 +153,10 @@ class Run:
         into checkpoints."""
         return self.parser.to_config(self.args)
 
-    def _take_model_flags(self, model_flags):
-        saved = checkpoints.flags_of(self.checkpoint)
-        taken = {}
-        for dest in model_flags:
-            if dest not in self.args.given and dest in saved and saved[dest] != getattr(self.args, dest):
-                setattr(self.args, dest, saved[dest])
-                taken[dest] = saved[dest]
-        if taken:
-            print('From the checkpoint (give a flag to override): ' +
-                  ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items()))
+    def take_flags(self, checkpoint: dict, dests, source: str):
+        """The flags `dests` (destinations) that the user did not give take `checkpoint`'s values; says which."""
+        saved = checkpoints.flags_of(checkpoint)
+        report_taken(source, {dest: saved[dest] for dest in dests if dest in saved}, self.args)
 
     # ---------------------------------------------------------------- data
 
@@ -229,8 +244,8 @@ class Run:
 
     def evaluate(self, task: Task) -> dict:
         """--eval: the metrics of the weights and, when the checkpoint has them, of the EMA weights; written to
-        OUTPUT_DIR/eval_results.json."""
-        print(json.dumps(self.config))
+        OUTPUT_DIR/eval_results.json. The settings line holds the flags evaluation reads."""
+        print(json.dumps(self.parser.evaluation_config(self.args)))
         _, model, model_ema = self._prepare_model(task, train=False)
         if self.checkpoint is None:
             print('No checkpoint given (--resume): evaluating the weights the model was built with')
@@ -238,21 +253,25 @@ class Run:
         if broken:
             raise FloatingPointError(f'the weights hold NaN or infinite values ({len(broken)} tensors, e.g. '
                                      f'{broken[0]}): nothing to evaluate')
+        self.create_output()
         loader = self.val_loader(task)
         stats = task.evaluate(for_inference(model, inplace=True), loader)
-        print(f'Weights: {_format(stats)}')
+        print_evaluation('Weights', stats, len(task.dataset_val))
         results = dict(stats)
         if task.ema is not None:  # the EMA's numbers: null when the checkpoint has no EMA
             ema_stats = dict.fromkeys(stats) if model_ema is None else \
                 task.evaluate(for_inference(model_ema.module, inplace=True), loader)
             if model_ema is not None:
-                print(f'EMA weights: {_format(ema_stats)}')
+                print_evaluation('EMA weights', ema_stats, len(task.dataset_val))
             results.update({f'ema_{k}': v for k, v in ema_stats.items()})
         if not all(v is None or v == v and abs(v) != float('inf') for v in results.values()):
-            raise FloatingPointError(f'the evaluation gave non-finite values ({_format(results)}): the weights '
-                                     'are not usable')
+            raise FloatingPointError(f'the evaluation gave non-finite values ({utils.format_metrics(results)}): the '
+                                     'weights are not usable')
         if self.output is not None:
             self.output.write_text('eval_results.json', json.dumps(results, indent=2) + '\n')
+            print(f'Results written to {self.output.file("eval_results.json")}')
+        else:
+            print('No --output_dir: no eval_results.json written (the results are the lines above)')
         return results
 
     # ---------------------------------------------------------------- training
@@ -271,13 +290,16 @@ class Run:
         state = checkpoints.TrainingState(start_epoch=getattr(args, 'start_epoch', 0))
         if self.checkpoint is not None:
             state = self._resume(task, optimizer, scaler, steps_per_epoch)
+        if state.start_epoch >= num_epochs:
+            return self._complete(task, state)
+        self.create_output()
         if self.output is not None:
             self.output.write_text('config.yaml', yaml.safe_dump(config, sort_keys=False))
             self.output.restore_log(state.start_epoch - 1, state.last_log if self.own_checkpoint else None)
         warmup = getattr(lr_scheduler, 'warmup_t', 0)
         if warmup and warmup >= (num_epochs if lr_scheduler.t_in_epochs else total_steps):
             print(f'warning: the warm-up ({warmup} {"epochs" if lr_scheduler.t_in_epochs else "steps"}) covers the '
-                  'whole run: the learning rate never reaches its set value (lower --warmup-epochs / --warmup-iters)')
+                  f'whole run: the learning rate never reaches its set value (lower {task.warmup_flag})')
         trainer = Trainer(self, task, TrainingSetup(model, model_without_ddp, model_ema, optimizer, lr_scheduler,
                                                     scaler, loader_train, loader_val, total_steps), state)
         print(f'number of params: {trainer.n_parameters}')
@@ -291,6 +313,15 @@ class Run:
             stop.restore()
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
         return stats
+
+    def _complete(self, task: Task, state: checkpoints.TrainingState) -> dict:
+        """A finished run started again: nothing to train; its last evaluation's metrics."""
+        flag = task.length_flag
+        value = getattr(self.args, flag.lstrip('-').replace('-', '_'))
+        print(f'The run is complete: {self.resume_path} (epoch {state.start_epoch - 1}, step {state.global_step}) '
+              f'ends {flag} {value}; give {flag} above {value} to continue it')
+        last = state.last_log or {}
+        return {k[len('test_'):]: v for k, v in last.items() if k.startswith('test_') and not k.startswith('test_ema_')}
 
     def _resume(self, task: Task, optimizer, scaler, steps_per_epoch: int) -> checkpoints.TrainingState:
         state = checkpoints.restore_training(
@@ -312,5 +343,14 @@ class Run:
         return state
 
 
-def _format(stats: dict) -> str:
-    return ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}' for k, v in stats.items())
+def report_taken(source: str, values: dict, args):
+    """Set the flags of `values` ({destination: value}) that the user did not give, and print those that
+    changed."""
+    taken = {}
+    for dest, value in values.items():
+        if dest not in args.given and value != getattr(args, dest):
+            setattr(args, dest, value)
+            taken[dest] = value
+    if taken:
+        print(f'From {source} (give a flag to override): ' +
+              ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items()))

@@ -23,6 +23,11 @@ RESUME_FILE = 'checkpoint.pth'
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def print_evaluation(label: str, stats: dict, images: int):
+    """One line per evaluated model, saying whose numbers they are ('Weights', 'EMA weights')."""
+    print(f'* {label}: {utils.format_metrics(stats)} ({images} images)')
+
+
 class StopSignals:
     """SIGTERM and SIGUSR1 (what clusters send before they kill a job) ask the run to stop: noticed between
     steps, agreed by all processes at the next step (see engine.optimizer_step)."""
@@ -142,8 +147,10 @@ class Trainer:
             try:
                 # What --eval measures: the inference form of a copy (training goes on with the model).
                 evaluations = {'test': task.evaluate(for_inference(setup.model_without_ddp), setup.loader_val)}
+                print_evaluation('Weights', evaluations['test'], len(task.dataset_val))
                 if setup.model_ema is not None:
                     evaluations['test_ema'] = task.evaluate(for_inference(setup.model_ema.module), setup.loader_val)
+                    print_evaluation('EMA weights', evaluations['test_ema'], len(task.dataset_val))
             except UsageError as e:  # unreadable validation data: keep the trained epoch, evaluate it next time
                 pending = {'stats': result.stats, 'steps_before': steps_before}
                 self._save(self._checkpoint(epoch, pending_eval=pending), RESUME_FILE)

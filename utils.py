@@ -176,6 +176,12 @@ def collate_or_error(collate_fn):
 # Metric logging
 # ----------------------------------------------------------------------------------------------------
 
+def format_metrics(stats: dict) -> str:
+    """'acc1 99.722, acc5 100.000, loss 0.034'; a metric that does not apply is null, as in the JSON files."""
+    return ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {"null" if v is None else v}'
+                     for k, v in stats.items())
+
+
 class SmoothedValue:
     """A series of values: the median and mean over a recent window and the global average."""
 

@@ -22,6 +22,8 @@ layers into their convs and the skip connection of each FFN's depthwise conv int
 computes the same function with fewer passes over memory and fewer large temporaries; its state dict no
 longer has the authors' layout.
 """
+import errno
+import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
@@ -532,8 +534,20 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.
     return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
+def _check_pretrained_file(variant: str, pretrained_cfg=None, pretrained_cfg_overlay=None):
+    """A local weights file (`pretrained_cfg_overlay=dict(file=...)`) must exist: timm's loader raises a bare
+    FileNotFoundError without the file's name."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    if cfg.file and cfg.source in (None, '', 'timm') and cfg.state_dict is None and not os.path.isfile(cfg.file):
+        raise FileNotFoundError(errno.ENOENT, f'pretrained weights file {cfg.file} not found: download '
+                                f'{cfg.hf_hub_filename} from Hugging Face {cfg.hf_hub_id} to that path, or leave out '
+                                'the file to let timm download it', cfg.file)
+
+
 def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    if pretrained:
+        _check_pretrained_file(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     return build_model_with_cfg(
         RAVLT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

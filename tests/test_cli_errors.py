@@ -124,6 +124,24 @@ def test_bad_input_is_one_line_and_damages_nothing(case, inputs, tmp_path, capsy
     assert not (inputs / 'code_ran').exists()
 
 
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input_creates_no_output_folder(case, inputs, tmp_path, capsys):
+    """Every check of flags, data and checkpoints comes before the output folder is made."""
+    make_argv, code, fragments = CASES[case]
+    out = tmp_path / 'new' / 'a' / 'b'
+    assert_one_line_error(*run_in_process(make_argv(inputs) + ['--output_dir', out], capsys), code, *fragments)
+    assert os.listdir(tmp_path) == []
+
+
+def test_flags_are_never_guessed(capsys):
+    """An abbreviation is an unknown flag (argparse would take --input for --input-size), answered as a mistyped
+    config key is."""
+    code, out, err = run_in_process(DIGITS + ['--eval', '--input', '48'], capsys)
+    assert_one_line_error(code, out, err, 2, "unknown flag '--input'; did you mean '--input-size'?")
+    code, out, err = run_in_process(DIGITS + ['--batchsize=3'], capsys)
+    assert_one_line_error(code, out, err, 2, "unknown flag '--batchsize'; did you mean '--batch-size'?")
+
+
 @pytest.mark.parametrize('output_dir, fragments', [
     ('/sys', ['cannot write to --output_dir /sys', 'choose a writable folder']),  # not writable, even by root
     ('FILE/out', ['lies under a file']),
@@ -134,7 +152,7 @@ def test_unusable_output_folder_is_refused_before_any_work(output_dir, fragments
     path = output_dir.replace('FILE', str(tmp_path / 'FILE'))
     code, out, err = run_in_process(DIGITS + ['--eval', '--output_dir', path], capsys)
     assert_one_line_error(code, out, err, 2, *fragments)
-    assert 'Acc@1' not in out  # refused before evaluating, not after
+    assert 'Test:' not in out and 'Weights:' not in out  # refused before evaluating, not after
     assert (tmp_path / 'FILE').read_text() == 'a file'
 
 

@@ -399,9 +399,16 @@ def det_args(coco_root, out, task, *extra):
             '--warmup-iters', '2', '--print-freq', '100', '--output_dir', str(out), *extra]
 
 
-def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path):
+def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path, capsys):
     task = 'retinanet'  # Mask R-CNN's full heads are slow on the CPU; the run is the same
     stats = main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '2', '--lr-steps', '1'))
+    printed = capsys.readouterr().out
+    # The metrics as the files hold them (null where COCO gives -1), not pycocotools' own prints.
+    assert len([line for line in printed.splitlines() if line.startswith('* Weights: bbox_AP ')]) == 2
+    assert 'bbox_APl null' in printed
+    for noise in ('-1.000', 'index created', 'loading annotations', 'Running per image evaluation',
+                  'Accumulating evaluation results', 'Average Precision'):
+        assert noise not in printed
     assert set(stats) == {f'bbox_{n}' for n in ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']}
     assert all(v is None or 0.0 <= v <= 100.0 for v in stats.values()) and stats['bbox_APl'] is None  # no large objects
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
@@ -415,10 +422,26 @@ def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path):
     # The checkpoint evaluates to the same numbers, with its own --task, --model-kwargs and --img-scale.
     assert main_det.cli(['--data-path', str(coco_root), '--device', 'cpu', '--num_workers', '0', '--eval',
                          '--resume', str(tmp_path / 'checkpoint.pth'), '--output_dir', str(tmp_path / 'eval')]) == stats
-    # Training continues where it stopped.
-    main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '3', '--lr-steps', '1'))
+    # Training continues where it stopped; a warning names this script's own flags.
+    capsys.readouterr()
+    main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '3', '--lr-steps', '1', '--warmup-iters', '100'))
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     assert [r['epoch'] for r in log] == [0, 1, 2] and log[-1]['step'] == 6
+    printed = capsys.readouterr().out
+    assert 'the warm-up (100 steps) covers the whole run' in printed and '(lower --warmup-iters)' in printed
+    assert '--warmup-epochs' not in printed
+
+
+def test_main_det_checks_its_flags_before_loading_anything(tmp_path, capsys):
+    """--lr-steps beyond --epochs is refused before the data is read (here there is none) and before the output
+    folder is made."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main_det.cli, ['--epochs', '1', '--data-path', str(tmp_path / 'nowhere'), '--device', 'cpu',
+                               '--output_dir', str(tmp_path / 'new' / 'out')])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ('error: --lr-steps 8 11 go beyond --epochs 1: give steps within the '
+                                       'epochs\n')
+    assert os.listdir(tmp_path) == []
 
 
 def seg_args(ade_root, out, task, *extra):

@@ -380,6 +380,16 @@ def test_timm_pretrained_loads_authors_checkpoint_offline(authors_checkpoint):
     assert model.patch_embed.proj[0].weight.shape[1] == 1
 
 
+def test_a_missing_pretrained_file_is_named(tmp_path):
+    """timm's own loader raises a bare FileNotFoundError; the message names the file and where to get it."""
+    missing = tmp_path / 'RAVLT_S.pth'
+    with pytest.raises(FileNotFoundError) as error:
+        timm.create_model('ravlt_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    assert error.value.filename == str(missing)
+    assert f'pretrained weights file {missing} not found' in str(error.value)
+    assert 'RAVLT_S.pth from Hugging Face aldjalkdf/RAVLT' in str(error.value)
+
+
 @pytest.mark.parametrize('wrap', ['raw', 'state_dict', 'module_prefix', 'ema_only'])
 def test_checkpoint_filter_fn_layouts(wrap):
     model = tiny()

@@ -11,10 +11,12 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
 import main
+from model_factory import model_from_checkpoint
 from train_helpers import (DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, read_log,
                            run_here)
 
@@ -51,7 +53,13 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     assert not [name for name in os.listdir(out) if name.endswith('.tmp')]
     for fragment in ('eta: ', 'lr: ', 'loss: ', '(360 images)'):
         assert fragment in result.stdout
+    # Each evaluation's line says whose numbers they are.
+    lines = result.stdout.splitlines()
+    assert len([line for line in lines if line.startswith('* Weights: acc1 ')]) == 2
+    assert len([line for line in lines if line.startswith('* EMA weights: acc1 ')]) == 2
+    assert 'Acc@1' not in result.stdout
     # lr and EMA decay scale with the total batch (32): lr 0.016 * 32 / 512, decay 0.99996 ** (32 / 512).
+    assert 'Learning rate 0.001: --lr 0.016 per 512 images x total batch 32 / 512\n' in result.stdout
     assert 'total batch 32, lr 0.001\n' in result.stdout
     assert f'EMA decay per step: {0.99996 ** (32 / 512):.8f}' in result.stdout
 
@@ -99,11 +107,23 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
     last = read_log(out)[-1]
     assert results == {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'loss', 'ema_acc1', 'ema_acc5', 'ema_loss')}
     assert 'Weights: acc1' in result.stdout and 'EMA weights: acc1' in result.stdout
-    # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why.
+    assert f'Results written to {tmp_path / "eval_results.json"}' in result.stdout
+    # The settings line holds what evaluation reads, no training value.
+    settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{')))
+    assert settings['model-kwargs'] == TINY_MODEL_KWARGS and settings['input-size'] == 32
+    assert not {'epochs', 'lr', 'mixup', 'warmup-epochs', 'opt', 'aa', 'model-ema-decay', 'drop-path'} & set(settings)
+    assert len(json.dumps(settings)) < 600
+    # Without --output_dir it says that nothing was written.
+    unsaved = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--eval', '--resume',
+                              out / 'checkpoint.pth'])
+    assert unsaved.returncode == 0 and 'No --output_dir: no eval_results.json written' in unsaved.stdout
+    # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why, with the
+    # model flags the checkpoint was trained with.
     wrong = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--model-kwargs', '{}',
                       '--eval', '--resume', out / 'checkpoint.pth'])
     line = wrong.stderr.strip()
-    assert wrong.returncode == 2 and '\n' not in line and 'differ in shape' in line and len(line) < 400
+    assert wrong.returncode == 2 and '\n' not in line and 'differ in shape' in line and len(line) < 500
+    assert line.endswith(f'they were trained with --model "RAVLT_T" --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}')
 
 
 def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
@@ -132,21 +152,74 @@ def test_resume_from_authors_checkpoint_layout_continues_training(digits_run, tm
     assert [entry['epoch'] for entry in read_log(tmp_path / 'resumed')] == [2]
 
 
-def test_finetune_with_another_class_count_drops_the_head(tmp_path, capsys):
+def test_finetune_takes_the_model_from_the_checkpoint_and_a_resume_does_not_reload_it(digits_run, tmp_path):
+    out, _ = digits_run
+    start = out / 'checkpoint.pth'
+    # No --model-kwargs given: the checkpoint's apply (said), and with the same 10 classes its classifier is kept:
+    # evaluated as it starts, the fine-tuning model scores the checkpoint's logged accuracy.
+    plain = ['--data-set', 'DIGITS', '--input-size', '32', '--device', 'cpu', '--num_workers', '0',
+             '--batch-size', '32']
+    evaluated = run_here(main, plain + ['--eval', '--finetune', start, '--output_dir', tmp_path / 'eval'])
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f'From --finetune {start} (give a flag to override): --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}' \
+        in evaluated.stdout
+    assert 'new classifier' not in evaluated.stdout and 'dropping' not in evaluated.stdout
+    assert json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())['acc1'] == read_log(out)[-1]['test_acc1']
+
+    # Given and not fitting: one line naming the model flags of the checkpoint, and no folder left behind.
+    refused = run_here(main, plain + ['--model-kwargs', '{}', '--finetune', start, '--output_dir', tmp_path / 'no'])
+    assert refused.returncode == 2 and f'--model-kwargs {json.dumps(TINY_MODEL_KWARGS)}' in refused.stderr
+    assert not (tmp_path / 'no').exists()
+
+    # Training records the flags taken; started again, it resumes without loading the --finetune weights first.
+    train = DIGITS[DIGITS.index('--data-set'):] + ['--input-size', '32', '--device', 'cpu', '--num_workers', '0',
+                                                   '--finetune', start, '--output_dir', tmp_path / 'ft']
+    first = run_here(main, train + ['--epochs', '1'])
+    assert first.returncode == 0, first.stderr
+    assert f'Fine-tuning RAVLT_T from {start}' in first.stdout
+    assert yaml.safe_load((tmp_path / 'ft' / 'config.yaml').read_text())['model-kwargs'] == TINY_MODEL_KWARGS
+    again = run_here(main, train + ['--epochs', '2'])
+    assert again.returncode == 0, again.stderr
+    assert f'--finetune {start} is not loaded: the run goes on from {tmp_path / "ft" / "checkpoint.pth"}' \
+        in again.stdout
+    assert 'Fine-tuning' not in again.stdout
+    assert [entry['epoch'] for entry in read_log(tmp_path / 'ft')] == [0, 1]
+
+
+def test_finetune_with_another_class_count_gets_a_new_classifier(tmp_path):
     torch.manual_seed(0)
     pretrained = timm.create_model('ravlt_t', num_classes=1000, **TINY_MODEL_KWARGS)
     path = tmp_path / 'in1k.pth'
     torch.save({'model': pretrained.state_dict(), 'args': argparse.Namespace(model='RAVLT_T')}, path)
-    model = timm.create_model('ravlt_t', num_classes=10, **TINY_MODEL_KWARGS)
-    new_head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('head.')}
+    result = run_here(main, TINY + ['--data-set', 'DIGITS', '--eval', '--finetune', path])
+    assert result.returncode == 0, result.stderr
+    assert f"--finetune {path}: a new classifier for the 10 classes of this data set (the checkpoint's has 1000)" \
+        in result.stdout
 
-    main.load_finetune_weights(model, str(path), 'RAVLT_T')
-
-    assert 'classifier has 1000 classes, this data set 10: dropping it' in capsys.readouterr().out
+    model, _ = model_from_checkpoint(checkpoints.load_checkpoint(path), str(path), model_kwargs=TINY_MODEL_KWARGS,
+                                     num_classes=10)
+    assert model.head.weight.shape[0] == 10
     state = model.state_dict()
     assert_state_dicts_equal({k: v for k, v in state.items() if not k.startswith('head.')},
                              {k: v for k, v in pretrained.state_dict().items() if not k.startswith('head.')})
-    assert_state_dicts_equal({k: v for k, v in state.items() if k.startswith('head.')}, new_head)
+
+
+def test_a_finished_run_started_again_says_it_is_complete(digits_run, tmp_path):
+    out, _ = digits_run
+    folder = tmp_path / 'again'
+    folder.mkdir()
+    for name in ('checkpoint.pth', 'log.txt'):
+        (folder / name).write_bytes((out / name).read_bytes())
+    before = (folder / 'checkpoint.pth').read_bytes()
+    result = run_here(main, DIGITS + ['--epochs', '2', '--save-freq', '1', '--output_dir', folder])
+    assert result.returncode == 0, result.stderr
+    assert f'The run is complete: {folder / "checkpoint.pth"} (epoch 1, step 88) ends --epochs 2; give --epochs ' \
+        'above 2 to continue it' in result.stdout
+    assert 'Start training' not in result.stdout and 'Training time' not in result.stdout
+    assert sorted(os.listdir(folder)) == ['checkpoint.pth', 'log.txt']  # nothing written
+    assert (folder / 'checkpoint.pth').read_bytes() == before
+    assert main.cli([str(a) for a in DIGITS + ['--epochs', '2', '--output_dir', folder]]) == \
+        {k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')}
 
 
 def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
@@ -172,3 +245,45 @@ def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_pa
     assert result.returncode == 0, result.stderr
     assert 'warning: the warm-up (5 epochs) covers the whole run' in result.stdout
     assert 'lr: 1e-06' in result.stdout and 'lr: 0.000000' not in result.stdout
+
+
+def test_the_demo_config_warms_up_within_its_first_epoch(tmp_path):
+    """Stepped once per epoch, the demo's one-epoch warm-up ran its whole first epoch at --warmup-lr (1e-6);
+    stepped per update, the first epoch ramps to the set rate (1e-3 at batch 64), whose mean is half of it."""
+    result = run_here(main, ['--config', 'configs/demo_digits.yaml', '--model-kwargs', json.dumps(TINY_MODEL_KWARGS),
+                             '--epochs', '2', '--print-freq', '100', '--output_dir', tmp_path])
+    assert result.returncode == 0, result.stderr
+    first, second = [entry['train_lr'] for entry in read_log(tmp_path)]
+    assert 0.4e-3 < first < 0.6e-3 and 1e-5 < second < 1e-3
+
+
+def digit_folders(root, train_per_class: int = 30, val_per_class: int = 10):
+    """DIGITS as class folders (--data-set IMNET layout) of 32 px PNGs."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    counts = {}
+    for image, label in zip(digits.images, digits.target):
+        index = counts[label] = counts.get(label, 0) + 1
+        if index > train_per_class + val_per_class:
+            continue
+        folder = root / ('train' if index <= train_per_class else 'val') / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * 255 / 16).astype('uint8')
+        Image.fromarray(pixels).convert('RGB').resize((32, 32), Image.BILINEAR).save(folder / f'{index}.png')
+    return root
+
+
+def test_the_small_data_finetuning_recipe(digits_run, tmp_path):
+    """configs/finetune_small.yaml on a small class-folder set at 32 px: without the ImageNet recipe's mixup,
+    cutmix, RandAugment and erasing, the training loss measures the fit: below chance and falling."""
+    out, _ = digits_run
+    result = run_here(main, ['--config', 'configs/finetune_small.yaml', '--finetune', out / 'checkpoint.pth',
+                             '--data-path', digit_folders(tmp_path / 'data'), '--input-size', '32', '--epochs', '3',
+                             '--batch-size', '32', '--device', 'cpu', '--num_workers', '0', '--print-freq', '100',
+                             '--output_dir', tmp_path / 'out'])
+    assert result.returncode == 0, result.stderr
+    log = read_log(tmp_path / 'out')
+    assert all(entry['train_loss'] < math.log(10) for entry in log)
+    assert log[-1]['train_loss'] < log[0]['train_loss'] and log[-1]['test_acc1'] > 50
+    config = yaml.safe_load((tmp_path / 'out' / 'config.yaml').read_text())
+    assert (config['mixup'], config['cutmix'], config['aa'], config['reprob']) == (0.0, 0.0, 'none', 0.0)

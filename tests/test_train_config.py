@@ -161,3 +161,55 @@ def test_randaugment_posterize_at_top_magnitude_gives_a_black_image():
     op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
     image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     assert np.asarray(op(image)).max() == 0
+
+
+def help_entries(text: str) -> dict:
+    """{first flag: its whole entry} of an argparse --help text."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith('  -'):
+            current = line.split()[0].rstrip(',')
+            entries[current] = line
+        elif line.startswith('    ') and current:
+            entries[current] += ' ' + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def script_parsers():
+    from scripts import benchmark, export_onnx, flops, plot_logs, rank_analysis, resolution
+    return {module.__name__: module.get_args_parser()
+            for module in (main, main_det, main_seg, benchmark, export_onnx, flops, plot_logs, rank_analysis,
+                           resolution)}
+
+
+def test_help_shows_every_flags_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.cli(['--help'])
+    assert exit_info.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    assert len(entries) > 50
+    assert [flag for flag, entry in entries.items() if 'default' not in entry and flag != '-h'] == []
+    # What a default depends on is said.
+    assert 'per 512 images' in entries['--lr'] and '(default: 0.0005)' in entries['--lr']
+    assert "the variant's own: RAVLT_T 0.1, RAVLT_S 0.15, RAVLT_B 0.4, RAVLT_L 0.55" in entries['--drop-path']
+    assert '(default: 64)' in entries['--batch-size'] and '(default: 300)' in entries['--epochs']
+    assert '(default: RAVLT_T)' in entries['--model']
+    assert '(default: on)' in entries['--model-ema'] or '(default)' in entries['--model-ema']
+    det = help_entries(main_det.get_args_parser().format_help())
+    assert "(default: 12, the --task recipe's)" in det['--epochs'] and '8 11' in det['--lr-steps']
+    seg = help_entries(main_seg.get_args_parser().format_help())
+    assert '80000 for semfpn, 160000 for upernet' in seg['--iters']
+    for name, parser in script_parsers().items():
+        missing = [flag for flag, entry in help_entries(parser.format_help()).items()
+                   if 'default' not in entry and 'required' not in entry and flag != '-h' and
+                   not parser._option_string_actions[flag].required]
+        assert missing == [], name
+
+
+def test_no_parser_takes_an_abbreviation():
+    for parser in script_parsers().values():
+        flag = next(f for f in parser._option_string_actions if f.startswith('--') and len(f) > 6 and f != '--help')
+        with pytest.raises(UsageError, match=f"unknown flag '{flag[:-2]}'; did you mean '{flag}'"):
+            parser.parse([flag[:-2], '1'])
