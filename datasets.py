@@ -123,7 +123,7 @@ def build_transform(is_train: bool, args):
         return transforms.Compose([resize, transforms.Normalize([0.5] * 3, [0.5] * 3)])
     if is_train:
         use_zero_bit_posterize()
-        transform = create_transform(size, is_training=True, color_jitter=args.color_jitter,
+        transform = create_transform(size, is_training=True, hflip=args.hflip, color_jitter=args.color_jitter,
                                      auto_augment=args.aa if args.aa and args.aa != 'none' else None,
                                      interpolation=args.train_interpolation, re_prob=args.reprob,
                                      re_mode=args.remode, re_count=args.recount)

@@ -76,6 +76,9 @@ def get_args_parser() -> ArgumentParser:
     schedule.add_argument('--decay-epochs', type=POSITIVE, default=30, metavar='N', help='for the step scheduler')
     schedule.add_argument('--decay-rate', type=POSITIVE, default=0.1, metavar='RATE', help='for the step scheduler')
 
+    augmentation.add_argument('--hflip', type=FRACTION, default=0.5, metavar='PROB',
+                              help='probability of a horizontal flip (0 for images a flip changes the meaning of: '
+                              'digits, text)')
     augmentation.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4, metavar='PCT')
     augmentation.add_argument('--aa', default='rand-m9-mstd0.5-inc1', metavar='NAME',
                               help='RandAugment / AutoAugment policy ("none" for none)')

@@ -213,3 +213,12 @@ def test_no_parser_takes_an_abbreviation():
         flag = next(f for f in parser._option_string_actions if f.startswith('--') and len(f) > 6 and f != '--help')
         with pytest.raises(UsageError, match=f"unknown flag '{flag[:-2]}'; did you mean '{flag}'"):
             parser.parse([flag[:-2], '1'])
+
+
+def test_hflip_sets_the_training_flip():
+    """Digits and text change meaning when flipped: --hflip 0 leaves the flip out."""
+    def flips(argv):
+        return [t.p for t in build_transform(True, parse(argv)).transforms
+                if isinstance(t, transforms.RandomHorizontalFlip)]
+    assert flips([]) == [0.5] and flips(['--hflip', '0']) == []
+    assert flips(['--hflip', '0.2', '--input-size', '32']) == [0.2]
