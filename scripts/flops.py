@@ -22,7 +22,7 @@ import torch
 import models
 from cli import ArgumentParser, UsageError, json_object, run_cli
 from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward, build_dense_model
-from profiling import ATTENTION_OPS, count_flops, count_params
+from profiling import count_flops, count_params
 from run import create_model
 
 # The authors' README: params (M) and FLOPs (G) at 224x224.
@@ -42,9 +42,8 @@ def measure(name: str, input_size=(224, 224), task: str = 'classification', mode
             raise UsageError(f'cannot build {task} {name} with --model-kwargs {json.dumps(model_kwargs)}: {e}') from None
         counted = FlopsForward(model)
     flops = count_flops(counted, torch.randn(1, 3, *input_size))
-    attention = sum(v for k, v in flops['by_operator'].items() if k in ATTENTION_OPS)
     row = {'model': name, 'input_size': list(input_size), 'params': count_params(model),
-           'flops': flops['total'], 'flops_no_attn': flops['total'] - attention}
+           'flops': flops['total'], 'flops_no_attn': flops['total'] - flops['attention']}
     return row if task == 'classification' else {'task': task, **row}
 
 
