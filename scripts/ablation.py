@@ -47,7 +47,8 @@ COLORS = {'linear': 'tab:blue', 'rala_no_alpha': 'tab:purple', 'rala_no_gate_lep
 def get_args_parser():
     parser = ArgumentParser('ablation.py', description="RALA's ablation: cost, ranks and DIGITS accuracy per "
                             'attention kind', with_config=False)
-    parser.add_argument('--kinds', nargs='+', choices=KINDS, default=KINDS, help='attention kinds, in table order')
+    parser.add_argument('--kinds', nargs='+', choices=KINDS, default=KINDS, metavar='KIND',
+                        help=f"attention kinds, in table order ({', '.join(KINDS)}; default: all)")
     parser.add_argument('--model', default='RAVLT_T', help='the model whose cost is measured')
     parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON',
                         help='keyword arguments of that model (its attn_types say where RALA is)')
@@ -59,7 +60,8 @@ def get_args_parser():
     parser.add_argument('--iters', type=COUNT, default=10, help='timed steps per contender')
     parser.add_argument('--train-config', default='configs/demo_digits.yaml',
                         help="main.py config of the trainings; each kind replaces RALA in its model's attn_types")
-    parser.add_argument('--seeds', type=NON_NEGATIVE_INT, nargs='+', default=[0, 1, 2], help='a training per seed')
+    parser.add_argument('--seeds', type=NON_NEGATIVE_INT, nargs='+', default=[0, 1, 2], metavar='SEED',
+                        help='a training per seed')
     parser.add_argument('--jobs', type=COUNT, default=os.cpu_count() or 1,
                         help='trainings at a time (one thread each; default: one per CPU)')
     parser.add_argument('--num-images', type=COUNT, default=4, help='validation images of the rank analysis')
@@ -149,7 +151,7 @@ def train_and_analyse(job: dict, args) -> dict:
     if last['epoch'] != job['epochs'] - 1:
         raise SystemExit(f"error: {folder / 'log.txt'} ends at epoch {last['epoch']}, not {job['epochs'] - 1}")
     return {'seed': job['seed'], 'acc1': last['test_acc1'], 'ema_acc1': last.get('test_ema_acc1'),
-            'folder': str(folder), 'ranks': json.loads((folder / 'rank' / 'rank.json').read_text())}
+            'loss': last['test_loss'], 'folder': str(folder), 'ranks': json.loads((folder / 'rank' / 'rank.json').read_text())}
 
 
 def measure_learning(args, kinds) -> tuple:
@@ -202,6 +204,7 @@ def summarise_learning(learning: dict):
         runs = entry['runs']
         entry['acc1'] = [r['acc1'] for r in runs]
         entry['ema_acc1'] = [r['ema_acc1'] for r in runs]
+        entry['loss'] = [r['loss'] for r in runs]
         entry['stages'] = []
         for seeds in zip(*(stage_ranks(r['ranks']) for r in runs)):  # one stage, every seed
             entry['stages'].append({**seeds[0], 'matrix_rank': statistics.fmean(s['matrix_rank'] for s in seeds),
@@ -210,9 +213,10 @@ def summarise_learning(learning: dict):
 
 # ---- the tables and the figure ----
 
-def spread(values) -> str:
+def spread(values, digits: int = 2) -> str:
     mean = statistics.fmean(values)
-    return f'{mean:.2f}' if len(values) == 1 else f'{mean:.2f} ({min(values):.2f}-{max(values):.2f})'
+    return f'{mean:.{digits}f}' if len(values) == 1 else \
+        f'{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})'
 
 
 def cost_table(cost: dict, settings: str) -> str:
@@ -236,15 +240,15 @@ def learning_table(learning: dict, settings: str) -> str:
     stages = next(iter(learning.values()))['stages']
     # Stages with softmax in every row (the same kind) are left out.
     shown = [i for i in range(len(stages)) if any(e['stages'][i]['attention'] != 'softmax' for e in learning.values())]
-    header = ['attention per stage', 'top-1 %', 'EMA top-1 %']
+    header = ['attention per stage', 'top-1 %', 'EMA top-1 %', 'test loss']
     for i in shown:
         s = stages[i]
         header += [f"stage {i + 1} KV buffer rank (of d = {s['head_dim']}) / attention matrix* (of N = {s['tokens']})",
                    f"stage {i + 1} output rank (of {s['output_bound']})"]
-    lines = [f'Learning: {settings}; top-1: mean (min-max) over seeds, ranks: mean over blocks, heads, images '
+    lines = [f'Learning: {settings}; top-1 and loss of the final weights: mean (min-max) over seeds, ranks: mean over blocks, heads, images '
              'and seeds', '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for kind, e in learning.items():
-        cells = [', '.join(e['attn_types']), spread(e['acc1']), spread(e['ema_acc1'])]
+        cells = [', '.join(e['attn_types']), spread(e['acc1']), spread(e['ema_acc1']), spread(e['loss'], 4)]
         for s in (e['stages'][i] for i in shown):
             star = '*' if s['matrix'] == 'attention_matrix' else ''
             cells += [f"{s['matrix_rank']:.1f}{star}", f"{s['output_rank']:.1f}"]

@@ -48,7 +48,9 @@ def test_ablation_tables_hold_the_trainings_and_rank_analyses(tmp_path, capsys):
         folder = Path(run['folder'])
         assert folder == out.resolve() / 'digits' / f'{kind}-seed0'
         logged = json.loads((folder / 'log.txt').read_text().splitlines()[-1])
-        assert logged['epoch'] == 0 and (run['acc1'], run['ema_acc1']) == (logged['test_acc1'], logged['test_ema_acc1'])
+        assert logged['epoch'] == 0
+        assert (run['acc1'], run['ema_acc1'], run['loss']) == (logged['test_acc1'], logged['test_ema_acc1'],
+                                                                logged['test_loss'])
         trained = yaml.safe_load((folder / 'config.yaml').read_text())
         assert trained['model-kwargs'] == dict(TINY, attn_types=[kind, kind, 'softmax', 'softmax'])
         assert (trained['seed'], trained['epochs']) == (0, 1)
@@ -68,7 +70,8 @@ def test_ablation_tables_hold_the_trainings_and_rank_analyses(tmp_path, capsys):
     assert rows[1].split(' | ')[4].endswith('x1.00')  # eval img/s relative to rala
     # The learning table leaves out the stages that are softmax in every row: stages 1 and 2 only.
     assert 'stage 2 output rank (of 16)' in tables and 'stage 3' not in tables
-    assert f"{result['learning']['rala']['stages'][0]['output_rank']:.1f}" == rows[3].split(' | ')[4]
+    assert f"{result['learning']['rala']['stages'][0]['output_rank']:.1f}" == rows[3].split(' | ')[5]
+    assert f"{result['learning']['rala']['loss'][0]:.4f}" == rows[3].split(' | ')[3]
     with Image.open(out / 'ablation.png') as image:
         image.verify()
     assert tables in capsys.readouterr().out
