@@ -15,7 +15,7 @@ RAVLT is a four-stage hierarchical network on (B, C, H, W) maps. Stages 1-2 use 
 k, add a 5x5 depthwise LePE of v and gate the result with a fourth projection `o`.
 
 For the paper's ablation, `attn_types` also takes RALA with either of its rank augmentations removed and
-plain linear attention (`ATTENTION_TYPES`). Variants that keep LePE and the gate have RALA's parameters (their
+plain linear attention (`ATTENTION_TYPES`). Kinds that keep LePE and the gate have RALA's parameters (their
 checkpoints load into one another); those without them have no `o` projection and no LePE, so nothing
 unused is trained, counted or synchronised.
 
