@@ -94,6 +94,31 @@ def test_rope_buffers_and_block_kinds(variant):
             assert torch.equal(model.state_dict()[key], torch.tensor(values, dtype=torch.float32))
 
 
+# RAVLT-T's attention in stages 1-2 without the gate o and LePE: per block C * C + C (o) and 25 * C + C (LePE)
+# fewer, for two blocks of C = 64 and two of C = 128.
+RAVLT_T_UNGATED_PARAMS = 14_897_768 - 2 * (64 * 64 + 27 * 64) - 2 * (128 * 128 + 27 * 128)
+
+
+@pytest.mark.parametrize('kind, params', [('linear', RAVLT_T_UNGATED_PARAMS), ('rala_no_gate_lepe', RAVLT_T_UNGATED_PARAMS),
+                                          ('rala_no_alpha', 14_897_768), ('softmax', 14_897_768)])
+def test_ablation_kinds_layouts(kind, params):
+    """Kinds with the gate and LePE have RALA's state dict (an authors' checkpoint loads strict=True); kinds
+    without them have one `qkv` conv and no LePE, so no parameter goes unused."""
+    model = timm.create_model('ravlt_t', attn_types=(kind, kind, 'softmax', 'softmax'))
+    assert sum(p.numel() for p in model.parameters()) == params
+    authors = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in MANIFEST['RAVLT_T']}
+    state = model.state_dict()
+    if params == 14_897_768:
+        assert [(k, list(v.shape)) for k, v in state.items()] == [(k, shape) for k, shape, _ in MANIFEST['RAVLT_T']]
+        model.load_state_dict(authors, strict=True)
+        return
+    assert list(state['layers.1.blocks.0.attn.qkv.weight'].shape) == [3 * 128, 128, 1, 1]
+    assert not [k for k in state if k.startswith(('layers.0.', 'layers.1.')) and ('.lepe.' in k or '.qkvo.' in k)]
+    assert 'layers.2.blocks.0.attn.qkvo.weight' in state and 'layers.2.blocks.0.attn.lepe.weight' in state
+    with pytest.raises(RuntimeError, match='Unexpected key.*layers.0.blocks.0.attn.qkvo.weight'):
+        model.load_state_dict(authors, strict=True)
+
+
 # ---------------------------------------------------------------- function (float64 golden outputs)
 
 def test_hash_fill_matches_recipe_checksums(golden_model):
@@ -240,7 +265,8 @@ def test_all_linear_model_for_large_inputs():
     assert all(isinstance(b.attn, RankAugmentedLinearAttention) for s in model.layers for b in s.blocks)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 80)).shape == (1, 7)
-    with pytest.raises(ValueError, match='unknown attention type'):
+    with pytest.raises(ValueError, match=r"unknown attention type\(s\) \['window'\]; choose from \['linear', 'rala', "
+                       r"'rala_no_alpha', 'rala_no_gate_lepe', 'softmax'\]"):
         tiny(attn_types=('rala', 'rala', 'window', 'softmax'))
 
 

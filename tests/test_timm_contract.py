@@ -128,6 +128,20 @@ def test_backward_reaches_every_parameter(variant):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize('kind', ['linear', 'rala_no_alpha', 'rala_no_gate_lepe'])
+def test_ablation_kinds_train_script_trace_and_reparameterize(kind):
+    """The attention kinds of the ablation keep the contract: every parameter gets a gradient (so
+    DistributedDataParallel needs no unused-parameter search), TorchScript, FX and inference folding."""
+    model = tiny(attn_types=(kind, kind, 'softmax', 'softmax'), drop_path_rate=0.2).train()
+    model(torch.randn(2, 3, 64, 64)).mean().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model = with_random_statistics_(model).eval()
+    x = torch.randn(1, 3, 64, 96)
+    assert_scripts_and_traces(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(reparameterize_model(model)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- TorchScript and FX
 
 @pytest.mark.parametrize('variant', VARIANTS)
