@@ -3,7 +3,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -14,8 +13,8 @@ import models  # noqa: F401  (registers RAVLT with timm)
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention, RotaryEmbedding2d
 from scripts import plot_logs, rank_analysis
 from cli import UsageError, run_cli
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 

@@ -12,10 +12,10 @@ import torch
 
 import profiling
 from cli import UsageError
+from helpers import ROOT
 from scripts import benchmark
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]})
 
 FAKE_AUTHORS = '''

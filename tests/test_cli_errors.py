@@ -15,8 +15,8 @@ from PIL import Image
 import checkpoints
 import main
 from cli import run_cli
-from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, read_log,
-                           run_here)
+from helpers import ROOT
+from train_helpers import DIGITS, TINY, assert_one_line_error, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -13,12 +13,12 @@ import torch
 import deploy
 import models  # noqa: F401  (registers the RAVLT models)
 from cli import UsageError
+from helpers import ROOT
 from scripts import export_onnx
 
 ort = pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]}
 
 

@@ -9,11 +9,11 @@ import torch
 
 import models
 from hash_fill import fill_value, hash_fill_, hash_input
+from helpers import ROOT, TINY_KWARGS, VARIANTS, rel_err, tiny
 from timm.utils import reparameterize_model
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
-VARIANTS = ['ravlt_t', 'ravlt_s', 'ravlt_b', 'ravlt_l']
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 
 
 def load_fixture(name):
@@ -23,17 +23,6 @@ def load_fixture(name):
 
 MANIFEST = load_fixture('state_dict_manifest.json')
 GOLDEN = load_fixture('golden_RAVLT_T.json')
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def tiny(**kwargs):
-    cfg = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), projection_dim=64,
-               num_classes=7)
-    cfg.update(kwargs)
-    return timm.create_model('ravlt_t', **cfg)
 
 
 @pytest.fixture(scope='module')
@@ -304,8 +293,7 @@ def test_forward_intermediates_and_features_only():
             torch.testing.assert_close(a, b)
     assert [f['reduction'] for f in model.feature_info] == [4, 8, 16, 32]
 
-    backbone = timm.create_model('ravlt_t', features_only=True, embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1),
-                                 num_heads=(1, 2, 3, 4), projection_dim=64)
+    backbone = timm.create_model('ravlt_t', features_only=True, **TINY_KWARGS)
     backbone.model.load_state_dict(model.state_dict(), strict=False)
     backbone.eval()
     assert backbone.feature_info.reduction() == [4, 8, 16, 32]

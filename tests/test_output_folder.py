@@ -12,8 +12,8 @@ import pytest
 
 import checkpoints
 import main
-from train_helpers import (ROOT, TINY, assert_one_line_error, assert_same_training, command_env,
-                           read_log, run_here)
+from helpers import ROOT
+from train_helpers import TINY, assert_one_line_error, assert_same_training, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -6,13 +6,10 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the RAVLT models)
+from helpers import rel_err
 from models import reference
 from models.ravlt import RAVLTBlock, RotaryEmbedding2d, apply_rope, elu_plus_one
 from timm.utils import reparameterize_model
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def randomize_(module, seed=0):

@@ -15,9 +15,9 @@ from timm.utils import reparameterize_model
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import models  # noqa: F401  (registers the RAVLT models)
+from helpers import VARIANTS, rel_err, tiny
 from models.ravlt import ResidualDepthwiseConv
 
-VARIANTS = ['ravlt_t', 'ravlt_s', 'ravlt_b', 'ravlt_l']
 POOLS = {  # what each of timm's pool types makes of a (B, C, H, W) map
     'avg': lambda f: f.mean((2, 3)),
     'max': lambda f: f.amax((2, 3)),
@@ -34,14 +34,6 @@ def one_block_per_stage(variant, **kwargs):
     return timm.create_model(variant, depths=(1, 1, 1, 1), **kwargs)
 
 
-def tiny(**kwargs):
-    torch.manual_seed(0)
-    cfg = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4), projection_dim=64,
-               num_classes=7)
-    cfg.update(kwargs)
-    return timm.create_model('ravlt_t', **cfg)
-
-
 def with_random_statistics_(model):
     """Non-trivial weights and BatchNorm statistics, so that folding them is tested."""
     gen = torch.Generator().manual_seed(1)
@@ -51,10 +43,6 @@ def with_random_statistics_(model):
                 noise = torch.rand(t.shape, generator=gen, dtype=t.dtype)
                 t.copy_(0.5 + noise if name.endswith('running_var') else t + 0.2 * (noise - 0.5))
     return model
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------- classifier, pooling, default cfg
