@@ -112,6 +112,7 @@ def test_attention_paths_reproduce_the_model():
     assert all(1 <= r <= 15 for image in softmax['softmax']['attention_matrix']['rank'] for r in image)
     # Output features have rank at most that of the KV buffer in plain linear attention (out = RoPE(q) kv).
     plain = rala['plain_linear']
+    assert len(plain['output']['rank']) == len(plain['kv_buffer']['rank']) == 2  # images
     assert all(o <= k for oi, ki in zip(plain['output']['rank'], plain['kv_buffer']['rank']) for o, k in zip(oi, ki))
 
 

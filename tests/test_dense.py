@@ -411,7 +411,6 @@ def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path):
     checkpoint = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and checkpoint['meta']['classes'] == ['class3', 'class7']
 
-    # The checkpoint evaluates to the same numbers.
     # The checkpoint evaluates to the same numbers, with its own --task, --model-kwargs and --img-scale.
     assert main_det.cli(['--data-path', str(coco_root), '--device', 'cpu', '--num_workers', '0', '--eval',
                          '--resume', str(tmp_path / 'checkpoint.pth'), '--output_dir', str(tmp_path / 'eval')]) == stats
@@ -468,8 +467,8 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     with pytest.raises(UsageError, match='trained on 2 classes, this data set has 3'):
         main_det.cli(det_args(tmp_path / 'three', tmp_path / 'd', 'retinanet', '--eval', '--resume',
                               str(tmp_path / 'two.pth')))
+    checkpoints.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
     with pytest.raises(UsageError, match='holds no RAVLT weights'):
-        checkpoints.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
         main_seg.cli(seg_args(ade_root, tmp_path / 'e', 'semfpn', '--eval', '--pretrained', str(tmp_path / 'fc.pth')))
     # An ImageNet checkpoint given to --resume instead of --pretrained.
     classifier = timm.create_model('ravlt_t', num_classes=10, **TINY)

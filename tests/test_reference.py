@@ -65,11 +65,12 @@ def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, h
         assert rel_err(fused(x, sin, cos), reference.block(block, x, angle)) < 1e-12
 
 
-def test_no_grad_path_leaves_inputs_untouched():
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+def test_block_and_attention_leave_their_channels_last_input_unchanged(grad):
     block, rope = make_block('rala', 2, 8)
     x = torch.randn(2, 16, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     kept = x.clone()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         block(x, *rope(9, 7))
         block.attn(x, *rope(9, 7))
     assert torch.equal(x, kept)
@@ -198,5 +199,6 @@ def test_channels_last_input_and_weights_give_the_same_output_and_gradients():
         torch.testing.assert_close(grad, grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
         # A channels-last weight gets a channels-last gradient (what DistributedDataParallel's buckets expect).
         param = model.get_parameter(name)
-        if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+        if param.dim() == 4:  # every conv weight is channels-last here
+            assert param.is_contiguous(memory_format=torch.channels_last), name
             assert grad.is_contiguous(memory_format=torch.channels_last), name

@@ -192,6 +192,7 @@ def test_stage_outputs_by_fx_feature_extraction():
         from_timm = fx_backbone(x)
     assert [tuple(t.shape) for t in expected] == [(2, 16, 25, 33), (2, 32, 13, 17), (2, 48, 7, 9), (2, 64, 4, 5)]
     assert [info['num_chs'] for info in model.feature_info] == [t.shape[1] for t in expected]
+    assert len(extracted) == len(from_timm) == 4
     for a, b, c in zip(expected, extracted, from_timm):
         assert torch.equal(a, b) and torch.equal(a, c)
 
