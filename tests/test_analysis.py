@@ -128,6 +128,7 @@ def run_rank_analysis(tmp_path, *extra):
     return json.loads((out / 'rank.json').read_text())
 
 
+@pytest.mark.slow
 def test_rank_analysis_writes_png_and_json(tmp_path):
     report = run_rank_analysis(tmp_path, '--model', 'RAVLT_T', '--model-kwargs', json.dumps(TINY_KWARGS))
     assert report['weights'] == 'random init (no checkpoint)' and report['images'] == '2 DIGITS val images'
@@ -142,6 +143,7 @@ def test_rank_analysis_writes_png_and_json(tmp_path):
     assert stage2['kv_buffer']['shape'] == [16, 16] and stage2['output']['shape'] == [16, 16]
 
 
+@pytest.mark.slow
 def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
     # A checkpoint as main.py writes it: the model settings and input size come from its `args`.
     torch.manual_seed(0)
@@ -231,6 +233,7 @@ def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
     ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
     ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
 ])
+@pytest.mark.slow
 def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
     run = tmp_path / 'run'
     if content is not None:

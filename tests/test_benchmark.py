@@ -28,6 +28,7 @@ def RAVLT_T(args=None):
 '''
 
 
+@pytest.mark.slow
 def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     authors = tmp_path / 'RALA.py'
     authors.write_text(FAKE_AUTHORS)
@@ -70,6 +71,7 @@ def test_model_kwargs_reach_the_model():
     assert row['img_per_s'] > 0
 
 
+@pytest.mark.slow
 def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
     """The training step's peak holds the gradients (as big as the weights) on top of the activations."""
     rows = benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '2', '--input-size', '32',
@@ -121,6 +123,7 @@ def test_amp_and_channels_last_reach_the_step():
     assert dtypes == [torch.bfloat16] and all(p.grad is not None for p in runner.module.parameters())
 
 
+@pytest.mark.slow
 def test_matmul_rate_and_fractions():
     rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'eval', 'train', '--batch-size',
                            '2', '--input-size', '64', '96', '--warmup', '1', '--iters', '2', '--matmul-rate'])
@@ -134,6 +137,7 @@ def test_matmul_rate_and_fractions():
         assert row['matmul_fraction'] == pytest.approx(row['gflop_per_s'] / matmul['gflop_per_s'])
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend(capsys):
     pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
     rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--backend', 'onnxruntime', '--mode',
@@ -145,6 +149,7 @@ def test_onnxruntime_backend(capsys):
     assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
     """Spinning ONNX Runtime threads would take the cores from the contender that runs next."""
     pytest.importorskip('onnxruntime')
@@ -172,6 +177,7 @@ def test_bad_input_is_a_usage_error(argv, message):
         benchmark.main(['--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv])
 
 
+@pytest.mark.slow
 def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
     authors = tmp_path / 'RALA.py'
     authors.write_text('import einops_is_not_installed_here\n')
@@ -240,6 +246,7 @@ def test_gpu_check_runs_each_step_with_flags_its_entry_point_accepts():
         [['RAVLT_T', 'RAVLT_S', 'convnext_tiny']] * 3
 
 
+@pytest.mark.slow  # collects the whole suite
 def test_gpu_check_pytest_step_selects_the_tests_that_need_a_gpu():
     """The first step of scripts/gpu_check.sh, run with --collect-only: exactly the tests that need CUDA."""
     command, = [c for c in gpu_check_commands() if c[:3] == ['python', '-m', 'pytest']]

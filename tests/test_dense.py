@@ -211,6 +211,7 @@ def test_param_counts_near_the_papers():
         assert abs(params - published) / published < 0.025, (task, variant, params)
 
 
+@pytest.mark.slow
 def test_segmenter_losses_and_logits():
     torch.manual_seed(0)
     for task in ('semfpn', 'upernet'):
@@ -333,6 +334,7 @@ def small_model(task, num_classes):
     return build_dense_model(task, 'ravlt_t', num_classes, TINY, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('task', ['retinanet', 'maskrcnn', 'semfpn', 'upernet'])
 def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     torch.manual_seed(0)
@@ -356,6 +358,7 @@ def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     assert losses[1] < 0.9 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
     torch.manual_seed(0)
     dataset = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
@@ -367,6 +370,7 @@ def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
     assert all(0.0 <= stats[k] <= 100.0 for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50'))
 
 
+@pytest.mark.slow
 def test_flops_count_the_authors_dummy_forward():
     """As mmdet's get_flops: Mask R-CNN's box head on 1000 proposals, its mask head on 100."""
     from scripts import flops
@@ -399,6 +403,7 @@ def det_args(coco_root, out, task, *extra):
             '--warmup-iters', '2', '--print-freq', '100', '--output_dir', str(out), *extra]
 
 
+@pytest.mark.slow
 def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path):
     task = 'retinanet'  # Mask R-CNN's full heads are slow on the CPU; the run is the same
     stats = main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '2', '--lr-steps', '1'))
@@ -427,6 +432,7 @@ def seg_args(ade_root, out, task, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_main_seg_trains_evaluates_and_resumes(ade_root, tmp_path):
     stats = main_seg.cli(seg_args(ade_root, tmp_path, 'semfpn', '--iters', '3', '--eval-interval', '2',
                                   '--min-lr', '0', '--poly-power', '1'))
@@ -572,6 +578,7 @@ def _coco_in_two_processes(rank, port, root, folder):
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_coco_evaluation_in_two_processes_is_scored_once_on_rank_0(coco_root, tmp_path):
     from train_helpers import free_port
     torch.multiprocessing.spawn(_coco_in_two_processes, args=(free_port(), str(coco_root), str(tmp_path)), nprocs=2)

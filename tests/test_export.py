@@ -48,6 +48,7 @@ def exported(tmp_path_factory):
     return checkpoint, output
 
 
+@pytest.mark.slow
 def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported, capsys):
     checkpoint, output = exported
     assert output.is_file() and not [p for p in os.listdir(output.parent) if p.endswith('.tmp.onnx')]
@@ -65,6 +66,7 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported, capsys):
         assert (ema(x) - not_ema(x)).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_failed_check_writes_nothing(exported, tmp_path, monkeypatch):
     """The file from the EMA weights checked against the model's weights: the check fails, nothing is left."""
     checkpoint, output = exported
@@ -104,6 +106,7 @@ def test_bad_input_is_a_usage_error(argv, message, tmp_path):
         export_onnx.main([*argv, '--output', str(tmp_path / 'x.onnx')])
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_on_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'export_onnx.py'), '--model', 'RAVLT_S',
                              '--checkpoint', 'MISSING.pth', '--output', str(tmp_path / 'x.onnx')],

@@ -7,6 +7,8 @@ import pytest
 
 from scripts import flops
 
+pytestmark = pytest.mark.slow  # fvcore traces of full-size models
+
 # Measured on the authors' code: fvcore at 1x3x224x224, default handles.
 AUTHORS = {
     'RAVLT_T': (14.90, 2.626, 2.425),

@@ -18,6 +18,7 @@ from train_helpers import TINY, assert_one_line_error, assert_same_training, com
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_path):
     args = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '50', '--aa', 'none', '--mixup', '0',
                    '--cutmix', '0', '--no-repeated-aug', '--output_dir', tmp_path]

@@ -121,6 +121,7 @@ def small_model(**kwargs):
                              projection_dim=64, num_classes=10, **kwargs)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_whole_model_matches_eager():
     """Dynamo captures the whole network, forward and backward, as one graph (any graph break raises).
     aot_eager keeps this fast; Inductor's code generation is tested on blocks below and the whole network
@@ -142,6 +143,7 @@ def test_torch_compile_fullgraph_whole_model_matches_eager():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['rala', 'softmax'])
 def test_inductor_compiled_block_matches_eager(kind):
     torch.manual_seed(0)
@@ -153,6 +155,7 @@ def test_inductor_compiled_block_matches_eager(kind):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_export_ravlt_t_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model('ravlt_t').eval()

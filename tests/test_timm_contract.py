@@ -24,6 +24,8 @@ POOLS = {  # what each of timm's pool types makes of a (B, C, H, W) map
     'avgmax': lambda f: 0.5 * (f.mean((2, 3)) + f.amax((2, 3))),
     'catavgmax': lambda f: torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=1),
 }
+# RAVLT-T in every tier; the other variants (the same modules, wider) in the slow tier.
+VARIANT_PARAMS = [pytest.param(v, marks=[] if v == 'ravlt_t' else pytest.mark.slow) for v in VARIANTS]
 # torchvision notes that a model traced in train mode has more nodes (drop path) than in eval mode.
 pytestmark = pytest.mark.filterwarnings('ignore:NOTE. The nodes obtained by tracing')
 TIMM_TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
@@ -47,7 +49,7 @@ def with_random_statistics_(model):
 
 # ---------------------------------------------------------------- classifier, pooling, default cfg
 
-@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_default_cfg_features_pre_logits_and_reset(variant):
     model = one_block_per_stage(variant).eval()
     cfg = model.pretrained_cfg
@@ -105,7 +107,7 @@ def test_no_pooling_applies_the_classifier_at_every_position():
 
 # ---------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_backward_reaches_every_parameter(variant):
     model = one_block_per_stage(variant, num_classes=42, drop_path_rate=0.2).train()
     out = model(torch.randn(2, 3, 64, 64))
@@ -118,7 +120,7 @@ def test_backward_reaches_every_parameter(variant):
 
 # ---------------------------------------------------------------- TorchScript and FX
 
-@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_torchscript_equals_eager(variant):
     with timm.set_scriptable(True):
         model = one_block_per_stage(variant).eval()
@@ -135,7 +137,7 @@ def last_node_extractor(model, train: bool = False, **tracer_kwargs):
                                     tracer_kwargs=tracer_kwargs)
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('variant', VARIANT_PARAMS)
 @pytest.mark.parametrize('tracer', ['torchvision', 'timm'])
 def test_fx_trace_equals_eager_and_scripts(variant, tracer):
     """Symbolic tracing needs no leaf modules or wrapped functions (torchvision's defaults); with timm's
@@ -152,7 +154,7 @@ def test_fx_trace_equals_eager_and_scripts(variant, tracer):
     torch.testing.assert_close(scripted, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_fx_graph_trains(variant):
     model = one_block_per_stage(variant, num_classes=42).train()
     graph = last_node_extractor(model, train=True, **TIMM_TRACER)
@@ -172,6 +174,7 @@ def assert_scripts_and_traces(model, x):
         torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_size_model_scripts_and_traces():
     torch.manual_seed(0)
     assert_scripts_and_traces(timm.create_model('ravlt_t').eval(), torch.randn(1, 3, 128, 128))
@@ -199,6 +202,7 @@ def test_stage_outputs_by_fx_feature_extraction():
 
 # ---------------------------------------------------------------- inference re-parameterization
 
+@pytest.mark.slow  # RAVLT-T's folding is in every tier: test_model.py's golden test, reparameterized
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_reparameterized_model_computes_the_same_function(variant):
     model = with_random_statistics_(one_block_per_stage(variant).double()).eval()

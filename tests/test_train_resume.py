@@ -17,7 +17,7 @@ import main
 from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, read_log,
                            run_here, run_main)
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow]
 
 
 def run_hooked(output_dir, **hooks):
