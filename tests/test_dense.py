@@ -484,8 +484,8 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main_det.cli, det_args(tmp_path, tmp_path / 'f', 'maskrcnn'))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and 'instances_val2017.json not found' in lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------
