@@ -128,7 +128,6 @@ def run_rank_analysis(tmp_path, *extra):
     return json.loads((out / 'rank.json').read_text())
 
 
-@pytest.mark.slow
 def test_rank_analysis_writes_png_and_json(tmp_path):
     report = run_rank_analysis(tmp_path, '--model', 'RAVLT_T', '--model-kwargs', json.dumps(TINY_KWARGS))
     assert report['weights'] == 'random init (no checkpoint)' and report['images'] == '2 DIGITS val images'
@@ -143,7 +142,6 @@ def test_rank_analysis_writes_png_and_json(tmp_path):
     assert stage2['kv_buffer']['shape'] == [16, 16] and stage2['output']['shape'] == [16, 16]
 
 
-@pytest.mark.slow
 def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
     # A checkpoint as main.py writes it: the model settings and input size come from its `args`.
     torch.manual_seed(0)

@@ -211,7 +211,6 @@ def test_param_counts_near_the_papers():
         assert abs(params - published) / published < 0.025, (task, variant, params)
 
 
-@pytest.mark.slow
 def test_segmenter_losses_and_logits():
     torch.manual_seed(0)
     for task in ('semfpn', 'upernet'):
@@ -334,8 +333,8 @@ def small_model(task, num_classes):
     return build_dense_model(task, 'ravlt_t', num_classes, TINY, **kwargs)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('task', ['retinanet', 'maskrcnn', 'semfpn', 'upernet'])
+@pytest.mark.parametrize('task', [pytest.param('retinanet', marks=pytest.mark.slow),
+                                  pytest.param('maskrcnn', marks=pytest.mark.slow), 'semfpn', 'upernet'])
 def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     torch.manual_seed(0)
     if task in ('retinanet', 'maskrcnn'):
@@ -358,7 +357,6 @@ def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     assert losses[1] < 0.9 * losses[0], losses
 
 
-@pytest.mark.slow
 def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
     torch.manual_seed(0)
     dataset = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)

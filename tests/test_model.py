@@ -107,8 +107,7 @@ def run_with_probes(model, x):
 
 
 @pytest.mark.parametrize('fused', [False, True], ids=['model', 'reparameterized'])
-# Case 0 (two 224 px images) is the slow tier's; the others (one 160x256 image) run in every tier.
-@pytest.mark.parametrize('case', [pytest.param(0, marks=pytest.mark.slow), *range(1, len(GOLDEN['cases']))])
+@pytest.mark.parametrize('case', range(len(GOLDEN['cases'])))
 def test_golden_logits_and_probes(golden_model, golden_fused, case, fused):
     case = GOLDEN['cases'][case]
     logits, probes = run_with_probes(golden_fused if fused else golden_model, hash_input(case['input_shape']))
@@ -125,7 +124,6 @@ def test_golden_logits_and_probes(golden_model, golden_fused, case, fused):
     assert rel_err(logits, expected) < 1e-9
 
 
-@pytest.mark.slow
 def test_golden_detects_a_softmax_block_computed_as_rala(golden_model):
     """The trap: both block kinds have the same parameters, so a wrong kind loads strict=True. The
     fixture must catch it."""

@@ -21,7 +21,7 @@ from test_dense import TINY_JSON, write_ade
 from train_helpers import (RANDOM, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log, run_here,
                            start, torchrun_command)
 
-# Each test runs two or three trainings of two processes: up to a minute on a busy 2-core machine.
+# Each test runs two or three trainings of two processes: up to two minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.distributed, pytest.mark.timeout(600)]
 
 NUM_VAL = 256  # FAKE's held-out images

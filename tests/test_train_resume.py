@@ -17,7 +17,8 @@ import main
 from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, read_log,
                            run_here, run_main)
 
-pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow]
+# Each test runs two or three trainings: up to two minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def run_hooked(output_dir, **hooks):
