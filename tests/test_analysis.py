@@ -3,7 +3,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -15,8 +14,8 @@ import models  # noqa: F401  (registers RAVLT with timm)
 from models import reference
 from scripts import plot_logs, rank_analysis
 from cli import UsageError, run_cli
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -221,6 +220,7 @@ def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
     ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
     ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
 ])
+@pytest.mark.slow
 def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
     run = tmp_path / 'run'
     if content is not None:

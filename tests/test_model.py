@@ -9,11 +9,11 @@ import torch
 
 import models
 from hash_fill import fill_value, hash_fill_, hash_input
+from helpers import ROOT, TINY_KWARGS, VARIANTS, rel_err, tiny
 from timm.utils import reparameterize_model
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
-VARIANTS = ['ravlt_t', 'ravlt_s', 'ravlt_b', 'ravlt_l']
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 
 
 def load_fixture(name):
@@ -23,17 +23,6 @@ def load_fixture(name):
 
 MANIFEST = load_fixture('state_dict_manifest.json')
 GOLDEN = load_fixture('golden_RAVLT_T.json')
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def tiny(**kwargs):
-    cfg = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), projection_dim=64,
-               num_classes=7)
-    cfg.update(kwargs)
-    return timm.create_model('ravlt_t', **cfg)
 
 
 @pytest.fixture(scope='module')
@@ -193,7 +182,8 @@ def test_batch_elements_are_independent_in_eval():
     assert rel_err(together, alone) < 1e-12
 
 
-def test_rope_cache_follows_loaded_angles():
+def test_loaded_rope_angles_take_effect():
+    """The RoPE tables come from the `angle` buffers of the weights loaded, not from those the model was built with."""
     model = tiny().double().eval()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
@@ -205,7 +195,7 @@ def test_rope_cache_follows_loaded_angles():
         rebuilt = tiny().double().eval()
         rebuilt.load_state_dict(state)
         fresh = rebuilt(x)
-    assert rel_err(after, before) > 1e-6  # the cached tables were not reused after the load
+    assert rel_err(after, before) > 1e-6
     assert rel_err(after, fresh) < 1e-13
 
 
@@ -290,6 +280,7 @@ def peak_live_mib(fn) -> float:
     return peak / 2 ** 20
 
 
+@pytest.mark.slow
 def test_inference_memory_at_1024_is_under_a_third_of_the_authors():
     model = reparameterize_model(timm.create_model('ravlt_s').eval())
     x = torch.randn(1, 3, 1024, 1024)
@@ -326,21 +317,22 @@ def test_forward_intermediates_and_features_only():
         assert [t.shape[1] for t in inter] == [16, 32, 48, 64]
         assert [tuple(t.shape[2:]) for t in inter] == [(25, 33), (13, 17), (7, 9), (4, 5)]
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert len(last_two) == 2
         for a, b in zip(last_two, inter[2:]):
             torch.testing.assert_close(a, b)
     assert [f['reduction'] for f in model.feature_info] == [4, 8, 16, 32]
 
-    backbone = timm.create_model('ravlt_t', features_only=True, embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1),
-                                 num_heads=(1, 2, 3, 4), projection_dim=64)
+    backbone = timm.create_model('ravlt_t', features_only=True, **TINY_KWARGS)
     backbone.model.load_state_dict(model.state_dict(), strict=False)
     backbone.eval()
     assert backbone.feature_info.reduction() == [4, 8, 16, 32]
     assert backbone.feature_info.channels() == [16, 32, 48, 64]
     with torch.no_grad():
-        for a, b in zip(backbone(x), inter):
-            torch.testing.assert_close(a, b)
-    early = timm.create_model('ravlt_t', features_only=True, out_indices=(0, 1), embed_dims=(16, 32, 48, 64),
-                              depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), projection_dim=64)
+        features = backbone(x)
+    assert len(features) == len(inter) == 4
+    for a, b in zip(features, inter):
+        torch.testing.assert_close(a, b)
+    early = timm.create_model('ravlt_t', features_only=True, out_indices=(0, 1), **TINY_KWARGS)
     assert len(early.model.layers) == 2 and isinstance(early.model.layers[1].downsample, torch.nn.Identity)
 
 

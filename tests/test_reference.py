@@ -7,14 +7,11 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the RAVLT models)
+from helpers import rel_err
 from models import reference
 from models.ravlt import (ATTENTION_TYPES, LinearAttention, RAVLTBlock, ReweightedLinearAttention, RotaryEmbedding2d,
                           apply_rope, elu_plus_one, linear_attention, rank_augmented_attention)
 from timm.utils import reparameterize_model
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def randomize_(module, seed=0):
@@ -129,11 +126,12 @@ def test_gated_weights_computed_without_gate_equal_the_ungated_module(kind, cls)
     assert reference.computable_kinds(ungated) == [kind] + [k for k in ('linear', 'rala_no_gate_lepe') if k != kind]
 
 
-def test_no_grad_path_leaves_inputs_untouched():
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+def test_block_and_attention_leave_their_channels_last_input_unchanged(grad):
     block, rope = make_block('rala', 2, 8)
     x = torch.randn(2, 16, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     kept = x.clone()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         block(x, *rope(9, 7))
         block.attn(x, *rope(9, 7))
     assert torch.equal(x, kept)
@@ -184,6 +182,7 @@ def small_model(**kwargs):
                              projection_dim=64, num_classes=10, **kwargs)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_whole_model_matches_eager():
     """Dynamo captures the whole network, forward and backward, as one graph (any graph break raises).
     aot_eager keeps this fast; Inductor's code generation is tested on blocks below and the whole network
@@ -205,6 +204,7 @@ def test_torch_compile_fullgraph_whole_model_matches_eager():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['rala', 'softmax'])
 def test_inductor_compiled_block_matches_eager(kind):
     torch.manual_seed(0)
@@ -216,6 +216,7 @@ def test_inductor_compiled_block_matches_eager(kind):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_export_ravlt_t_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model('ravlt_t').eval()
@@ -262,5 +263,6 @@ def test_channels_last_input_and_weights_give_the_same_output_and_gradients():
         torch.testing.assert_close(grad, grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
         # A channels-last weight gets a channels-last gradient (what DistributedDataParallel's buckets expect).
         param = model.get_parameter(name)
-        if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+        if param.dim() == 4:  # every conv weight is channels-last here
+            assert param.is_contiguous(memory_format=torch.channels_last), name
             assert grad.is_contiguous(memory_format=torch.channels_last), name
