@@ -29,6 +29,7 @@ def cost_args(*extra):
             '--iters', '1', '--threads', '1', '--num-images', '2', *extra]
 
 
+@pytest.mark.slow
 def test_ablation_tables_hold_the_trainings_and_rank_analyses(tmp_path, capsys):
     out = tmp_path / 'ablation'
     result = ablation.main(['--kinds', 'linear', 'rala', '--seeds', '0', '--jobs', '2', '--train-config',
@@ -99,6 +100,7 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path, capsys):
     assert not (out / 'digits').exists()
 
 
+@pytest.mark.slow
 def test_failed_training_ends_the_ablation_in_one_line(tmp_path):
     """main.py rejects the data (no ImageNet folder): its one line, with where the whole output is."""
     config = tiny_config(tmp_path, **{'data-set': 'IMNET', 'data-path': str(tmp_path / 'no_imagenet')})

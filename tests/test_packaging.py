@@ -8,6 +8,7 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # builds a wheel
 
 
 @pytest.fixture(scope='module')

@@ -118,6 +118,7 @@ def test_backward_reaches_every_parameter(variant):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['linear', 'rala_no_alpha', 'rala_no_gate_lepe'])
 def test_ablation_kinds_train_script_trace_and_reparameterize(kind):
     """The attention kinds of the ablation keep the contract: every parameter gets a gradient (so
