@@ -7,7 +7,8 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 pytestmark = pytest.mark.slow  # builds a wheel
 
 
