@@ -16,8 +16,8 @@ import checkpoints
 import main
 import utils
 from cli import run_cli
-from train_helpers import (DIGITS, ROOT, TINY, assert_one_line_error, command_env, read_log,
-                           run_here)
+from helpers import ROOT
+from train_helpers import DIGITS, TINY, assert_one_line_error, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -202,6 +202,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_old_file(tmp_path, mo
     assert checkpoints.load_checkpoint(path) == {'epoch': 1} and os.listdir(tmp_path) == ['checkpoint.pth']
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line(tmp_path):
     process = subprocess.Popen([sys.executable, 'main.py', *map(str, DIGITS), '--epochs', '50', '--output_dir',
                                 str(tmp_path)], cwd=ROOT, env=command_env(), stdout=subprocess.PIPE,
@@ -214,6 +215,7 @@ def test_ctrl_c_is_one_line(tmp_path):
     assert_one_line_error(process.returncode, out, err, 130, 'interrupted')
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / 'out'
     good = run_here(main, DIGITS + ['--epochs', '1', '--output_dir', out])
@@ -236,6 +238,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tm
                           'head.bias')
 
 
+@pytest.mark.slow
 def test_a_diverging_run_never_saves_a_poisoned_resume_point(tmp_path):
     """One step per epoch, warming up to a huge learning rate: epoch 0 is sound, epoch 1's step has a finite
     loss but leaves weights whose evaluation loss is not. They never replace the sound checkpoint, and the

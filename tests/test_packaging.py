@@ -7,7 +7,9 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow  # builds a wheel
 
 
 @pytest.fixture(scope='module')

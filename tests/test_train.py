@@ -46,6 +46,7 @@ def authors_layout(checkpoint: dict, epoch: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     out, result = digits_run
     assert {'checkpoint.pth', 'best.pth', 'best_ema.pth', 'backup0.pth', 'backup1.pth', 'log.txt',
@@ -85,6 +86,7 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     assert [e.value for e in events.Scalars('test/acc1')] == pytest.approx([entry['test_acc1'] for entry in log])
 
 
+@pytest.mark.slow
 def test_resolved_config_reproduces_the_run(digits_run):
     out, _ = digits_run
     with open(out / 'config.yaml') as f:
@@ -95,6 +97,7 @@ def test_resolved_config_reproduces_the_run(digits_run):
     assert args.model_kwargs == TINY_MODEL_KWARGS and args.epochs == 2 and args.repeated_aug is False
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(digits_run, tmp_path):
     """The checkpoint carries its flags: --eval takes the model's shape (--model-kwargs) and input size from it."""
     out, _ = digits_run
@@ -126,6 +129,7 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
     assert line.endswith(f'they were trained with --model "RAVLT_T" --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}')
 
 
+@pytest.mark.slow
 def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
     out, _ = digits_run
     authors = tmp_path / 'RAVLT_T.pth'
@@ -142,6 +146,7 @@ def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
     assert bare.returncode == 0, bare.stderr
 
 
+@pytest.mark.slow
 def test_resume_from_authors_checkpoint_layout_continues_training(digits_run, tmp_path):
     out, _ = digits_run
     authors = tmp_path / 'RAVLT_T.pth'
@@ -152,6 +157,7 @@ def test_resume_from_authors_checkpoint_layout_continues_training(digits_run, tm
     assert [entry['epoch'] for entry in read_log(tmp_path / 'resumed')] == [2]
 
 
+@pytest.mark.slow
 def test_finetune_takes_the_model_from_the_checkpoint_and_a_resume_does_not_reload_it(digits_run, tmp_path):
     out, _ = digits_run
     start = out / 'checkpoint.pth'
@@ -186,6 +192,7 @@ def test_finetune_takes_the_model_from_the_checkpoint_and_a_resume_does_not_relo
     assert [entry['epoch'] for entry in read_log(tmp_path / 'ft')] == [0, 1]
 
 
+@pytest.mark.slow
 def test_finetune_with_another_class_count_gets_a_new_classifier(tmp_path):
     torch.manual_seed(0)
     pretrained = timm.create_model('ravlt_t', num_classes=1000, **TINY_MODEL_KWARGS)
@@ -204,6 +211,7 @@ def test_finetune_with_another_class_count_gets_a_new_classifier(tmp_path):
                              {k: v for k, v in pretrained.state_dict().items() if not k.startswith('head.')})
 
 
+@pytest.mark.slow
 def test_a_finished_run_started_again_says_it_is_complete(digits_run, tmp_path):
     out, _ = digits_run
     folder = tmp_path / 'again'
@@ -222,6 +230,7 @@ def test_a_finished_run_started_again_says_it_is_complete(digits_run, tmp_path):
         {k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')}
 
 
+@pytest.mark.slow
 def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
     out, _ = digits_run
     resumed = tmp_path / 'resumed'
@@ -238,6 +247,7 @@ def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
     assert yaml.safe_load((resumed / 'config.yaml').read_text())['lr'] == 0.032
 
 
+@pytest.mark.slow
 def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_path):
     result = run_here(main, TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '1', '--mixup', '0',
                               '--cutmix', '0', '--aa', 'none', '--no-repeated-aug', '--no-model-ema',
@@ -247,6 +257,7 @@ def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_pa
     assert 'lr: 1e-06' in result.stdout and 'lr: 0.000000' not in result.stdout
 
 
+@pytest.mark.slow
 def test_the_demo_config_warms_up_within_its_first_epoch(tmp_path):
     """Stepped once per epoch, the demo's one-epoch warm-up ran its whole first epoch at --warmup-lr (1e-6);
     stepped per update, the first epoch ramps to the set rate (1e-3 at batch 64), whose mean is half of it."""
@@ -273,6 +284,7 @@ def digit_folders(root, train_per_class: int = 30, val_per_class: int = 10):
     return root
 
 
+@pytest.mark.slow
 def test_the_small_data_finetuning_recipe(digits_run, tmp_path):
     """configs/finetune_small.yaml on a small class-folder set at 32 px: without the ImageNet recipe's mixup,
     cutmix, RandAugment and erasing, the training loss measures the fit: below chance and falling."""

@@ -17,7 +17,7 @@ import main_det
 import main_seg
 import models
 from cli import UsageError, apply_recipe
-from datasets import build_transform
+from datasets import build_transform, use_zero_bit_posterize
 
 
 def parse(argv):
@@ -128,6 +128,22 @@ def test_variant_configs_hold_the_authors_recipe(variant):
     assert last_block.drop_path.drop_prob == pytest.approx(models.RAVLT_CONFIGS[f'ravlt_{variant}']['drop_path_rate'])
 
 
+@pytest.mark.parametrize('kind', ['linear', 'rala_no_alpha', 'rala_no_gate_lepe', 'rala', 'softmax'])
+def test_ablation_configs_are_the_ravlt_t_recipe_with_one_attention_kind(kind):
+    """configs/ablation/: RAVLT-T's recipe, flag for flag, with the kind in the stages that have RALA (every stage
+    for softmax); the model builds with that kind's modules."""
+    args = parse(['--config', f'configs/ablation/ravlt_t_{kind}.yaml', '--data-path', 'P'])
+    recipe = parse(['--config', 'configs/ravlt_t.yaml', '--data-path', 'P'])
+    expected = [kind] * 4 if kind == 'softmax' else [kind, kind, 'softmax', 'softmax']
+    assert args.model_kwargs == {'attn_types': expected}
+    ignored = {'given', 'config', 'model_kwargs'}
+    assert {k: v for k, v in vars(args).items() if k not in ignored} == \
+        {k: v for k, v in vars(recipe).items() if k not in ignored}
+    with torch.device('meta'):
+        model = timm.create_model(models.resolve_model_name(args.model), **args.model_kwargs)
+    assert [type(stage.blocks[0].attn) for stage in model.layers] == [models.ATTENTION_TYPES[k] for k in expected]
+
+
 def test_demo_config_parses():
     args = parse(['--config', 'configs/demo_digits.yaml'])
     assert (args.data_set, args.device, args.input_size) == ('DIGITS', 'cpu', 32)
@@ -158,6 +174,7 @@ def test_eval_resizes_by_256_over_224_up_to_224_only():
 
 def test_randaugment_posterize_at_top_magnitude_gives_a_black_image():
     # 'inc1' posterize keeps 4 - int(magnitude / 10 * 4) bits: none at magnitude 10.
+    use_zero_bit_posterize()  # what build_transform does before timm builds the policy's ops
     op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
     image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     assert np.asarray(op(image)).max() == 0
@@ -178,10 +195,10 @@ def help_entries(text: str) -> dict:
 
 
 def script_parsers():
-    from scripts import benchmark, export_onnx, flops, plot_logs, rank_analysis, resolution
+    from scripts import ablation, benchmark, export_onnx, flops, plot_logs, rank_analysis, resolution
     return {module.__name__: module.get_args_parser()
-            for module in (main, main_det, main_seg, benchmark, export_onnx, flops, plot_logs, rank_analysis,
-                           resolution)}
+            for module in (main, main_det, main_seg, ablation, benchmark, export_onnx, flops, plot_logs,
+                           rank_analysis, resolution)}
 
 
 def test_help_shows_every_flags_default(capsys):
