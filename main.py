@@ -117,6 +117,19 @@ def check_args(args):
                          '(or pass --mixup 0 --cutmix 0)')
 
 
+def check_model_fits(model: torch.nn.Module, args):
+    """What the model's own checks would find only at the first step: training BatchNorm layers that would see
+    one value per channel (--batch-size 1 with a 1x1 map at the model's deepest stage, the stride of timm's
+    feature_info)."""
+    info = getattr(model, 'feature_info', None)
+    reduction = info[-1].get('reduction') if isinstance(info, list) and info and isinstance(info[-1], dict) else None
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not args.eval and reduction and has_batch_norm and args.batch_size == 1 and args.input_size <= reduction:
+        raise UsageError(f'--batch-size 1 at --input-size {args.input_size}: the BatchNorm layers of the last stage '
+                         f'(stride {reduction}) would see one value per channel, which training cannot normalize; use '
+                         f'--batch-size 2 or more, or --input-size {reduction + 1} or more')
+
+
 def load_finetune_weights(model: torch.nn.Module, path: str, model_name: str):
     """Weights from `path`; a classifier of another class count is dropped (the model keeps its new one)."""
     checkpoint = checkpoints.load_checkpoint(path)
@@ -163,8 +176,12 @@ def build_task(args, run: Run) -> Task:
                              f'({", ".join(dataset_train.classes[:3])} ...), val {num_classes} '
                              f'({", ".join(dataset_val.classes[:3])} ...)')
     print(f'Creating model: {args.model}')
+    if isinstance(args.model_kwargs, dict) and args.model_kwargs.get('global_pool') == '':
+        raise UsageError('--model-kwargs: global_pool "" gives a prediction per position, not per image; main.py '
+                         'trains and evaluates pooled classifiers (leave global_pool out, or give e.g. "avg")')
     model = create_model(args.model, args.model_kwargs, num_classes=num_classes, drop_rate=args.drop,
                          **({} if args.drop_path is None else {'drop_path_rate': args.drop_path}))
+    check_model_fits(model, args)
     if args.finetune:
         load_finetune_weights(model, args.finetune, args.model)
 

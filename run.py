@@ -109,6 +109,8 @@ class Run:
             except UsageError as e:
                 error = str(e) if self.world_size == 1 else f'{e} (every process reads it: on several nodes the ' \
                     'output folder must be shared)'
+                if own and path == own and os.path.isfile(path):
+                    error += _other_resume_points(args.output_dir)
             distributed.agree(error)
             self.resume_path = path
             self._take_model_flags(model_flags)
@@ -133,7 +135,8 @@ class Run:
         return self.parser.to_config(self.args)
 
     def _take_model_flags(self, model_flags):
-        saved = checkpoints.flags_of(self.checkpoint)
+        saved = checkpoints.flags_of(self.checkpoint, self.resume_path, self.parser,
+                                     check=[d for d in model_flags if d not in self.args.given])
         taken = {}
         for dest in model_flags:
             if dest not in self.args.given and dest in saved and saved[dest] != getattr(self.args, dest):
@@ -293,6 +296,11 @@ class Run:
         return stats
 
     def _resume(self, task: Task, optimizer, scaler, steps_per_epoch: int) -> checkpoints.TrainingState:
+        saved_opt, opt = checkpoints.flags_of(self.checkpoint).get('opt'), getattr(self.args, 'opt', None)
+        if 'epoch' in self.checkpoint and isinstance(saved_opt, str) and opt is not None and \
+                saved_opt.lower() != opt.lower():
+            raise UsageError(f'{self.resume_path} was trained with --opt {saved_opt}, whose state --opt {opt} cannot '
+                             f'continue: resume with --opt {saved_opt}, or start from its weights with --finetune')
         state = checkpoints.restore_training(
             self.checkpoint, self.resume_path, optimizer=optimizer, scaler=scaler, best_metric=task.best_metric,
             world_size=self.world_size, batch_size=self.args.batch_size, steps_per_epoch=steps_per_epoch,
@@ -310,6 +318,16 @@ class Run:
         print(f'Resumed from {self.resume_path} (epoch {epoch}' +
               (f', step {state.first_step} of epoch {state.start_epoch}' if state.first_step else '') + ')')
         return state
+
+
+def _other_resume_points(folder: str) -> str:
+    """For the message about a damaged checkpoint.pth: the whole checkpoints beside it a run can resume from."""
+    others = checkpoints.resumable_checkpoints(folder, exclude=RESUME_FILE)
+    if not others:
+        return '; no other whole checkpoint is in the folder'
+    first = others[0].split(' (')[0]
+    return (f'; whole checkpoints in {folder} to resume from: {", ".join(others)} (e.g. --resume '
+            f'{os.path.join(folder, first)})')
 
 
 def _format(stats: dict) -> str:
