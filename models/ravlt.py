@@ -325,7 +325,8 @@ def _check_stages(embed_dims, depths, num_heads, attn_types, mlp_ratio, projecti
                          f'{len(embed_dims)}, {len(depths)}, {len(num_heads)} and {len(attn_types)}')
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float('inf'):
         raise ValueError(f'mlp_ratio must be a positive number, got {mlp_ratio!r}')
-    positive_ints('projection_dim', [projection_dim])
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+        raise ValueError(f'projection_dim must be a positive integer, got {projection_dim!r}')
 
 
 class RAVLT(nn.Module):
