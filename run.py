@@ -284,10 +284,10 @@ class Run:
         trainer = Trainer(self, task, TrainingSetup(model, model_without_ddp, model_ema, optimizer, lr_scheduler,
                                                     scaler, loader_train, loader_val, total_steps), state)
         print(f'number of params: {trainer.n_parameters}')
+        start_time, stop = time.time(), StopSignals()  # before the announcement: a signal after it is handled
         print(f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from epoch '
               f'{state.start_epoch}: total batch {args.batch_size * self.world_size}, '
               f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}')
-        start_time, stop = time.time(), StopSignals()
         try:
             stats = trainer.train(num_epochs, stop)
         finally:
@@ -324,7 +324,7 @@ def _other_resume_points(folder: str) -> str:
     """For the message about a damaged checkpoint.pth: the whole checkpoints beside it a run can resume from."""
     others = checkpoints.resumable_checkpoints(folder, exclude=RESUME_FILE)
     if not others:
-        return '; no other whole checkpoint is in the folder'
+        return ''
     first = others[0].split(' (')[0]
     return (f'; whole checkpoints in {folder} to resume from: {", ".join(others)} (e.g. --resume '
             f'{os.path.join(folder, first)})')
