@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 import yaml
@@ -237,9 +238,10 @@ def _load_yaml(stream, path: str):
         loader.dispose()
 
 
-def read_config(path: str, parser: ArgumentParser, _seen=()) -> dict:
-    """{dest: value} from a YAML file whose keys are flag names (without dashes); `_base_: FILE` (relative to
-    the file) is read first and overridden."""
+def read_config(path: str, parser: Optional[ArgumentParser], _seen=()) -> dict:
+    """{dest: value} from a YAML file whose keys are flag names (without dashes), each checked as `parser` checks
+    the flag; `_base_: FILE` (relative to the file) is read first and overridden. Without a parser, {flag name:
+    value} as written (for tools that read another script's config without that script's flags)."""
     if not os.path.isfile(path):
         raise UsageError(f'config file {path} does not exist')
     if os.path.abspath(path) in _seen:
@@ -262,6 +264,8 @@ def read_config(path: str, parser: ArgumentParser, _seen=()) -> dict:
             raise UsageError(f'_base_ in config {path} must be a file name')
         values.update(read_config(os.path.join(os.path.dirname(path), base), parser,
                                   (*_seen, os.path.abspath(path))))
+    if parser is None:
+        return {**values, **{str(k): v for k, v in data.items()}}
     options = parser.long_options()
     for key, value in data.items():
         action = options.get(str(key))

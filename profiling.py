@@ -79,14 +79,17 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def count_flops(model: torch.nn.Module, inputs) -> dict:
-    """fvcore FLOPs (multiply-adds) of model(inputs), in total and per operator (fvcore names, `aten::` dropped)."""
+    """fvcore FLOPs (multiply-adds) of model(inputs): in total, of the attention products (ATTENTION_OPS) and per
+    operator (fvcore names, `aten::` dropped)."""
     model.eval()
     analysis = (FlopCountAnalysis(model, inputs)
                 .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
                 .unsupported_ops_warnings(False)
                 .uncalled_modules_warnings(False))
     with torch.no_grad():
-        return {'total': analysis.total(), 'by_operator': dict(analysis.by_operator())}
+        by_operator = dict(analysis.by_operator())
+        return {'total': analysis.total(), 'attention': sum(v for k, v in by_operator.items() if k in ATTENTION_OPS),
+                'by_operator': by_operator}
 
 
 # ----------------------------------------------------------------------------------------------------

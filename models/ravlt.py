@@ -14,6 +14,11 @@ RAVLT is a four-stage hierarchical network on (B, C, H, W) maps. Stages 1-2 use 
 (few tokens) use softmax attention; both kinds share one parameter layout, apply 2-D RoPE to q and
 k, add a 5x5 depthwise LePE of v and gate the result with a fourth projection `o`.
 
+For the paper's ablation, `attn_types` also takes RALA with either of its rank augmentations removed and
+plain linear attention (`ATTENTION_TYPES`). Kinds that keep LePE and the gate have RALA's parameters (their
+checkpoints load into one another); those without them have no `o` projection and no LePE, so nothing
+unused is trained, counted or synchronised.
+
 Module attribute names follow the authors' code, so their checkpoints (`RAVLT_T.pth` ...) load with
 `strict=True`; class names say what the modules are.
 
@@ -36,7 +41,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-__all__ = ['RAVLT', 'RankAugmentedLinearAttention', 'SoftmaxAttention', 'RAVLT_CONFIGS', 'PAPER_RESULTS']
+__all__ = ['RAVLT', 'RankAugmentedLinearAttention', 'SoftmaxAttention', 'GatedLinearAttention',
+           'ReweightedLinearAttention', 'LinearAttention', 'ATTENTION_TYPES', 'RAVLT_CONFIGS', 'PAPER_RESULTS']
 
 
 class ChannelLayerNorm(nn.Module):
@@ -96,9 +102,41 @@ def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     return positive + torch.exp(x - positive)
 
 
-class GatedAttentionBase(nn.Module):
-    """What RALA and softmax attention share: one 1x1 conv to q, k, v, o; a 5x5 depthwise LePE of v;
-    the output gated by o and projected: proj((attend(q, k, v) + lepe(v)) * o)."""
+def normalized_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                                cos: torch.Tensor) -> torch.Tensor:
+    """RoPE(q) (sum_tokens RoPE(k) v^T) / (q . sum_tokens(k) + 1e-6) of positive features q, k whose key
+    weights sum to one over the tokens; all token-major (B, N, heads, head_dim)."""
+    # Products as einsum: fvcore counts them as the authors' matmuls.
+    z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k.sum(dim=1)) + 1e-6)
+    sin, cos = sin[:, None], cos[:, None]
+    kv = torch.einsum('bnhd,bnhe->bhde', apply_rope(k, sin, cos), v)
+    return torch.einsum('bnhd,bhde->bnhe', apply_rope(q, sin, cos), kv) * z.unsqueeze(-1)
+
+
+def rank_augmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                             cos: torch.Tensor, scale: float) -> torch.Tensor:
+    """RALA's attention: keys re-weighted by alpha = softmax_tokens(scale * mean(q') . k').
+
+    With q' = elu(q) + 1, k' = elu(k) + 1 and k'' = N * alpha * k' (per token):
+    out = RoPE(q') (RoPE(k'')^T v / N) / (q' . mean_tokens(k'') + 1e-6). The N and 1/N cancel, so
+    alpha * k' is used throughout.
+    """
+    q, k = elu_plus_one(q), elu_plus_one(k)
+    scores = torch.einsum('bnhd,bhd->bnh', k, q.mean(dim=1))  # mean_tokens(q') . k'
+    k = k * torch.softmax(scale * scores, dim=1).unsqueeze(-1)  # alpha * k'
+    return normalized_linear_attention(q, k, v, sin, cos)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
+                     cos: torch.Tensor) -> torch.Tensor:
+    """Plain linear attention with RALA's features and RoPE, every key weighted alike (alpha = 1 / N):
+    out = RoPE(q') (RoPE(k')^T v / N) / (q' . mean_tokens(k') + 1e-6)."""
+    q, k = elu_plus_one(q), elu_plus_one(k)
+    return normalized_linear_attention(q, k / k.shape[1], v, sin, cos)
+
+
+class AttentionBase(nn.Module):
+    """What every attention kind shares: heads, 2-D RoPE tables from the stage, token views of a map."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -107,17 +145,10 @@ class GatedAttentionBase(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkvo = nn.Conv2d(dim, dim * 4, 1)
-        self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
-        self.proj = nn.Conv2d(dim, dim, 1)
 
     def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
-        """Projections first .. first + count - 1 of (q, k, v, o): the 1x1 conv over that slice of `qkvo`.
-        Separate convs give dense maps, each alive only while needed: q and k die inside `attend`, o is
-        made after it."""
-        start, stop = first * self.dim, (first + count) * self.dim
-        bias = self.qkvo.bias  # Optional to TorchScript
-        return F.conv2d(x, self.qkvo.weight[start:stop], bias[start:stop] if bias is not None else None)
+        """Projections first .. first + count - 1 of (q, k, v, o) as (B, count * C, H, W)."""
+        raise NotImplementedError
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, g * C, H, W) -> (B, H * W, g * heads, head_dim): a view of a channels-last map."""
@@ -133,6 +164,27 @@ class GatedAttentionBase(nn.Module):
         """attention(q(x), k(x), v) with v and the result token-major (B, N, heads, head_dim)."""
         raise NotImplementedError
 
+
+def _projection_slice(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], start: int,
+                      stop: int) -> torch.Tensor:
+    """Output channels start .. stop - 1 of a 1x1 conv: separate convs give dense maps, each alive only while
+    needed (q and k die inside `attend`, o is made after it)."""
+    return F.conv2d(x, weight[start:stop], bias[start:stop] if bias is not None else None)
+
+
+class GatedAttentionBase(AttentionBase):
+    """RAVLT's attention layout: one 1x1 conv to q, k, v, o; a 5x5 depthwise LePE of v; the output gated by
+    o and projected: proj((attend(q, k, v) + lepe(v)) * o)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.qkvo = nn.Conv2d(dim, dim * 4, 1)
+        self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
+        return _projection_slice(x, self.qkvo.weight, self.qkvo.bias, first * self.dim, (first + count) * self.dim)
+
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         x = x.contiguous(memory_format=torch.channels_last)  # token views need it; free inside RAVLT
@@ -141,28 +193,36 @@ class GatedAttentionBase(nn.Module):
         return self.proj((out + self.lepe(v)) * self.project(x, 3))
 
 
-class RankAugmentedLinearAttention(GatedAttentionBase):
-    """RALA: linear attention whose keys are re-weighted by alpha = softmax_tokens(scale * mean(q') . k').
+class UngatedAttentionBase(AttentionBase):
+    """The layout without the output's rank augmentations: one 1x1 conv to q, k, v and the projection of the
+    attention's output, proj(attend(q, k, v)). No gate o, no LePE."""
 
-    With q' = elu(q) + 1, k' = elu(k) + 1 and k'' = N * alpha * k' (per token):
-    out = RoPE(q') (RoPE(k'')^T v / N) / (q' . mean_tokens(k'') + 1e-6). The N and 1/N cancel, so
-    alpha * k' is used throughout.
-    """
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
+        return _projection_slice(x, self.qkv.weight, self.qkv.bias, first * self.dim, (first + count) * self.dim)
+
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        v = self.project(x, 2)
+        return self.proj(self.attend(x, self.tokens(v), sin, cos).reshape(B, H, W, C).permute(0, 3, 1, 2))
+
+
+class RankAugmentedLinearAttention(GatedAttentionBase):
+    """RALA (`rala`): linear attention with both rank augmentations, the keys re-weighted by alpha (the KV
+    buffer's) and LePE plus the gate o (the output's); see `rank_augmented_attention`."""
 
     def attend(self, x, v, sin, cos):
         q, k = self.query_key(x)
-        q, k = elu_plus_one(q), elu_plus_one(k)
-        # Products as einsum: fvcore counts them as the authors' matmuls.
-        scores = torch.einsum('bnhd,bhd->bnh', k, q.mean(dim=1))  # mean_tokens(q') . k'
-        k = k * torch.softmax(self.scale * scores, dim=1).unsqueeze(-1)  # alpha * k'
-        z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k.sum(dim=1)) + 1e-6)  # 1 / (q' . sum_tokens(alpha * k'))
-        sin, cos = sin[:, None], cos[:, None]
-        kv = torch.einsum('bnhd,bnhe->bhde', apply_rope(k, sin, cos), v)
-        return torch.einsum('bnhd,bhde->bnhe', apply_rope(q, sin, cos), kv) * z.unsqueeze(-1)
+        return rank_augmented_attention(q, k, v, sin, cos, self.scale)
 
 
 class SoftmaxAttention(GatedAttentionBase):
-    """Softmax attention with 2-D RoPE on q and k (stages 3-4), through scaled_dot_product_attention."""
+    """Softmax attention with 2-D RoPE on q and k (`softmax`; stages 3-4), through scaled_dot_product_attention."""
 
     def attend(self, x, v, sin, cos):
         q, k = self.query_key(x)
@@ -172,7 +232,41 @@ class SoftmaxAttention(GatedAttentionBase):
         return F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
 
 
-ATTENTION_TYPES = {'rala': RankAugmentedLinearAttention, 'softmax': SoftmaxAttention}
+class GatedLinearAttention(GatedAttentionBase):
+    """RALA without alpha (`rala_no_alpha`): plain linear attention plus LePE and the gate o, the output's
+    rank augmentations alone. RALA's parameters."""
+
+    def attend(self, x, v, sin, cos):
+        q, k = self.query_key(x)
+        return linear_attention(q, k, v, sin, cos)
+
+
+class ReweightedLinearAttention(UngatedAttentionBase):
+    """RALA without LePE and gate (`rala_no_gate_lepe`): the keys re-weighted by alpha, the KV buffer's rank
+    augmentation alone."""
+
+    def attend(self, x, v, sin, cos):
+        q, k = self.query_key(x)
+        return rank_augmented_attention(q, k, v, sin, cos, self.scale)
+
+
+class LinearAttention(UngatedAttentionBase):
+    """Plain linear attention (`linear`), the paper's baseline: features elu + 1 and RoPE, as RALA's, but no
+    alpha, no LePE, no gate."""
+
+    def attend(self, x, v, sin, cos):
+        q, k = self.query_key(x)
+        return linear_attention(q, k, v, sin, cos)
+
+
+# `attn_types` names. RALA's rank augmentations: alpha for the KV buffer, LePE and the gate o for the output.
+ATTENTION_TYPES = {
+    'linear': LinearAttention,
+    'rala_no_alpha': GatedLinearAttention,
+    'rala_no_gate_lepe': ReweightedLinearAttention,
+    'rala': RankAugmentedLinearAttention,
+    'softmax': SoftmaxAttention,
+}
 
 
 class ResidualDepthwiseConv(nn.Conv2d):
@@ -339,7 +433,9 @@ class RAVLT(nn.Module):
         embed_dims: Channels per stage.
         depths: Blocks per stage.
         num_heads: Attention heads per stage.
-        attn_types: 'rala' or 'softmax' per stage. An all-'rala' model is linear in the token count.
+        attn_types: Attention per stage, a name of `ATTENTION_TYPES`: 'rala', 'softmax', or for ablations
+            'linear', 'rala_no_alpha', 'rala_no_gate_lepe'. A model without 'softmax' is linear in the token
+            count.
         mlp_ratio: FFN hidden width as a multiple of the stage width (int() of the product).
         projection_dim: Channels of the pre-classifier projection (= num_features).
         layer_scale_init_value: Initial layer scale, one value or one per stage.

@@ -22,9 +22,9 @@ import torch
 import models
 from cli import ArgumentParser, json_object, run_cli
 from errors import UsageError
-from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward
-from profiling import ATTENTION_OPS, count_flops, count_params
 from model_factory import create_dense_model, create_model
+from models.dense import DENSE_INPUT_SIZE, DENSE_PUBLISHED, DENSE_TASKS, FlopsForward
+from profiling import count_flops, count_params
 
 
 
@@ -38,9 +38,8 @@ def measure(name: str, input_size=(224, 224), task: str = 'classification', mode
         model = create_dense_model(task, name, model_kwargs=model_kwargs)
         counted = FlopsForward(model)
     flops = count_flops(counted, torch.randn(1, 3, *input_size))
-    attention = sum(v for k, v in flops['by_operator'].items() if k in ATTENTION_OPS)
     row = {'model': name, 'input_size': list(input_size), 'params': count_params(model),
-           'flops': flops['total'], 'flops_no_attn': flops['total'] - attention}
+           'flops': flops['total'], 'flops_no_attn': flops['total'] - flops['attention']}
     return row if task == 'classification' else {'task': task, **row}
 
 

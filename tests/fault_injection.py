@@ -4,8 +4,12 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
     SPY_DIR=D        each process records into D what it saw: the training indices and the parameters after
                      every epoch, and its evaluation share
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
+    PREEMPT_AT=S:N   under torchrun, as a cluster preempts a job: once every process has reached the run's
+                     optimizer step S (each has asked whether to stop, without the signal), rank 0 sends signal N
+                     to the launcher and every process it started; every process waits until it has been sent, so
+                     all of them have it when they next ask, at step S + 1
     KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
-                     run:OutputFolder.append_log, checkpoints:save_checkpoint)
+                     output_folder:OutputFolder.append_log, checkpoints:save_checkpoint)
     FAIL_AT=R:E      the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
                      torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy)
     STALL_AT=N       the N-th sample a process (or data-loading worker) loads never comes: as a data file that
@@ -59,6 +63,24 @@ def signal_at(rank, step, name):
     engine.optimizer_step = hooked
 
 
+def preempt_at(step, name):
+    import torch.distributed as dist
+    from train_helpers import descendants
+    optimizer_step, calls = engine.optimizer_step, [0]
+
+    def hooked(*args, **kwargs):
+        if calls[0] == int(step):
+            dist.barrier()
+            if RANK == 0:
+                launcher = os.getppid()
+                for pid in descendants(launcher) + [launcher]:
+                    os.kill(pid, getattr(signal, name))
+            dist.barrier()
+        calls[0] += 1
+        return optimizer_step(*args, **kwargs)
+    engine.optimizer_step = hooked
+
+
 def kill_at(module, function, count):
     owner = importlib.import_module(module)
     *path, attribute = function.split('.')
@@ -107,6 +129,8 @@ if __name__ == '__main__':
         spy(os.environ['SPY_DIR'])
     if 'SIGNAL_AT' in os.environ:
         signal_at(*os.environ['SIGNAL_AT'].split(':'))
+    if 'PREEMPT_AT' in os.environ:
+        preempt_at(*os.environ['PREEMPT_AT'].split(':'))
     if 'KILL_AT' in os.environ:
         kill_at(*os.environ['KILL_AT'].split(':'))
     if 'FAIL_AT' in os.environ:

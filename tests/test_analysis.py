@@ -1,40 +1,34 @@
-"""scripts/rank_analysis.py and scripts/plot_logs.py: ranks, the attention paths against the model, files written."""
+"""scripts/rank_analysis.py and scripts/plot_logs.py: ranks, the analysed terms against the model, files written."""
 import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 from PIL import Image
 
+import checkpoints
 import models  # noqa: F401  (registers RAVLT with timm)
-from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention, RotaryEmbedding2d
+from models import reference
 from scripts import plot_logs, rank_analysis
 from cli import UsageError, run_cli
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 def tiny_ravlt():
-    """A two-stage float64 RAVLT (RALA then softmax) with every weight randomised, norms and biases included."""
+    """A three-stage float64 RAVLT (RALA, plain linear attention, softmax) with every weight randomised, norms and
+    biases included."""
     torch.manual_seed(0)
-    model = timm.create_model('ravlt_t', num_classes=10, embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2),
-                              attn_types=('rala', 'softmax'), projection_dim=32).double().eval()
+    model = timm.create_model('ravlt_t', num_classes=10, embed_dims=(16, 32, 32), depths=(1, 1, 1), num_heads=(1, 2, 2),
+                              attn_types=('rala', 'linear', 'softmax'), projection_dim=32).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return model
-
-
-def qkvo(batch=2, heads=2, head_dim=8, height=3, width=5):
-    torch.manual_seed(1)
-    q, k, v, o, lepe = torch.randn(5, batch, heads, head_dim, height * width, dtype=torch.float64)
-    sin, cos = RotaryEmbedding2d(head_dim).double()(height, width)
-    return q, k, v, o, lepe, sin, cos
 
 
 def assert_png(path):
@@ -69,51 +63,45 @@ def test_rank_of_constructed_matrices_is_recovered():
     assert rank_analysis.summarise(torch.zeros(1, 1, 4, 3, dtype=torch.float64), 1e-3)['rank'] == [[0]]
 
 
-def test_rala_with_uniform_alpha_and_no_gate_is_plain_linear_attention():
-    q, k, v, o, lepe, sin, cos = qkvo()
-    uniform = torch.full((2, 2, 1, q.shape[-1]), 1.0 / q.shape[-1], dtype=torch.float64)
-    kv, out = rank_analysis.rala_path(q, k, v, o, lepe, sin, cos, scale=8 ** -0.5, alpha=uniform, gated=False)
-    plain_kv, plain_out = rank_analysis.plain_linear_attention(q, k, v, sin, cos)
-    assert kv.shape == (2, 2, 8, 8) and out.shape == (2, 2, 8, 15)
-    torch.testing.assert_close(kv, plain_kv, rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(out, plain_out, rtol=1e-13, atol=1e-15)
-    # The real re-weighting and the gate do change both, so the equality above is not vacuous.
-    rala_kv, rala_out = rank_analysis.rala_path(q, k, v, o, lepe, sin, cos, scale=8 ** -0.5)
-    assert (rala_kv - plain_kv).abs().max() > 1e-3 and (rala_out - plain_out).abs().max() > 1e-3
-
-
-def test_attention_paths_reproduce_the_model():
+def test_analysed_terms_reproduce_the_model():
+    """The block's own kind, through the reference, gives what the model's module computes; each block is also
+    computed as every kind its weights allow; the ranks respect their bounds."""
     model = tiny_ravlt()
-    inputs, outputs = {}, {}
-    for name, attn in rank_analysis.attention_modules(model):
-        attn.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args))
+    outputs = {}
+    for name, attn, _ in rank_analysis.attention_modules(model):
         attn.register_forward_hook(lambda m, args, out, name=name: outputs.__setitem__(name, out))
     images = torch.randn(2, 3, 40, 24, dtype=torch.float64)
+    inputs = {}
     with torch.no_grad():
+        for name, attn, _ in rank_analysis.attention_modules(model):
+            attn.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
         model(images)
-        for name, attn in rank_analysis.attention_modules(model):
-            x, sin, cos = inputs[name]
+        for name, attn, angle in rank_analysis.attention_modules(model):
+            x = inputs[name]
             B, C, H, W = x.shape
-            q, k, v, o, lepe = rank_analysis.block_tensors(attn, x)
-            if isinstance(attn, RankAugmentedLinearAttention):
-                _, features = rank_analysis.rala_path(q, k, v, o, lepe, sin, cos, attn.scale)
-            else:
-                assert isinstance(attn, SoftmaxAttention)
-                attn_matrix, features = rank_analysis.softmax_path(q, k, v, o, lepe, sin, cos, attn.scale)
-                torch.testing.assert_close(attn_matrix.sum(-1), torch.ones(B, attn.num_heads, H * W,
-                                                                           dtype=torch.float64))
-            torch.testing.assert_close(attn.proj(features.reshape(B, C, H, W)), outputs[name], rtol=1e-12, atol=1e-13)
-    assert sorted(outputs) == ['layers.0.blocks.0', 'layers.1.blocks.0']
+            terms = reference.attention_terms(attn, x, angle)
+            torch.testing.assert_close(attn.proj(terms['output'].transpose(-1, -2).reshape(B, C, H, W)), outputs[name],
+                                       rtol=1e-12, atol=1e-13)
+    assert sorted(outputs) == ['layers.0.blocks.0', 'layers.1.blocks.0', 'layers.2.blocks.0']
 
-    report = rank_analysis.analyse(model, images, rtol=1e-3)
-    rala, softmax = report
-    assert (rala['attention'], rala['tokens'], rala['heads'], rala['head_dim']) == ('rala', 60, 1, 16)
-    assert rala['rala']['kv_buffer']['shape'] == [16, 16] and rala['rala']['output']['shape'] == [60, 16]
-    assert softmax['softmax']['attention_matrix']['shape'] == [15, 15]
-    assert all(1 <= r <= 15 for image in softmax['softmax']['attention_matrix']['rank'] for r in image)
-    # Output features have rank at most that of the KV buffer in plain linear attention (out = RoPE(q) kv).
-    plain = rala['plain_linear']
-    assert all(o <= k for oi, ki in zip(plain['output']['rank'], plain['kv_buffer']['rank']) for o, k in zip(oi, ki))
+    rala, linear, softmax = rank_analysis.analyse(model, images, rtol=1e-3)
+    assert [b['attention'] for b in (rala, linear, softmax)] == ['rala', 'linear', 'softmax']
+    assert list(rala['computed_as']) == ['rala', 'linear', 'rala_no_alpha', 'rala_no_gate_lepe']
+    assert list(linear['computed_as']) == ['linear', 'rala_no_gate_lepe']
+    assert list(softmax['computed_as']) == ['softmax']
+    assert (rala['tokens'], rala['heads'], rala['head_dim']) == (60, 1, 16)
+    assert rala['computed_as']['rala']['kv_buffer']['shape'] == [16, 16]
+    assert rala['computed_as']['rala']['output']['shape'] == [60, 16]
+    assert softmax['computed_as']['softmax']['attention_matrix']['shape'] == [6, 6]
+    # The KV buffer does not depend on LePE and gate.
+    assert rala['computed_as']['rala']['kv_buffer'] == rala['computed_as']['rala_no_gate_lepe']['kv_buffer']
+    assert rala['computed_as']['linear']['kv_buffer'] == rala['computed_as']['rala_no_alpha']['kv_buffer']
+    # Without LePE and gate, out = RoPE(q') kv: the output's rank is at most the KV buffer's.
+    for block in (rala, linear):
+        for kind in ('linear', 'rala_no_gate_lepe'):
+            summary = block['computed_as'][kind]
+            for out_ranks, kv_ranks in zip(summary['output']['rank'], summary['kv_buffer']['rank']):
+                assert all(o <= k for o, k in zip(out_ranks, kv_ranks))
 
 
 TINY_KWARGS = {'embed_dims': [16, 32, 32, 32], 'depths': [2, 1, 1, 1], 'num_heads': [1, 2, 2, 4],
@@ -137,7 +125,7 @@ def test_rank_analysis_writes_png_and_json(tmp_path):
                                                       'layers.2.blocks.0', 'layers.3.blocks.0']
     assert [b['attention'] for b in report['blocks']] == ['rala'] * 3 + ['softmax'] * 2
     assert [b['tokens'] for b in report['blocks']] == [64, 64, 16, 4, 1]
-    stage2 = report['blocks'][2]['rala']
+    stage2 = report['blocks'][2]['computed_as']['rala']
     assert len(stage2['kv_buffer']['rank']) == 2 and len(stage2['kv_buffer']['rank'][0]) == 2  # images, heads
     assert stage2['kv_buffer']['shape'] == [16, 16] and stage2['output']['shape'] == [16, 16]
 
@@ -164,7 +152,8 @@ def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
     assert report['blocks'][2]['tokens'] == 36 and report['spectra_block'] == 'layers.2.blocks.0'
     assert_png(out / 'rank.png')
     # The authors' checkpoints keep their settings in an argparse.Namespace.
-    assert rank_analysis.training_flag({'args': argparse.Namespace(input_size=224)}, 'input-size') == 224
+    assert checkpoints.flags_of({'args': argparse.Namespace(input_size=224)})['input_size'] == 224
+    assert checkpoints.flags_of({'args': {'input-size': 48}})['input_size'] == 48
 
 
 def test_rank_analysis_bad_input_is_one_line(tmp_path, capsys):
@@ -231,6 +220,7 @@ def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
     ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
     ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
 ])
+@pytest.mark.slow
 def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
     run = tmp_path / 'run'
     if content is not None:

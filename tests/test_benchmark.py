@@ -12,10 +12,10 @@ import torch
 
 import profiling
 from cli import UsageError
+from helpers import ROOT
 from scripts import benchmark
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]})
 
 FAKE_AUTHORS = '''
@@ -28,6 +28,7 @@ def RAVLT_T(args=None):
 '''
 
 
+@pytest.mark.slow
 def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     authors = tmp_path / 'RALA.py'
     authors.write_text(FAKE_AUTHORS)
@@ -70,6 +71,7 @@ def test_model_kwargs_reach_the_model():
     assert row['img_per_s'] > 0
 
 
+@pytest.mark.slow
 def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
     """The training step's peak holds the gradients (as big as the weights) on top of the activations."""
     rows = benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '2', '--input-size', '32',
@@ -121,6 +123,7 @@ def test_amp_and_channels_last_reach_the_step():
     assert dtypes == [torch.bfloat16] and all(p.grad is not None for p in runner.module.parameters())
 
 
+@pytest.mark.slow
 def test_matmul_rate_and_fractions():
     rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'eval', 'train', '--batch-size',
                            '2', '--input-size', '64', '96', '--warmup', '1', '--iters', '2', '--matmul-rate'])
@@ -134,6 +137,7 @@ def test_matmul_rate_and_fractions():
         assert row['matmul_fraction'] == pytest.approx(row['gflop_per_s'] / matmul['gflop_per_s'])
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend(capsys):
     pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
     rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--backend', 'onnxruntime', '--mode',
@@ -145,6 +149,7 @@ def test_onnxruntime_backend(capsys):
     assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
     """Spinning ONNX Runtime threads would take the cores from the contender that runs next."""
     pytest.importorskip('onnxruntime')
@@ -172,6 +177,7 @@ def test_bad_input_is_a_usage_error(argv, message):
         benchmark.main(['--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv])
 
 
+@pytest.mark.slow
 def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
     authors = tmp_path / 'RALA.py'
     authors.write_text('import einops_is_not_installed_here\n')
@@ -196,24 +202,60 @@ def test_cuda_timing_memory_and_amp(amp):
     assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib
 
 
-def test_gpu_check_commands_parse():
-    """scripts/gpu_check.sh's commands, printed by DRY_RUN=1, are valid for today's benchmark and main.py."""
-    import main
-    env = dict(os.environ, DRY_RUN='1', AUTHORS_FILE='RALA.py', AUTHORS_PATH_EXTRA='deps')
+def gpu_check_commands(**env) -> list:
+    """scripts/gpu_check.sh's commands as it prints them with DRY_RUN=1, each as an argv list."""
+    ours = {k: v for k, v in os.environ.items() if k not in ('AUTHORS_FILE', 'AUTHORS_PATH_EXTRA', 'BATCH')}
     result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), 'out'], capture_output=True,
-                            text=True, env=env, check=True)
-    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith('+ ')]
-    assert commands[0][:3] == ['python', '-m', 'pytest']
+                            text=True, env=dict(ours, DRY_RUN='1', **env), check=True)
+    return [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith('+ ')]
+
+
+def test_gpu_check_runs_each_step_with_flags_its_entry_point_accepts():
+    """Every command of scripts/gpu_check.sh is one of its three steps, and its flags parse with the parser of
+    the program it runs (torchrun's, main.py's, the benchmark's): the CUDA tests; one training under torchrun
+    in fp16 and one in bf16; the benchmark in each precision with the authors' models, then eager against
+    torch.compile."""
+    from torch.distributed import run as torchrun
+
+    import main
+    commands = gpu_check_commands(AUTHORS_FILE='RALA.py', AUTHORS_PATH_EXTRA='deps')
+    tests = [c for c in commands if c[:3] == ['python', '-m', 'pytest']]
     trainings = [c for c in commands if c[0] == 'torchrun']
     benchmarks = [c for c in commands if c[:2] == ['python', 'scripts/benchmark.py']]
-    assert len(trainings) == 2 and len(benchmarks) == 4 and len(commands) == 7
-    for command in trainings:
-        args = main.get_args_parser().parse(command[command.index('main.py') + 1:])
-        assert args.device == 'cuda' and args.amp in ('fp16', 'bf16') and args.data_set == 'FAKE'
+    assert commands == tests + trainings + benchmarks  # in this order, nothing else
+    assert len(tests) == 1  # what the next test collects
+
+    launches = [torchrun.get_args_parser().parse_args(c[1:]) for c in trainings]
+    assert [(t.nproc_per_node, t.training_script) for t in launches] == [('1', 'main.py')] * 2
+    runs = [main.get_args_parser().parse(t.training_script_args) for t in launches]
+    assert [r.amp for r in runs] == ['fp16', 'bf16']
+    assert all(r.device == 'cuda' and r.data_set == 'FAKE' and r.model == 'RAVLT_T' for r in runs)
+    assert [r.output_dir for r in runs] == ['out/train_fp16', 'out/train_bf16']
+
     parsed = [benchmark.get_args_parser().parse(c[2:]) for c in benchmarks]
-    assert {a.amp for a in parsed} == {'none', 'fp16', 'bf16'} and all(a.device == 'cuda' for a in parsed)
-    assert 'authors:RAVLT_S' in parsed[0].model and parsed[0].authors_file == 'RALA.py'
-    assert parsed[-1].backend == ['eager', 'compile']
+    assert [(a.amp, a.backend, a.json) for a in parsed] == [
+        ('none', ['eager'], 'out/benchmark_none.json'), ('fp16', ['eager'], 'out/benchmark_fp16.json'),
+        ('bf16', ['eager'], 'out/benchmark_bf16.json'),
+        ('bf16', ['eager', 'compile'], 'out/benchmark_compile_bf16.json')]
+    assert all(a.device == 'cuda' and a.mode == ['eval', 'train'] and a.channels_last for a in parsed)
+    for a in parsed[:3]:
+        assert a.model == ['RAVLT_T', 'authors:RAVLT_T', 'RAVLT_S', 'authors:RAVLT_S', 'convnext_tiny']
+        assert (a.authors_file, a.authors_path_extra, a.memory, a.matmul_rate) == ('RALA.py', ['deps'], True, True)
+    # Without the authors' file: our models alone.
+    assert [benchmark.get_args_parser().parse(c[2:]).model for c in gpu_check_commands()[3:6]] == \
+        [['RAVLT_T', 'RAVLT_S', 'convnext_tiny']] * 3
+
+
+@pytest.mark.slow  # collects the whole suite
+def test_gpu_check_pytest_step_selects_the_tests_that_need_a_gpu():
+    """The first step of scripts/gpu_check.sh, run with --collect-only: exactly the tests that need CUDA."""
+    command, = [c for c in gpu_check_commands() if c[:3] == ['python', '-m', 'pytest']]
+    result = subprocess.run([sys.executable, *command[1:], '--collect-only', '-p', 'no:cacheprovider'], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stdout + result.stderr
+    collected = [line for line in result.stdout.splitlines() if '::' in line]
+    assert collected == [f'tests/test_benchmark.py::test_cuda_timing_memory_and_amp[{amp}]'
+                         for amp in ('none', 'fp16', 'bf16')]
 
 
 @pytest.mark.parametrize('output, message', [

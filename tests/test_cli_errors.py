@@ -21,8 +21,8 @@ import checkpoints
 import main
 import utils
 from cli import run_cli
-from train_helpers import (DIGITS, ROOT, TINY, TINY_MODEL_KWARGS, assert_one_line_error, command_env, read_log,
-                           run_here)
+from helpers import ROOT
+from train_helpers import DIGITS, TINY, TINY_MODEL_KWARGS, assert_one_line_error, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -165,6 +165,10 @@ CASES.update({
                                    ['drop_path_rate must be in [0, 1], got 5 (the range of --drop-path)']),
     'batch of one at 32 px': (lambda d: DIGITS + ['--epochs', '1', '--batch-size', '1'], 2,
                               ['--batch-size 1 at --input-size 32', 'one value per channel', '--input-size 33']),
+})
+
+# Cases of a trained checkpoint, hand-edited (EDITS) or resumed with another optimizer: d is its folder.
+CHECKPOINT_CASES = {
     'checkpoint epoch not a number': (lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'epoch_text.pth'], 2,
                                       ["epoch_text.pth: its field epoch is 'abc', expected the last completed epoch"]),
     'checkpoint epoch negative': (lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'epoch_negative.pth'], 2,
@@ -195,7 +199,7 @@ CASES.update({
     'resume with another optimizer': (
         lambda d: DIGITS + ['--epochs', '2', '--opt', 'sgd', '--resume', d / 'trained' / 'checkpoint.pth'], 2,
         ['was trained with --opt adamw', 'resume with --opt adamw']),
-})
+}
 
 
 @pytest.fixture(scope='module')
@@ -209,6 +213,12 @@ def inputs(tmp_path_factory):
     (folder / 'empty_value.yaml').write_text('epochs:\n')
     (folder / 'aliases.yaml').write_text(ALIAS_CHAIN)
     write_checkpoints(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def edited(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('edited')
     write_edited_checkpoints(folder)
     return folder
 
@@ -221,19 +231,31 @@ def run_in_process(argv, capsys):
     return exit_info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize('case', list(CASES))
-def test_bad_input_is_one_line_and_damages_nothing(case, inputs, tmp_path, capsys):
-    make_argv, code, fragments = CASES[case]
+def assert_refused_before_writing(argv, code, fragments, tmp_path, capsys):
+    """One line and `code`, and the output folder as it was: config.yaml not (re)written."""
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'best.pth').write_bytes(b'weights of an earlier run')
     (out / 'log.txt').write_text('{"epoch": 0}\n')
 
-    assert_one_line_error(*run_in_process(make_argv(inputs) + ['--output_dir', out], capsys), code, *fragments)
+    assert_one_line_error(*run_in_process(argv + ['--output_dir', out], capsys), code, *fragments)
     assert sorted(os.listdir(out)) == ['best.pth', 'log.txt']
     assert (out / 'best.pth').read_bytes() == b'weights of an earlier run'
     assert (out / 'log.txt').read_text() == '{"epoch": 0}\n'
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input_is_one_line_and_damages_nothing(case, inputs, tmp_path, capsys):
+    make_argv, code, fragments = CASES[case]
+    assert_refused_before_writing(make_argv(inputs), code, fragments, tmp_path, capsys)
     assert not (inputs / 'code_ran').exists()
+
+
+@pytest.mark.slow  # trains the checkpoint it edits
+@pytest.mark.parametrize('case', list(CHECKPOINT_CASES))
+def test_a_hand_edited_checkpoint_is_one_line_naming_file_and_field(case, edited, tmp_path, capsys):
+    make_argv, code, fragments = CHECKPOINT_CASES[case]
+    assert_refused_before_writing(make_argv(edited), code, fragments, tmp_path, capsys)
 
 
 @pytest.mark.parametrize('output_dir, fragments', [
@@ -296,6 +318,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_old_file(tmp_path, mo
     assert checkpoints.load_checkpoint(path) == {'epoch': 1} and os.listdir(tmp_path) == ['checkpoint.pth']
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line(tmp_path):
     process = subprocess.Popen([sys.executable, 'main.py', *map(str, DIGITS), '--epochs', '50', '--output_dir',
                                 str(tmp_path)], cwd=ROOT, env=command_env(), stdout=subprocess.PIPE,
@@ -308,6 +331,7 @@ def test_ctrl_c_is_one_line(tmp_path):
     assert_one_line_error(process.returncode, out, err, 130, 'interrupted')
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / 'out'
     good = run_here(main, DIGITS + ['--epochs', '1', '--output_dir', out])
@@ -330,6 +354,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tm
                           'head.bias')
 
 
+@pytest.mark.slow
 def test_a_diverging_run_never_saves_a_poisoned_resume_point(tmp_path):
     """One step per epoch, warming up to a huge learning rate: epoch 0 is sound, epoch 1's step has a finite
     loss but leaves weights whose evaluation loss is not. They never replace the sound checkpoint, and the
@@ -346,10 +371,11 @@ def test_a_diverging_run_never_saves_a_poisoned_resume_point(tmp_path):
     assert again.returncode == 1 and again.stderr == result.stderr
 
 
-def test_a_damaged_resume_point_names_the_whole_checkpoints_beside_it(inputs, tmp_path, capsys):
+@pytest.mark.slow
+def test_a_damaged_resume_point_names_the_whole_checkpoints_beside_it(edited, tmp_path, capsys):
     out = tmp_path / 'out'
     out.mkdir()
-    trained = inputs / 'trained' / 'checkpoint.pth'
+    trained = edited / 'trained' / 'checkpoint.pth'
     for name in ('best.pth', 'backup0.pth'):
         shutil.copy(trained, out / name)
     (out / 'checkpoint.pth').write_bytes(trained.read_bytes()[:4000])  # cut short by a full disk, say

@@ -16,13 +16,13 @@ import deploy
 import models  # noqa: F401  (registers the RAVLT models)
 from checkpoints import load_checkpoint
 from cli import UsageError
+from helpers import ROOT
 from model_factory import model_from_checkpoint
 from scripts import export_onnx
 
 ort = pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]}
 
 
@@ -55,11 +55,13 @@ def exported(tmp_path_factory):
     return checkpoint, output, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_the_model_comes_from_the_checkpoint(exported):
     """No --model: the checkpoint's narrow RAVLT-T (its --model and --model-kwargs), named as such."""
     assert exported[2].startswith('exported RAVLT_T in ')
 
 
+@pytest.mark.slow
 def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported):
     checkpoint, output, _ = exported
     assert output.is_file() and not [p for p in os.listdir(output.parent) if p.endswith('.tmp.onnx')]
@@ -77,6 +79,7 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported):
         assert (ema(x) - not_ema(x)).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_failed_check_writes_nothing(exported, tmp_path, monkeypatch):
     """The file from the EMA weights checked against the model's weights: the check fails, nothing is left."""
     checkpoint, output, _ = exported
@@ -117,6 +120,7 @@ def test_bad_input_is_a_usage_error(argv, message, tmp_path):
         export_onnx.main([*argv, '--output', str(tmp_path / 'x.onnx')])
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_on_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'export_onnx.py'), '--model', 'RAVLT_S',
                              '--checkpoint', 'MISSING.pth', '--output', str(tmp_path / 'x.onnx')],

@@ -7,6 +7,8 @@ import pytest
 
 from scripts import flops
 
+pytestmark = pytest.mark.slow  # fvcore traces of full-size models
+
 # Measured on the authors' code: fvcore at 1x3x224x224, default handles.
 AUTHORS = {
     'RAVLT_T': (14.90, 2.626, 2.425),
@@ -53,8 +55,28 @@ def test_model_kwargs_all_linear():
 
 
 def test_cli_rejects_bad_arguments():
-    for args in (['--model', 'RAVLT_X'], ['--input-size', '0'], ['--model-kwargs', '{"depth": 1}'],
-                 ['--input-size', '224', '224', '224']):
+    for args, message in ((['--model', 'RAVLT_X'], 'unknown model(s) RAVLT_X'),
+                          (['--input-size', '0'], '--input-size takes one or two positive integers'),
+                          (['--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t with --model-kwargs'),
+                          (['--input-size', '224', '224', '224'], '--input-size takes one or two positive integers')):
         result = subprocess.run([sys.executable, 'scripts/flops.py', *args], capture_output=True, text=True)
         assert result.returncode == 2
-        assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_ablation_kinds_share_one_flops_table():
+    """RAVLT-T with each attention kind in stages 1-2: kinds with LePE and gate have RALA's convolutions, kinds
+    without lack the o projection and LePE, N * C * (C + 25) multiply-adds per block (two blocks of 3136 tokens
+    x 64 channels, two of 784 x 128); alpha changes only attention products (its scores)."""
+    rows = {kind: flops.measure('RAVLT_T', (224, 224), model_kwargs={'attn_types': [kind, kind, 'softmax', 'softmax']})
+            for kind in ('linear', 'rala_no_alpha', 'rala_no_gate_lepe', 'rala')}
+    assert rows['rala']['flops'] == flops.measure('RAVLT_T', (224, 224))['flops']
+    gate_and_lepe = 2 * 3136 * 64 * (64 + 25) + 2 * 784 * 128 * (128 + 25)
+    for with_gate, without in (('rala', 'rala_no_gate_lepe'), ('rala_no_alpha', 'linear')):
+        assert rows[with_gate]['flops_no_attn'] - rows[without]['flops_no_attn'] == gate_and_lepe
+        assert rows[with_gate]['flops'] - rows[with_gate]['flops_no_attn'] == \
+            rows[without]['flops'] - rows[without]['flops_no_attn']
+    alpha = rows['rala']['flops'] - rows['rala_no_alpha']['flops']
+    assert 0 < alpha == rows['rala_no_gate_lepe']['flops'] - rows['linear']['flops']
+    assert rows['rala']['flops_no_attn'] == rows['rala_no_alpha']['flops_no_attn']

@@ -9,11 +9,11 @@ import torch
 
 import models
 from hash_fill import fill_value, hash_fill_, hash_input
+from helpers import ROOT, TINY_KWARGS, VARIANTS, rel_err, tiny
 from timm.utils import reparameterize_model
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention
 
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
-VARIANTS = ['ravlt_t', 'ravlt_s', 'ravlt_b', 'ravlt_l']
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 
 
 def load_fixture(name):
@@ -23,17 +23,6 @@ def load_fixture(name):
 
 MANIFEST = load_fixture('state_dict_manifest.json')
 GOLDEN = load_fixture('golden_RAVLT_T.json')
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def tiny(**kwargs):
-    cfg = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), projection_dim=64,
-               num_classes=7)
-    cfg.update(kwargs)
-    return timm.create_model('ravlt_t', **cfg)
 
 
 @pytest.fixture(scope='module')
@@ -92,6 +81,31 @@ def test_rope_buffers_and_block_kinds(variant):
         model = timm.create_model(variant)
         for key, values in GOLDEN['rope_angle'].items():
             assert torch.equal(model.state_dict()[key], torch.tensor(values, dtype=torch.float32))
+
+
+# RAVLT-T's attention in stages 1-2 without the gate o and LePE: per block C * C + C (o) and 25 * C + C (LePE)
+# fewer, for two blocks of C = 64 and two of C = 128.
+RAVLT_T_UNGATED_PARAMS = 14_897_768 - 2 * (64 * 64 + 27 * 64) - 2 * (128 * 128 + 27 * 128)
+
+
+@pytest.mark.parametrize('kind, params', [('linear', RAVLT_T_UNGATED_PARAMS), ('rala_no_gate_lepe', RAVLT_T_UNGATED_PARAMS),
+                                          ('rala_no_alpha', 14_897_768), ('softmax', 14_897_768)])
+def test_ablation_kinds_layouts(kind, params):
+    """Kinds with the gate and LePE have RALA's state dict (an authors' checkpoint loads strict=True); kinds
+    without them have one `qkv` conv and no LePE, so no parameter goes unused."""
+    model = timm.create_model('ravlt_t', attn_types=(kind, kind, 'softmax', 'softmax'))
+    assert sum(p.numel() for p in model.parameters()) == params
+    authors = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in MANIFEST['RAVLT_T']}
+    state = model.state_dict()
+    if params == 14_897_768:
+        assert [(k, list(v.shape)) for k, v in state.items()] == [(k, shape) for k, shape, _ in MANIFEST['RAVLT_T']]
+        model.load_state_dict(authors, strict=True)
+        return
+    assert list(state['layers.1.blocks.0.attn.qkv.weight'].shape) == [3 * 128, 128, 1, 1]
+    assert not [k for k in state if k.startswith(('layers.0.', 'layers.1.')) and ('.lepe.' in k or '.qkvo.' in k)]
+    assert 'layers.2.blocks.0.attn.qkvo.weight' in state and 'layers.2.blocks.0.attn.lepe.weight' in state
+    with pytest.raises(RuntimeError, match='Unexpected key.*layers.0.blocks.0.attn.qkvo.weight'):
+        model.load_state_dict(authors, strict=True)
 
 
 # ---------------------------------------------------------------- function (float64 golden outputs)
@@ -168,7 +182,8 @@ def test_batch_elements_are_independent_in_eval():
     assert rel_err(together, alone) < 1e-12
 
 
-def test_rope_cache_follows_loaded_angles():
+def test_loaded_rope_angles_take_effect():
+    """The RoPE tables come from the `angle` buffers of the weights loaded, not from those the model was built with."""
     model = tiny().double().eval()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
@@ -180,7 +195,7 @@ def test_rope_cache_follows_loaded_angles():
         rebuilt = tiny().double().eval()
         rebuilt.load_state_dict(state)
         fresh = rebuilt(x)
-    assert rel_err(after, before) > 1e-6  # the cached tables were not reused after the load
+    assert rel_err(after, before) > 1e-6
     assert rel_err(after, fresh) < 1e-13
 
 
@@ -240,7 +255,8 @@ def test_all_linear_model_for_large_inputs():
     assert all(isinstance(b.attn, RankAugmentedLinearAttention) for s in model.layers for b in s.blocks)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 80)).shape == (1, 7)
-    with pytest.raises(ValueError, match='unknown attention type'):
+    with pytest.raises(ValueError, match=r"unknown attention type\(s\) \['window'\]; choose from \['linear', 'rala', "
+                       r"'rala_no_alpha', 'rala_no_gate_lepe', 'softmax'\]"):
         tiny(attn_types=('rala', 'rala', 'window', 'softmax'))
 
 
@@ -264,6 +280,7 @@ def peak_live_mib(fn) -> float:
     return peak / 2 ** 20
 
 
+@pytest.mark.slow
 def test_inference_memory_at_1024_is_under_a_third_of_the_authors():
     model = reparameterize_model(timm.create_model('ravlt_s').eval())
     x = torch.randn(1, 3, 1024, 1024)
@@ -300,21 +317,22 @@ def test_forward_intermediates_and_features_only():
         assert [t.shape[1] for t in inter] == [16, 32, 48, 64]
         assert [tuple(t.shape[2:]) for t in inter] == [(25, 33), (13, 17), (7, 9), (4, 5)]
         last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert len(last_two) == 2
         for a, b in zip(last_two, inter[2:]):
             torch.testing.assert_close(a, b)
     assert [f['reduction'] for f in model.feature_info] == [4, 8, 16, 32]
 
-    backbone = timm.create_model('ravlt_t', features_only=True, embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1),
-                                 num_heads=(1, 2, 3, 4), projection_dim=64)
+    backbone = timm.create_model('ravlt_t', features_only=True, **TINY_KWARGS)
     backbone.model.load_state_dict(model.state_dict(), strict=False)
     backbone.eval()
     assert backbone.feature_info.reduction() == [4, 8, 16, 32]
     assert backbone.feature_info.channels() == [16, 32, 48, 64]
     with torch.no_grad():
-        for a, b in zip(backbone(x), inter):
-            torch.testing.assert_close(a, b)
-    early = timm.create_model('ravlt_t', features_only=True, out_indices=(0, 1), embed_dims=(16, 32, 48, 64),
-                              depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), projection_dim=64)
+        features = backbone(x)
+    assert len(features) == len(inter) == 4
+    for a, b in zip(features, inter):
+        torch.testing.assert_close(a, b)
+    early = timm.create_model('ravlt_t', features_only=True, out_indices=(0, 1), **TINY_KWARGS)
     assert len(early.model.layers) == 2 and isinstance(early.model.layers[1].downsample, torch.nn.Identity)
 
 

@@ -12,12 +12,13 @@ import pytest
 
 import checkpoints
 import main
-from train_helpers import (ROOT, TINY, assert_one_line_error, assert_same_training, command_env,
-                           read_log, run_here)
+from helpers import ROOT
+from train_helpers import TINY, assert_one_line_error, assert_same_training, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_path):
     args = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '50', '--aa', 'none', '--mixup', '0',
                    '--cutmix', '0', '--no-repeated-aug', '--output_dir', tmp_path]

@@ -1,18 +1,17 @@
-"""The model's attention, RoPE and block code equals the literal reference (models/reference.py), forward
-and backward, also after inference re-parameterization; the model compiles with torch.compile(fullgraph=True),
+"""The model's attention (every kind of `attn_types`), RoPE and block code equals the literal reference
+(models/reference.py), forward and backward, also after inference re-parameterization; the ablation kinds
+differ from one another and relate to RALA as the paper defines them; the model compiles with torch.compile(fullgraph=True),
 exports with torch.export, runs under bf16 autocast and takes channels-last input and weights."""
 import pytest
 import timm
 import torch
 
 import models  # noqa: F401  (registers the RAVLT models)
+from helpers import rel_err
 from models import reference
-from models.ravlt import RAVLTBlock, RotaryEmbedding2d, apply_rope, elu_plus_one
+from models.ravlt import (ATTENTION_TYPES, LinearAttention, RAVLTBlock, ReweightedLinearAttention, RotaryEmbedding2d,
+                          apply_rope, elu_plus_one, linear_attention, rank_augmented_attention)
 from timm.utils import reparameterize_model
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def randomize_(module, seed=0):
@@ -39,6 +38,12 @@ CASES = [  # kind, heads, head_dim, (H, W), batch
     ('softmax', 1, 8, (7, 5), 2),
     ('softmax', 2, 12, (13, 9), 1),
     ('softmax', 5, 4, (3, 6), 3),
+    ('linear', 1, 8, (7, 5), 2),
+    ('linear', 3, 8, (4, 11), 2),
+    ('rala_no_alpha', 1, 8, (7, 5), 2),
+    ('rala_no_alpha', 2, 4, (13, 9), 1),
+    ('rala_no_gate_lepe', 1, 8, (7, 5), 2),
+    ('rala_no_gate_lepe', 3, 8, (4, 11), 2),
 ]
 
 
@@ -68,11 +73,65 @@ def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, h
         assert rel_err(fused(x, sin, cos), reference.block(block, x, angle)) < 1e-12
 
 
-def test_no_grad_path_leaves_inputs_untouched():
+def test_cases_cover_every_attention_kind():
+    assert {case[0] for case in CASES} == set(ATTENTION_TYPES)
+
+
+def test_ablation_kinds_compute_different_functions():
+    """Each rank augmentation changes the output: no two kinds agree on the same weights and input."""
+    block, rope = make_block('rala', 2, 8)
+    x = torch.randn(2, 16, 7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        outputs = {kind: reference.attention_terms(block.attn, x, rope.angle, kind)['output']
+                   for kind in reference.computable_kinds(block.attn)}
+    assert sorted(outputs) == sorted(reference.LINEAR_KINDS)
+    kinds = sorted(outputs)
+    for i, a in enumerate(kinds):
+        for b in kinds[i + 1:]:
+            assert rel_err(outputs[a], outputs[b]) > 1e-2, (a, b)
+
+
+def test_rala_with_uniform_key_weights_is_plain_linear_attention():
+    """alpha = softmax(scale * mean(q') . k') is uniform at scale 0: RALA then is plain linear attention, in
+    the reference (output and KV buffer) and in the model's functions."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 35, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    sin, cos = reference.rope_tables(RotaryEmbedding2d(8).double().angle, 7, 5)
+    for got, expected in zip(reference.rala(q, k, v, sin, cos, scale=0.0), reference.linear_attention(q, k, v, sin, cos)):
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
+    assert rel_err(reference.rala(q, k, v, sin, cos, scale=8 ** -0.5)[1],
+                   reference.linear_attention(q, k, v, sin, cos)[1]) > 1e-2
+    fast_sin, fast_cos = RotaryEmbedding2d(8).double()(7, 5)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # token-major, as the model's
+    torch.testing.assert_close(rank_augmented_attention(q, k, v, fast_sin, fast_cos, 0.0),
+                               linear_attention(q, k, v, fast_sin, fast_cos), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize('kind, cls', [('linear', LinearAttention), ('rala_no_gate_lepe', ReweightedLinearAttention)])
+def test_gated_weights_computed_without_gate_equal_the_ungated_module(kind, cls):
+    """A block with RALA's parameters computed as an ungated kind (what the rank analysis reports as
+    `computed_as`) is that kind's module holding the q, k, v slices of `qkvo` and the same `proj`."""
+    block, rope = make_block('rala', 2, 8)
+    ungated = cls(16, 2).double()
+    with torch.no_grad():
+        ungated.qkv.weight.copy_(block.attn.qkvo.weight[:48])
+        ungated.qkv.bias.copy_(block.attn.qkvo.bias[:48])
+        ungated.proj.load_state_dict(block.attn.proj.state_dict())
+        x = torch.randn(2, 16, 7, 5, dtype=torch.float64)
+        out = reference.attention_terms(block.attn, x, rope.angle, kind)['output']
+        expected = block.attn.proj(out.transpose(-1, -2).reshape(2, 16, 7, 5))
+        assert rel_err(ungated(x, *rope(7, 5)), expected) < 1e-12
+    with pytest.raises(ValueError, match="cannot be computed as 'rala'"):
+        reference.attention_terms(ungated, x, rope.angle, 'rala')
+    assert reference.computable_kinds(ungated) == [kind] + [k for k in ('linear', 'rala_no_gate_lepe') if k != kind]
+
+
+@pytest.mark.parametrize('grad', [False, True], ids=['no_grad', 'grad'])
+def test_block_and_attention_leave_their_channels_last_input_unchanged(grad):
     block, rope = make_block('rala', 2, 8)
     x = torch.randn(2, 16, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     kept = x.clone()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         block(x, *rope(9, 7))
         block.attn(x, *rope(9, 7))
     assert torch.equal(x, kept)
@@ -123,6 +182,7 @@ def small_model(**kwargs):
                              projection_dim=64, num_classes=10, **kwargs)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_whole_model_matches_eager():
     """Dynamo captures the whole network, forward and backward, as one graph (any graph break raises).
     aot_eager keeps this fast; Inductor's code generation is tested on blocks below and the whole network
@@ -144,6 +204,7 @@ def test_torch_compile_fullgraph_whole_model_matches_eager():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['rala', 'softmax'])
 def test_inductor_compiled_block_matches_eager(kind):
     torch.manual_seed(0)
@@ -155,6 +216,7 @@ def test_inductor_compiled_block_matches_eager(kind):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_export_ravlt_t_matches_eager():
     torch.manual_seed(0)
     model = timm.create_model('ravlt_t').eval()
@@ -201,5 +263,6 @@ def test_channels_last_input_and_weights_give_the_same_output_and_gradients():
         torch.testing.assert_close(grad, grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
         # A channels-last weight gets a channels-last gradient (what DistributedDataParallel's buckets expect).
         param = model.get_parameter(name)
-        if param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+        if param.dim() == 4:  # every conv weight is channels-last here
+            assert param.is_contiguous(memory_format=torch.channels_last), name
             assert grad.is_contiguous(memory_format=torch.channels_last), name

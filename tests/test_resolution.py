@@ -10,6 +10,7 @@ from scripts import resolution
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+@pytest.mark.slow
 def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
     out, figure = tmp_path / 'res.json', tmp_path / 'res.png'
     rows = resolution.main(['--models', 'RAVLT_T', 'RAVLT_S-linear', 'swin_tiny', '--sizes', '64', '64x96',

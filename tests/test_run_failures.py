@@ -15,9 +15,10 @@ import torch
 import datasets
 import main
 import output_folder
-from train_helpers import DIGITS, ROOT, assert_one_line_error, command_env, run_here
+from helpers import ROOT
+from train_helpers import DIGITS, assert_one_line_error, command_env, run_here
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow]  # each one a run
 
 ALLOCATOR_FAILURE = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
                      'to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)')

@@ -44,6 +44,7 @@ def authors_layout(checkpoint: dict, epoch: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     out, result = digits_run
     assert {'checkpoint.pth', 'best.pth', 'best_ema.pth', 'backup0.pth', 'backup1.pth', 'log.txt',
@@ -77,6 +78,7 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     assert [e.value for e in events.Scalars('test/acc1')] == pytest.approx([entry['test_acc1'] for entry in log])
 
 
+@pytest.mark.slow
 def test_resolved_config_reproduces_the_run(digits_run):
     out, _ = digits_run
     with open(out / 'config.yaml') as f:
@@ -87,6 +89,7 @@ def test_resolved_config_reproduces_the_run(digits_run):
     assert args.model_kwargs == TINY_MODEL_KWARGS and args.epochs == 2 and args.repeated_aug is False
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(digits_run, tmp_path):
     """The checkpoint carries its flags: --eval takes the model's shape (--model-kwargs) and input size from it."""
     out, _ = digits_run
@@ -106,6 +109,7 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
     assert wrong.returncode == 2 and '\n' not in line and 'differ in shape' in line and len(line) < 400
 
 
+@pytest.mark.slow
 def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
     out, _ = digits_run
     authors = tmp_path / 'RAVLT_T.pth'
@@ -122,6 +126,7 @@ def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
     assert bare.returncode == 0, bare.stderr
 
 
+@pytest.mark.slow
 def test_resume_from_authors_checkpoint_layout_continues_training(digits_run, tmp_path):
     out, _ = digits_run
     authors = tmp_path / 'RAVLT_T.pth'
@@ -149,6 +154,7 @@ def test_finetune_with_another_class_count_drops_the_head(tmp_path, capsys):
     assert_state_dicts_equal({k: v for k, v in state.items() if k.startswith('head.')}, new_head)
 
 
+@pytest.mark.slow
 def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
     out, _ = digits_run
     resumed = tmp_path / 'resumed'
@@ -165,6 +171,7 @@ def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
     assert yaml.safe_load((resumed / 'config.yaml').read_text())['lr'] == 0.032
 
 
+@pytest.mark.slow
 def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_path):
     result = run_here(main, TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '1', '--mixup', '0',
                               '--cutmix', '0', '--aa', 'none', '--no-repeated-aug', '--no-model-ema',

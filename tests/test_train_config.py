@@ -128,6 +128,22 @@ def test_variant_configs_hold_the_authors_recipe(variant):
     assert last_block.drop_path.drop_prob == pytest.approx(models.RAVLT_CONFIGS[f'ravlt_{variant}']['drop_path_rate'])
 
 
+@pytest.mark.parametrize('kind', ['linear', 'rala_no_alpha', 'rala_no_gate_lepe', 'rala', 'softmax'])
+def test_ablation_configs_are_the_ravlt_t_recipe_with_one_attention_kind(kind):
+    """configs/ablation/: RAVLT-T's recipe, flag for flag, with the kind in the stages that have RALA (every stage
+    for softmax); the model builds with that kind's modules."""
+    args = parse(['--config', f'configs/ablation/ravlt_t_{kind}.yaml', '--data-path', 'P'])
+    recipe = parse(['--config', 'configs/ravlt_t.yaml', '--data-path', 'P'])
+    expected = [kind] * 4 if kind == 'softmax' else [kind, kind, 'softmax', 'softmax']
+    assert args.model_kwargs == {'attn_types': expected}
+    ignored = {'given', 'config', 'model_kwargs'}
+    assert {k: v for k, v in vars(args).items() if k not in ignored} == \
+        {k: v for k, v in vars(recipe).items() if k not in ignored}
+    with torch.device('meta'):
+        model = timm.create_model(models.resolve_model_name(args.model), **args.model_kwargs)
+    assert [type(stage.blocks[0].attn) for stage in model.layers] == [models.ATTENTION_TYPES[k] for k in expected]
+
+
 def test_demo_config_parses():
     args = parse(['--config', 'configs/demo_digits.yaml'])
     assert (args.data_set, args.device, args.input_size) == ('DIGITS', 'cpu', 32)

@@ -9,20 +9,20 @@ SLURM_LOCALID, as srun sets them), stopped the ways a cluster stops them:
 - the same kill and restart of main_seg.py (Semantic FPN) is bit-identical to its uninterrupted run.
 """
 import json
-import signal
 import sys
-import time
 
 import pytest
 import torch
 
 import checkpoints
 import main
+from helpers import ROOT
 from test_dense import TINY_JSON, write_ade
-from train_helpers import (RANDOM, ROOT, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log,
-                           run_here, signal_all, start, torchrun_command, wait_for_log)
+from train_helpers import (RANDOM, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log, run_here,
+                           start, torchrun_command)
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+# Each test runs two or three trainings of two processes: up to two minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.distributed, pytest.mark.timeout(600)]
 
 NUM_VAL = 256  # FAKE's held-out images
 ARGS = RANDOM + ['--dist-eval']
@@ -103,24 +103,22 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
 
 
 def test_sigterm_to_every_process_and_one_process_continues(tmp_path):
-    """As a cluster preempts a job: SIGTERM to the launcher and every worker. Then the run continues with one
-    process from the two processes' checkpoint."""
-    process = torchrun(ARGS + ['--output_dir', tmp_path])
-    wait_for_log(tmp_path, 1, process)
-    time.sleep(0.5)  # into epoch 1
-    signal_all(process, signal.SIGTERM)
-    code, out, err = finish(process)
-    assert code != 0 and len(stop_lines(err)) == 1, err  # rank 0 reports for all
+    """As a cluster preempts a job: SIGTERM to the launcher and every worker, during the run's step 20 (epoch 1).
+    Then the run continues with one process from the two processes' checkpoint."""
+    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], PREEMPT_AT='20:SIGTERM'))
+    assert code != 0
+    assert stop_lines(err) == [f'[rank 0] stopped: SIGTERM received during epoch 1; stopped after 6 of its 16 steps: '
+                               f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'], err
     assert not [line for line in err.splitlines() if line.startswith('[rank') and 'error' in line], err
     assert not [line for line in err.splitlines() if ROOT in line], err  # no traceback of ours
     assert 'Grad strides do not match' not in err
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
-    assert saved['epoch'] == 0 and saved['world_size'] == 2
+    assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 6, 2)
 
+    # Another process count cannot continue that epoch exactly: it restarts the epoch.
     result = run_here(main, ARGS + ['--output_dir', tmp_path])
     assert result.returncode == 0, result.stderr
-    if 'progress' in saved:  # stopped mid-epoch: another process count cannot continue that epoch exactly
-        assert 'with 1 of 32 that epoch restarts from its beginning' in result.stdout
+    assert 'with 1 of 32 that epoch restarts from its beginning' in result.stdout
     assert [entry['epoch'] for entry in read_log(tmp_path)] == [0, 1]
 
 

@@ -118,6 +118,7 @@ def test_seeded_loading_is_the_same_for_any_worker_count_and_skips_exactly():
         return [b for b in loader]
 
     alone, with_workers, skipped = batches(0), batches(2), batches(0, skip=4)
+    assert len(alone) == len(with_workers) == 3
     for a, b in zip(alone, with_workers):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(alone[1:], skipped)) and len(skipped) == 2

@@ -17,7 +17,8 @@ import main
 from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, read_log,
                            run_here, run_main)
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+# Each test runs two or three trainings: up to two minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def run_hooked(output_dir, **hooks):
@@ -40,7 +41,7 @@ def assert_same_run(reference, out):
 
 
 def test_killed_before_its_log_line_the_epoch_is_logged_once(uninterrupted, tmp_path):
-    killed = run_hooked(tmp_path, KILL_AT='run:OutputFolder.append_log:1')  # epoch 0 saved, not yet logged
+    killed = run_hooked(tmp_path, KILL_AT='output_folder:OutputFolder.append_log:1')  # epoch 0 saved, not yet logged
     assert killed.returncode == -signal.SIGKILL
     assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 0
     assert not (tmp_path / 'log.txt').exists() or read_log(tmp_path) == []
