@@ -41,9 +41,9 @@ def save_checkpoint(obj, path):
         torch.save(obj, f)
 
 
-def load_checkpoint(path, map_location='cpu') -> dict:
-    """A checkpoint dict, loaded with `torch.load(weights_only=True)`. A missing, empty, unreadable or
-    code-carrying file raises a one-line UsageError."""
+def load_checkpoint(path, map_location='cpu', mmap: bool = False) -> dict:
+    """A checkpoint dict, loaded with `torch.load(weights_only=True)` (`mmap`: the tensors mapped, not read). A
+    missing, empty, unreadable or code-carrying file raises a one-line UsageError."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f'checkpoint {path} does not exist')
@@ -54,7 +54,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.simplefilter('ignore')  # e.g. "Detected pickle protocol 4" on a file that is no checkpoint
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r'GLOBAL ([\w.]+)', str(e))
         if found:
@@ -72,24 +72,75 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     return checkpoint
 
 
-def flags_of(checkpoint: dict) -> dict:
+def flags_of(checkpoint: dict, source: str = '', parser=None, check: Iterable[str] = ()) -> dict:
     """The flags a checkpoint was trained with, as {argparse destination: value} (`model_kwargs`): ours store
-    them by flag name (`model-kwargs`), the authors' files as an argparse.Namespace."""
+    them by flag name (`model-kwargs`), the authors' files as an argparse.Namespace. The destinations in `check`
+    pass `parser`'s checks of the command line (cli.ArgumentParser.check_saved): a hand-edited value is a
+    one-line UsageError naming `source` and the flag."""
     args = checkpoint.get('args')
     if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    return {str(k).replace('-', '_'): v for k, v in args.items()} if isinstance(args, dict) else {}
+        flags = dict(vars(args))
+    else:
+        flags = {str(k).replace('-', '_'): v for k, v in args.items()} if isinstance(args, dict) else {}
+    for dest in check:
+        if dest in flags:
+            flags[dest] = parser.check_saved(dest, flags[dest], f'the flags (args) of checkpoint {source}')
+    return flags
+
+
+def resumable_checkpoints(folder: str, exclude: str = '') -> List[str]:
+    """The files in `folder` other than `exclude` that load as whole training checkpoints (best.pth, backup{N}.pth
+    ...), as 'NAME (epoch N)', the latest epoch first: what a run can resume from when its own checkpoint is
+    damaged."""
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith('.pth') or name == exclude or not os.path.isfile(path):
+            continue
+        try:
+            checkpoint = load_checkpoint(path, mmap=True)  # the structure is read, not the tensors
+        except UsageError:
+            continue
+        if 'optimizer' in checkpoint and _count(checkpoint.get('epoch'), -1):
+            found.append((checkpoint['epoch'], name))
+    return [f'{name} (epoch {epoch})' for epoch, name in sorted(found, key=lambda f: -f[0])]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------------
 
-def state_dict_of(checkpoint: dict, ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The weights in any checkpoint (see the module docstring); `ema` takes `model_ema` when present."""
+def state_dict_of(checkpoint: dict, ema: bool = False, source: str = 'the checkpoint') -> Dict[str, torch.Tensor]:
+    """The weights in any checkpoint (see the module docstring); `ema` takes `model_ema` when present. A `model`
+    entry that holds no weights (None ...) is a one-line UsageError naming `source`: the EMA weights are never
+    taken for the weights."""
     if ema and isinstance(checkpoint.get('model_ema'), dict):
         checkpoint = checkpoint['model_ema']
+    elif 'model' in checkpoint and not isinstance(checkpoint['model'], dict):
+        ema_note = ' (its EMA weights, model_ema, are there: save them as model to use them)' \
+            if isinstance(checkpoint.get('model_ema'), dict) else ''
+        raise UsageError(f"{source}: its model entry is {_brief(checkpoint['model'])}, not a state dict of "
+                         f'weights{ema_note}')
     return models.checkpoint_filter_fn(checkpoint, None)
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def check_weight_values(state: dict, own: dict, source: str):
+    """Every weight a tensor, and a floating-point one where the model's is: weights saved as integers or
+    booleans have lost their values (a model would load them, rounded, and predict at chance)."""
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise UsageError(f'{source}: {len(odd)} weights are not tensors (e.g. {odd[0]}: '
+                         f'{_brief(state[odd[0]])}): the file is damaged or was edited')
+    rounded = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if rounded:
+        dtypes = sorted({str(state[k].dtype).replace('torch.', '') for k in rounded})
+        raise UsageError(f'{source}: {len(rounded)} weights are stored as {"/".join(dtypes)}, not floating point (e.g. '
+                         f'{rounded[0]}): their values are lost; use the original file')
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,10 +214,11 @@ def load_weights(model: torch.nn.Module, checkpoint: dict, source: str, model_na
                  allowed_missing=()) -> None:
     """Load the weights of `checkpoint` (any kind; `ema`: its `model_ema` when present) into `model`, key
     for key but for `allowed_missing`. Anything else raises a one-line UsageError starting with `source`."""
-    state = state_dict_of(checkpoint, ema)
+    state = state_dict_of(checkpoint, ema, source)
     own = model.state_dict()
+    check_weight_values(state, own, source)
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                  if k in own and hasattr(v, 'shape') and tuple(v.shape) != tuple(own[k].shape)]
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in state and k not in allowed_missing]
     unexpected = [k for k in state if k not in own]
     head = classifier_keys(model)
@@ -194,10 +246,11 @@ def load_backbone_weights(model: torch.nn.Module, checkpoint: dict, source: str,
     these are the `extra_norms` and the classifier's `proj`, `norm` and `head`. Shapes must fit."""
     from models.dense import dense_backbone
     backbone = dense_backbone(model)
-    state = backbone_state_dict(state_dict_of(checkpoint))
+    state = backbone_state_dict(state_dict_of(checkpoint, source=source))
     if not state:
         raise UsageError(f'{source} holds no RAVLT weights (no key ending in {BACKBONE_ANCHOR})')
     own = backbone.state_dict()
+    check_weight_values(state, own, source)
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
                   if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:
@@ -240,6 +293,46 @@ def training_checkpoint(*, model, model_ema, optimizer, lr_scheduler, scaler, ep
     return checkpoint
 
 
+def _count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_training_fields(checkpoint: dict, source: str):
+    """The fields of a training checkpoint have the types and ranges training_checkpoint writes: a hand-edited
+    or damaged one is a one-line UsageError naming the file and the field."""
+    def refuse(name, value, expected):
+        raise UsageError(f'{source}: its field {name} is {_brief(value)}, expected {expected} (was the file edited?)')
+
+    def optional(name, valid, expected):
+        if checkpoint.get(name) is not None and not valid(checkpoint[name]):
+            refuse(name, checkpoint[name], expected)
+
+    if not _count(checkpoint['epoch'], -1):  # -1: a checkpoint taken during the first epoch
+        refuse('epoch', checkpoint['epoch'], 'the last completed epoch (an integer, -1 or more)')
+    if not isinstance(checkpoint['optimizer'], dict):
+        refuse('optimizer', checkpoint['optimizer'], "an optimizer's state dict")
+    optional('step', _count, 'a step count (an integer, 0 or more)')
+    optional('world_size', lambda v: _count(v, 1), 'a process count (an integer, 1 or more)')
+    optional('scaler', lambda v: isinstance(v, dict), "a GradScaler's state dict")
+    optional('log', lambda v: isinstance(v, dict), 'a log line (a mapping)')
+    optional('best', lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items()),
+             'a mapping of metric names to numbers')
+    for legacy in ('max_accuracy', 'max_accuracy_ema'):
+        optional(legacy, _number, 'a number')
+
+    def totals_ok(totals):
+        return isinstance(totals, dict) and all(isinstance(v, (list, tuple)) and len(v) == 2 and
+                                                all(_number(x) for x in v) for v in totals.values())
+    optional('progress', lambda v: isinstance(v, dict) and _count(v.get('steps')) and _count(v.get('global_step'))
+             and totals_ok(v.get('totals')), 'the steps, global_step and totals of an unfinished epoch')
+    optional('pending_eval', lambda v: isinstance(v, dict) and isinstance(v.get('stats'), dict) and
+             _count(v.get('steps_before')), 'the stats and steps_before of an epoch awaiting evaluation')
+
+
 def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_metric: Optional[str],
                      world_size: int, batch_size: int, steps_per_epoch: int, schedule_in_epochs: bool,
                      start_option: str) -> TrainingState:
@@ -251,16 +344,20 @@ def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_m
     if not all(k in checkpoint for k in ('optimizer', 'epoch')):
         raise UsageError(f'{source} holds weights only (no optimizer state or epoch): use it with --eval, or start '
                          f'training from it with {start_option}')
+    check_training_fields(checkpoint, source)
     hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(checkpoint['optimizer'])
-    except (ValueError, KeyError) as e:
-        raise UsageError(f'{source}: its optimizer state does not fit this optimizer ({e})') from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UsageError(f'{source}: its optimizer state does not fit this optimizer ({first_line(e)})') from None
     for group, values in zip(optimizer.param_groups, hyperparameters):
         group.update(values)  # flags changed since the checkpoint apply (the schedule is rebuilt from them too)
     if checkpoint.get('scaler') and scaler.is_enabled():
-        scaler.load_state_dict(checkpoint['scaler'])
-    state = TrainingState(start_epoch=checkpoint['epoch'] + 1, best=dict(checkpoint.get('best', {})),
+        try:
+            scaler.load_state_dict(checkpoint['scaler'])
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+            raise UsageError(f'{source}: its scaler field does not fit a GradScaler ({first_line(e)})') from None
+    state = TrainingState(start_epoch=checkpoint['epoch'] + 1, best=dict(checkpoint.get('best') or {}),
                           last_log=checkpoint.get('log'))
     for legacy in ('max_accuracy', 'max_accuracy_ema'):  # the authors' files and DeiT's
         if legacy in checkpoint and best_metric:
@@ -271,6 +368,9 @@ def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_m
         else state.start_epoch * steps_per_epoch
     progress = checkpoint.get('progress')
     if progress is not None and same_shape:
+        if progress['steps'] >= steps_per_epoch:
+            raise UsageError(f"{source}: its field progress has steps {progress['steps']}, but an epoch has "
+                             f'{steps_per_epoch} (was the file edited?)')
         state.first_step, state.global_step, state.totals = progress['steps'], progress['global_step'], \
             progress['totals']
     elif progress is not None:

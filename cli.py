@@ -19,7 +19,8 @@ import yaml
 
 import models
 from distributed import cleanup_distributed, is_main_process
-from errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line
+from errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, RunFailure, UsageError,
+                    first_line, is_out_of_memory, killed_worker)
 from utils import AMP_DTYPES
 
 
@@ -33,6 +34,8 @@ def _number(kind, text, low=None, high=None, low_open=False, high_open=False):
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}') \
             from None
+    if value in (float('inf'), float('-inf')):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
     if value != value or (low is not None and (value < low or (low_open and value == low))) or \
             (high is not None and (value > high or (high_open and value == high))):
         lower = '' if low is None else f'{"(" if low_open else "["}{low}'
@@ -68,6 +71,7 @@ NON_NEGATIVE_INT = number_type(int, 0)
 NON_NEGATIVE = number_type(float, 0)
 POSITIVE = number_type(float, 0, low_open=True)
 FRACTION = number_type(float, 0, 1)    # a probability, a rate
+MAX_DIST_TIMEOUT = 10 ** 6  # minutes (about two years): far above any wait, far below what a timedelta holds
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,23 +183,37 @@ class ArgumentParser(argparse.ArgumentParser):
         options = self.long_options()
         return {name: value for name, value in self.to_config(args).items() if options[name].dest not in training}
 
+    def check_saved(self, dest: str, value, where: str):
+        """A flag's value saved elsewhere (a checkpoint's flags, by destination), checked as the command line
+        checks it; returns it converted, or raises a one-line UsageError naming the flag and `where`."""
+        actions = [a for a in self._actions if a.dest == dest and a.option_strings]
+        if not actions:
+            return value
+        action = next((a for a in actions if not isinstance(a, argparse._StoreFalseAction)), actions[0])
+        key = next((o[2:] for o in action.option_strings if o.startswith('--')), dest)
+        return _config_value(action, key, value, where, dest_value=True)
+
     def from_config(self, config: dict) -> dict:
         """{dest: value} of a {flag name: value} mapping (unknown names left out)."""
         options = self.long_options()
         return {options[name].dest: value for name, value in config.items() if name in options}
 
 
-def _config_value(action, key: str, value, path: str):
-    """A YAML value checked as strictly as the flag on the command line: no silent rounding of 2.7 to 2,
-    no `true` taken for 1."""
+def _config_value(action, key: str, value, where: str, dest_value: bool = False):
+    """A YAML value (or a checkpoint's saved flag) checked as strictly as the flag on the command line: no silent
+    rounding of 2.7 to 2, no `true` taken for 1, no empty value for a flag that has a default. `where` says
+    where the value comes from ('config FILE'); `dest_value`: the value of the destination itself (a
+    checkpoint's), not of the flag named `key` (which for --no-x flags is the opposite)."""
     def invalid(reason):
-        return UsageError(f'{key}: {value!r} in config {path} is not valid ({reason})')
+        return UsageError(f'{key}: {_brief(value)} in {where} is not valid ({reason})')
 
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise invalid('expected true or false')
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        return value if dest_value or isinstance(action, argparse._StoreTrueAction) else not value
     if value is None:
+        if action.default is not None:
+            raise invalid(f'empty; give a value, or leave the key out for the default {_brief(action.default)}')
         return None
     multiple = action.nargs not in (None, '?')
     if multiple != isinstance(value, list):
@@ -209,23 +227,76 @@ def _config_value(action, key: str, value, path: str):
     kind = getattr(convert, 'kind', None)
 
     def one(item):
-        if isinstance(item, bool) or (kind is int and not isinstance(item, int)) or \
-                (kind is float and not isinstance(item, (int, float, str))):
+        if kind is not None and (isinstance(item, bool) or (kind is int and not isinstance(item, int)) or
+                                 (kind is float and not isinstance(item, (int, float, str)))):
             raise invalid(f'expected {"an integer" if kind is int else "a number"}')
-        if kind is None and convert is not json_object and not isinstance(item, (str, int, float)):
+        if kind is None and convert is not json_object and (isinstance(item, bool) or
+                                                             not isinstance(item, (str, int, float))):
             raise invalid('expected a single value')
+        if convert is None:
+            if dest_value and not isinstance(item, str):  # saved from a parsed flag: always text
+                raise invalid('expected text')
+            return str(item)  # a string flag: `data-path: 2024` is the folder '2024'
         try:
-            return convert(item if convert is None or isinstance(item, str) else str(item)) if convert else item
+            return convert(item if isinstance(item, str) else str(item))
         except argparse.ArgumentTypeError as e:
             raise invalid(str(e)) from None
 
     converted = [one(v) for v in value] if multiple else one(value)
     for item in converted if multiple else [converted]:
         if action.choices is not None and item not in action.choices:
-            raise UsageError(f'{key}: {value!r} in config {path} is not one of {", ".join(map(str, action.choices))}')
+            raise UsageError(f'{key}: {_brief(value)} in {where} is not one of {", ".join(map(str, action.choices))}')
     if multiple and isinstance(action.nargs, int) and len(converted) != action.nargs:
         raise invalid(f'expected {action.nargs} values')
     return converted
+
+
+def _brief(value, limit: int = 80) -> str:
+    """repr(value) for an error line, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+# A config file of flags holds tens of values; aliases (&a ... *a) may make a small file expand to billions.
+MAX_CONFIG_VALUES = 10_000
+
+
+def _expanded_size(node, sizes: dict, open_nodes: set) -> int:
+    """How many YAML nodes `node` stands for once its aliases are expanded (at most MAX_CONFIG_VALUES + 1)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:  # an alias of one of its own ancestors: infinite
+        return MAX_CONFIG_VALUES + 1
+    open_nodes.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total = min(total + _expanded_size(child, sizes, open_nodes), MAX_CONFIG_VALUES + 1)
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _load_yaml(stream, path: str):
+    """yaml.safe_load, refusing a document that expands (through aliases) to more than MAX_CONFIG_VALUES
+    values before any of it is built."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_CONFIG_VALUES:
+            raise UsageError(f'config {path} expands to more than {MAX_CONFIG_VALUES} values (through YAML aliases '
+                             '&name / *name, or a recursive one): write the values out')
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_config(path: str, parser: Optional[ArgumentParser], _seen=()) -> dict:
@@ -238,7 +309,7 @@ def read_config(path: str, parser: Optional[ArgumentParser], _seen=()) -> dict:
         raise UsageError(f'config {path} inherits itself through _base_')
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = _load_yaml(f, path)
     except yaml.YAMLError as e:
         raise UsageError(f'config {path} is not valid YAML ({str(e).splitlines()[0]})') from None
     except (OSError, UnicodeDecodeError) as e:
@@ -260,9 +331,9 @@ def read_config(path: str, parser: Optional[ArgumentParser], _seen=()) -> dict:
     for key, value in data.items():
         action = options.get(str(key))
         if action is None:
-            raise UsageError(f'unknown key {key!r} in config {path}: keys are flag names without dashes'
+            raise UsageError(f'unknown key {_brief(key)} in config {path}: keys are flag names without dashes'
                              f'{did_you_mean(str(key), options)}')
-        values[action.dest] = _config_value(action, str(key), value, path)
+        values[action.dest] = _config_value(action, str(key), value, f'config {path}')
     return values
 
 
@@ -294,7 +365,8 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
                         help=f'data loading processes per training process (default: {num_workers}, or the CPU '
                         'cores per process if fewer)')
     parser.add_argument('--print-freq', default=print_freq, type=COUNT, metavar='N', help='print every N steps')
-    parser.add_argument('--dist-timeout', default=60, type=POSITIVE, metavar='MINUTES',
+    parser.add_argument('--dist-timeout', default=60, type=number_type(float, 0, MAX_DIST_TIMEOUT, low_open=True),
+                        metavar='MINUTES',
                         help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
                         'and writes checkpoints meanwhile) before the run fails')
     parser.set_defaults(default_num_workers=num_workers)
@@ -320,7 +392,8 @@ def _report(message: str, code: int, everyone: bool = True) -> int:
 
 def run_cli(main_fn, argv):
     """Run `main_fn(argv)` as a command and exit with its code: a UsageError is one line on stderr and exit 2;
-    a non-finite loss, running out of memory or disk, or losing contact with another process one line and 1;
+    a non-finite loss, running out of memory (also the CPU's plain RuntimeError) or disk, a data-loading worker
+    killed, a RunFailure or losing contact with another process one line and 1;
     a preemption signal one line and 3; Ctrl-C one line and 130. Each line names its rank when there are
     several processes. Anything else is a bug and keeps its traceback."""
     code = 0
@@ -329,11 +402,11 @@ def run_cli(main_fn, argv):
     except UsageError as e:
         code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process())
     except Preempted as e:
-        code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=is_main_process())
-    except FloatingPointError as e:
+        code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=not e.everywhere or is_main_process())
+    except (FloatingPointError, RunFailure) as e:
         code = _report(f'error: {e}', EXIT_FAILURE)
-    except torch.OutOfMemoryError:
-        code = _report('error: out of memory; lower --batch-size (or use --amp bf16/fp16)', EXIT_FAILURE)
+    except MemoryError as e:
+        code = _report(_out_of_memory_line(e), EXIT_FAILURE)
     except KeyboardInterrupt:
         code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
                        'resume point)', EXIT_INTERRUPTED)
@@ -344,14 +417,31 @@ def run_cli(main_fn, argv):
         code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are whole',
                        EXIT_FAILURE)
     except RuntimeError as e:
-        if not _lost_contact(e):
+        worker = killed_worker(e)
+        if is_out_of_memory(e):
+            code = _report(_out_of_memory_line(e), EXIT_FAILURE)
+        elif worker is not None:
+            cause = ("most likely the kernel's out-of-memory killer: lower --num_workers or --batch-size"
+                     if 'Killed' in worker else 'killed or crashed; if memory is short, lower --num_workers or '
+                     '--batch-size')
+            code = _report(f'error: a data-loading worker {worker} ({cause}); the checkpoints on disk are whole',
+                           EXIT_FAILURE)
+        elif _lost_contact(e):
+            code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
+                           'processes\' messages', EXIT_FAILURE)
+        else:
             raise
-        code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
-                       'processes\' messages', EXIT_FAILURE)
     finally:
         cleanup_distributed()
     if code:
         sys.exit(code)
+
+
+def _out_of_memory_line(error: BaseException) -> str:
+    detail = ' '.join(str(error).split())
+    detail = detail if len(detail) <= 200 else detail[:197] + '...'
+    return (f'error: out of memory ({detail or type(error).__name__}); lower --batch-size, the input size or '
+            '--num_workers (or use --amp bf16/fp16); the checkpoints on disk are whole')
 
 
 def _lost_contact(error: RuntimeError) -> bool:

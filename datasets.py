@@ -1,11 +1,14 @@
 """Data sets and their transforms: ImageNet class folders (IMNET), CIFAR-100 (CIFAR), random images
 (FAKE) and scikit-learn's handwritten digits (DIGITS, shipped inside the package)."""
 import os
+import stat
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from errors import UsageError
 
@@ -60,8 +63,97 @@ class Digits(torch.utils.data.Dataset):
         return image, self.targets[index]
 
 
+FILE_KINDS = ((stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+              (stat.S_ISBLK, 'a block device'))
+
+
+def file_kind(mode: int) -> str:
+    return next((name for test, name in FILE_KINDS if test(mode)), 'not a regular file')
+
+
+def open_regular(path: str):
+    """`path` opened for reading in binary, if it is a regular file; anything else (a FIFO named x.png, a device)
+    raises ValueError at once, without blocking on it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ValueError(f'{file_kind(mode)}, not a regular file: only regular files are data')
+    return os.fdopen(fd, 'rb')
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """An image file as 8-bit RGB, whatever its depth: 16-bit images scaled from 0-65535 to 0-255 (Pillow's
+    convert('RGB') would clip them at 255), floating-point ones from 0-1 to 0-255. Other depths (32-bit integers,
+    floats outside 0-1) raise ValueError rather than be guessed. Only a regular file is read: a FIFO or a device
+    raises at once, without blocking."""
+    with open_regular(path) as f:
+        image = Image.open(f)
+        if image.mode.startswith('I;16'):
+            levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+            image = Image.fromarray(np.rint(levels).astype(np.uint8), 'L')
+        elif image.mode == 'F':
+            values = np.asarray(image, dtype=np.float64)
+            low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+            if not (0.0 <= low and high <= 1.0):
+                raise ValueError(f'a floating-point image with values from {low:g} to {high:g}, not from 0 to 1: '
+                                 'convert it to 8 or 16 bits per channel')
+            image = Image.fromarray(np.rint(values * 255.0).astype(np.uint8), 'L')
+        elif image.mode in ('I', 'I;32', 'I;32B', 'I;32L'):
+            raise ValueError(f'a 32-bit integer image (mode {image.mode}): convert it to 8 or 16 bits per channel')
+        return image.convert('RGB')
+
+
+def _class_samples(class_dir: str, class_index: int, seen: dict) -> list:
+    """(path, class_index) of the image files under `class_dir`, in torchvision's order (folders by path, files
+    by name), following symbolic links. A folder reached twice (a link loop, two links to one folder) and a
+    file that is not a regular one (a FIFO named x.png) are one-line UsageErrors: its images would count twice,
+    or reading it would block. A dangling link is listed (its read fails naming it)."""
+    folders, pending = [], [class_dir]
+    while pending:
+        folder = pending.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise UsageError(f'{folder} is {seen[real]} again (a symbolic link loop, or two links to one folder): '
+                             'its images would count twice; remove the link')
+        seen[real] = folder
+        files = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                    elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                        if not entry.is_file() and os.path.exists(entry.path):
+                            kind = file_kind(os.stat(entry.path).st_mode)
+                            raise UsageError(f'{entry.path} is {kind}, not a regular file: only regular files are '
+                                             'images; remove it from the data folder')
+                        files.append(entry.name)
+        except OSError as e:
+            raise UsageError(f'cannot read the folder {folder} ({e.strerror.lower()})') from None
+        folders.append((folder, sorted(files)))
+    return [(os.path.join(folder, name), class_index) for folder, files in sorted(folders) for name in files]
+
+
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder that names the file behind a sample (for one-line load errors)."""
+    """torchvision's ImageFolder that lists only regular files, each folder once (see _class_samples), reads
+    every image depth correctly (load_rgb_image), and names the file behind a sample (for one-line load errors)."""
+
+    def __init__(self, root: str, transform=None):
+        super().__init__(root, transform=transform, loader=load_rgb_image)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list:
+        seen, samples, empty = {os.path.realpath(directory): directory}, [], []
+        for name in sorted(class_to_idx):
+            found = _class_samples(os.path.join(directory, name), class_to_idx[name], seen)
+            samples += found
+            if not found:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise UsageError(f'{directory}: found no images for the classes {", ".join(empty[:5])}'
+                             f'{" ..." if len(empty) > 5 else ""} (image files end in {", ".join(IMG_EXTENSIONS)})')
+        return samples
 
     def sample_path(self, index: int) -> str:
         return self.samples[index][0]

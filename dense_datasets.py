@@ -19,6 +19,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from datasets import load_rgb_image, open_regular
 from errors import UsageError
 
 IGNORE_INDEX = 255
@@ -57,6 +58,14 @@ def coco_paths(data_path: str, split: str):
     return images, annotations
 
 
+class CocoImages(CocoDetection):
+    """torchvision's CocoDetection reading its images as datasets.load_rgb_image reads them (regular files only,
+    every depth in 8-bit RGB)."""
+
+    def _load_image(self, id: int) -> Image.Image:
+        return load_rgb_image(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
+
+
 class CocoInstances(torch.utils.data.Dataset):
     """A COCO-format split as (image float in [0, 1], target) for torchvision's detectors.
 
@@ -70,7 +79,7 @@ class CocoInstances(torch.utils.data.Dataset):
         image_folder, annotation_file = coco_paths(data_path, split)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
-                self.coco_dataset = CocoDetection(image_folder, annotation_file)
+                self.coco_dataset = CocoImages(image_folder, annotation_file)
         except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise UsageError(f'{annotation_file} is not a COCO annotation file ({type(e).__name__}: {e})') from None
         self.coco = self.coco_dataset.coco
@@ -237,7 +246,8 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         return len(self.images)
 
     def load_mask(self, index: int) -> torch.Tensor:
-        mask = np.array(Image.open(self.labels[index]), dtype=np.int64)
+        with open_regular(self.labels[index]) as f:
+            mask = np.array(Image.open(f), dtype=np.int64)
         if mask.ndim != 2:
             raise UsageError(f'{self.labels[index]} is not a single-channel label image (shape {mask.shape})')
         if self.reduce_zero_label:
@@ -253,7 +263,7 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         return f'{self.images[index]} (labels {self.labels[index]})'
 
     def __getitem__(self, index: int):
-        image = tv_tensors.Image(TF.pil_to_tensor(Image.open(self.images[index]).convert('RGB')))
+        image = tv_tensors.Image(TF.pil_to_tensor(load_rgb_image(self.images[index])))
         mask = tv_tensors.Mask(self.load_mask(index))
         if mask.shape != image.shape[-2:]:
             raise UsageError(f'{self.labels[index]} is {mask.shape[1]}x{mask.shape[0]} but its image is '

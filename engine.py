@@ -26,9 +26,10 @@ def to_device(data, device: torch.device):
 
 def check_batch(batch):
     """A training batch, or the one-line error of the sample in it that could not be loaded (raised by this
-    process alone: the others stop when they lose contact with it)."""
+    process alone: the others stop when they lose contact with it): a UsageError naming the file, or a
+    MemoryError when memory ran out while loading it."""
     if isinstance(batch, utils.LoadError):
-        raise UsageError(batch.message)
+        raise MemoryError(f'while loading {batch.message}') if batch.out_of_memory else UsageError(batch.message)
     return batch
 
 
@@ -39,6 +40,8 @@ def evaluation_batches(batches: Iterable):
     error = None
     for batch in batches:
         if isinstance(batch, utils.LoadError):
+            if batch.out_of_memory:
+                check_batch(batch)
             error = batch.message
             break
         yield batch

@@ -131,7 +131,7 @@ def check_args(args):
                          '(or pass --mixup 0 --cutmix 0)')
 
 
-def finetune_model(args, checkpoint: dict, num_classes: int, **create_kwargs) -> torch.nn.Module:
+def finetune_model(args, checkpoint: dict, num_classes: int, parser=None, **create_kwargs) -> torch.nn.Module:
     """The model --finetune starts from: the checkpoint's weights, built with its --model and --model-kwargs
     unless given (it says which it took), with a new classifier when this data set has another class count."""
     source = f'--finetune {args.finetune}'
@@ -139,7 +139,7 @@ def finetune_model(args, checkpoint: dict, num_classes: int, **create_kwargs) ->
     model, name = model_from_checkpoint(
         checkpoint, source, model_name=args.model if 'model' in args.given else None,
         model_kwargs=args.model_kwargs if given_kwargs else None, default_name=args.model, num_classes=num_classes,
-        **create_kwargs)
+        parser=parser, **create_kwargs)
     kwargs = args.model_kwargs if given_kwargs else checkpoints.flags_of(checkpoint).get('model_kwargs')
     report_taken(source, {'model': name, 'model_kwargs': kwargs}, args)
     theirs = checkpoint_classes(checkpoints.state_dict_of(checkpoint), model)
@@ -148,6 +148,19 @@ def finetune_model(args, checkpoint: dict, num_classes: int, **create_kwargs) ->
               f'{theirs})')
     print(f'Fine-tuning {name} from {args.finetune}')
     return model
+
+
+def check_model_fits(model: torch.nn.Module, args):
+    """What the model's own checks would find only at the first step: training BatchNorm layers that would see
+    one value per channel (--batch-size 1 with a 1x1 map at the model's deepest stage, the stride of timm's
+    feature_info)."""
+    info = getattr(model, 'feature_info', None)
+    reduction = info[-1].get('reduction') if isinstance(info, list) and info and isinstance(info[-1], dict) else None
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not args.eval and reduction and has_batch_norm and args.batch_size == 1 and args.input_size <= reduction:
+        raise UsageError(f'--batch-size 1 at --input-size {args.input_size}: the BatchNorm layers of the last stage '
+                         f'(stride {reduction}) would see one value per channel, which training cannot normalize; use '
+                         f'--batch-size 2 or more, or --input-size {reduction + 1} or more')
 
 
 def build_loss(args, num_classes: int):
@@ -185,12 +198,16 @@ def build_task(args, run: Run) -> Task:
             raise UsageError(f'train/ and val/ must hold the same class folders: train has {num_train_classes} '
                              f'({", ".join(dataset_train.classes[:3])} ...), val {num_classes} '
                              f'({", ".join(dataset_val.classes[:3])} ...)')
+    if isinstance(args.model_kwargs, dict) and args.model_kwargs.get('global_pool') == '':
+        raise UsageError('--model-kwargs: global_pool "" gives a prediction per position, not per image; main.py '
+                         'trains and evaluates pooled classifiers (leave global_pool out, or give e.g. "avg")')
     create_kwargs = dict(drop_rate=args.drop, **({} if args.drop_path is None else {'drop_path_rate': args.drop_path}))
     if finetune is not None:
-        model = finetune_model(args, finetune, num_classes, **create_kwargs)
+        model = finetune_model(args, finetune, num_classes, run.parser, **create_kwargs)
     else:
         print(f'Creating model: {args.model}')
         model = create_model(args.model, args.model_kwargs, num_classes=num_classes, **create_kwargs)
+    check_model_fits(model, args)
 
     total_batch = args.batch_size * run.world_size
     # The EMA horizon is kept constant in images: one step at batch B counts as B / 512 steps at 512.

@@ -3,6 +3,7 @@ and evaluation, and the inference form (timm's reparameterize_model) that every 
 
 Every entry point and script builds its model here, so a name, its keyword arguments and the weights of any
 checkpoint kind (checkpoints.py) meet in one place, with one-line errors."""
+import argparse
 import copy
 import functools
 import json
@@ -14,10 +15,47 @@ import torch
 
 import checkpoints
 import models
+from cli import FRACTION
 from errors import UsageError
 
 # The methods timm.utils.reparameterize_model calls on a module to fold it for inference.
 FOLD_METHODS = ('fuse', 'reparameterize', 'switch_to_deploy')
+
+
+# Errors of a model's constructor that mean its arguments do not fit it.
+BUILD_ERRORS = (TypeError, ValueError, AssertionError, IndexError, KeyError, ZeroDivisionError)
+# --model-kwargs values with the range of the flag that sets the same argument.
+KWARG_RANGES = {'drop_path_rate': ('--drop-path', FRACTION), 'drop_rate': ('--drop', FRACTION)}
+
+
+def check_model_kwargs(model_kwargs: Optional[dict]):
+    """--model-kwargs that would build something other than what every entry point and script runs (an RGB
+    classifier or backbone whose weights come from a file) or break a flag's range: one-line UsageErrors."""
+    kwargs = model_kwargs or {}
+    if not isinstance(kwargs, dict):
+        raise UsageError(f'--model-kwargs {_brief(kwargs)} is not a mapping of argument names to values')
+    if kwargs.get('pretrained'):
+        raise UsageError('--model-kwargs: pretrained is not taken (no weights are downloaded): give the weights as a '
+                         'file (main.py --finetune or --resume, --pretrained for main_det.py / main_seg.py, '
+                         '--checkpoint for the scripts)')
+    if kwargs.get('features_only'):
+        raise UsageError('--model-kwargs: features_only builds a feature extractor, not the classifier this runs: '
+                         'leave it out (main_det.py / main_seg.py build the dense models)')
+    if 'in_chans' in kwargs and kwargs['in_chans'] != 3:
+        raise UsageError(f'--model-kwargs: in_chans {_brief(kwargs["in_chans"])}: the data are RGB images (3 '
+                         'channels) everywhere here; leave in_chans out')
+    for key, (flag, check) in KWARG_RANGES.items():
+        if key in kwargs:
+            try:
+                check(str(kwargs[key]) if not isinstance(kwargs[key], bool) else 'true')
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f'--model-kwargs: {key} {e} (the range of {flag})') from None
+
+
+def _brief(value, limit: int = 200) -> str:
+    """JSON of a value for an error line, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def create_model(name: str, model_kwargs: Optional[dict] = None, **kwargs) -> torch.nn.Module:
@@ -27,10 +65,11 @@ def create_model(name: str, model_kwargs: Optional[dict] = None, **kwargs) -> to
     if not timm.is_model(resolved):
         raise UsageError(f'unknown model {name!r}: choose RAVLT_T, RAVLT_S, RAVLT_B or RAVLT_L (any timm model name '
                          'also works, see timm.list_models())')
+    check_model_kwargs(model_kwargs)
     try:
         return timm.create_model(resolved, **dict(model_kwargs or {}, **kwargs))
-    except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
-        raise UsageError(f'cannot build {resolved} with --model-kwargs {json.dumps(model_kwargs)}: {e}') from None
+    except BUILD_ERRORS as e:
+        raise UsageError(f'cannot build {resolved} with --model-kwargs {_brief(model_kwargs)}: {e}') from None
 
 
 def create_dense_model(task: str, name: str, num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None,
@@ -38,14 +77,15 @@ def create_dense_model(task: str, name: str, num_classes: Optional[int] = None, 
     """A detector or segmenter (models.dense) on a RAVLT backbone, with the backbone weights of `pretrained`
     (any checkpoint holding RAVLT weights) when given."""
     from models.dense import build_dense_model  # torchvision's detectors, segmentation_models_pytorch
+    check_model_kwargs(model_kwargs)
     backbone_kwargs = dict(model_kwargs or {})
     if drop_path is not None:
         backbone_kwargs['drop_path_rate'] = drop_path
     try:
         model = build_dense_model(task, name, num_classes, backbone_kwargs, **detector_kwargs)
-    except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:
+    except BUILD_ERRORS as e:
         raise UsageError(f'cannot build {task} with --model {name} and --model-kwargs '
-                         f'{json.dumps(model_kwargs)}: {e}') from None
+                         f'{_brief(model_kwargs)}: {e}') from None
     if pretrained:
         missing, unexpected = checkpoints.load_backbone_weights(
             model, checkpoints.load_checkpoint(pretrained), f'--pretrained {pretrained}', name)
@@ -63,13 +103,16 @@ def checkpoint_classes(state_dict: dict, model: torch.nn.Module) -> Optional[int
 
 def model_from_checkpoint(checkpoint: dict, source: str, model_name: Optional[str] = None,
                           model_kwargs: Optional[dict] = None, ema: bool = False, default_name: str = 'RAVLT_S',
-                          num_classes: Optional[int] = None, **kwargs) -> Tuple[torch.nn.Module, str]:
+                          num_classes: Optional[int] = None, parser=None, **kwargs) -> Tuple[torch.nn.Module, str]:
     """(classifier with the weights of `checkpoint`, its model name). The model and its keyword arguments are
-    the checkpoint's own (its training flags, else the published variant its weights fit, else `default_name`)
-    unless given; the class count is its classifier's, or `num_classes`, for which a classifier of another
-    count is left new (fine-tuning). `ema`: the EMA weights when it has them; `kwargs` go to create_model."""
-    flags = checkpoints.flags_of(checkpoint)
-    state = checkpoints.state_dict_of(checkpoint, ema)
+    the checkpoint's own (its training flags, checked by `parser`'s --model and --model-kwargs, else the
+    published variant its weights fit, else `default_name`) unless given; the class count is its classifier's,
+    or `num_classes`, for which a classifier of another count is left new (fine-tuning). `ema`: the EMA weights
+    when it has them; `kwargs` go to create_model."""
+    taken = [dest for dest, given in (('model', model_name), ('model_kwargs', model_kwargs)) if given is None]
+    flags = checkpoints.flags_of(checkpoint, source, parser, check=taken if parser is not None else ())
+    state = checkpoints.state_dict_of(checkpoint, ema, source)
+    checkpoints.check_weight_values(state, {}, source)
     name = model_name or flags.get('model') or checkpoints.ravlt_variant_of(state) or default_name
     if model_kwargs is None:
         model_kwargs = flags.get('model_kwargs')

@@ -165,8 +165,11 @@ def load_authors_module(path: str, extra_paths):
     """Import the authors' RALA.py from a file; any import failure becomes one clear line."""
     if not os.path.isfile(path):
         raise UsageError(f"--authors-file {path!r} does not exist; point it at the authors' classfication/RALA.py")
-    sys.path[:0] = [os.path.abspath(p) for p in extra_paths]
     spec = importlib.util.spec_from_file_location('authors_rala', path)
+    if spec is None or not path.endswith('.py'):
+        raise UsageError(f"--authors-file {path!r} is not a Python file (.py); point it at the authors' "
+                         'classfication/RALA.py')
+    sys.path[:0] = [os.path.abspath(p) for p in extra_paths]
     module = importlib.util.module_from_spec(spec)
     try:
         with warnings.catch_warnings():
@@ -178,6 +181,9 @@ def load_authors_module(path: str, extra_paths):
     except ImportError as e:
         raise UsageError(f"the authors' file does not import with this timm ({e}); edit its import lines to "
                          f"today's paths (e.g. timm.layers instead of timm.models.layers)") from None
+    except Exception as e:  # the file's own code failed: whatever it raised, say so in one line
+        raise UsageError(f"--authors-file {path!r} fails to run ({first_line(e)}); point it at the authors' "
+                         'classfication/RALA.py') from None
     return module
 
 

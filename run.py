@@ -130,6 +130,8 @@ class Run:
             except UsageError as e:
                 error = str(e) if self.world_size == 1 else f'{e} (every process reads it: on several nodes the ' \
                     'output folder must be shared)'
+                if own and path == own and os.path.isfile(path):
+                    error += _other_resume_points(args.output_dir)
             distributed.agree(error)
             self.resume_path = path
             self.take_flags(self.checkpoint, model_flags, 'the checkpoint')
@@ -155,7 +157,8 @@ class Run:
 
     def take_flags(self, checkpoint: dict, dests, source: str):
         """The flags `dests` (destinations) that the user did not give take `checkpoint`'s values; says which."""
-        saved = checkpoints.flags_of(checkpoint)
+        saved = checkpoints.flags_of(checkpoint, self.resume_path, self.parser,
+                                     check=[d for d in dests if d not in self.args.given])
         report_taken(source, {dest: saved[dest] for dest in dests if dest in saved}, self.args)
 
     # ---------------------------------------------------------------- data
@@ -303,10 +306,10 @@ class Run:
         trainer = Trainer(self, task, TrainingSetup(model, model_without_ddp, model_ema, optimizer, lr_scheduler,
                                                     scaler, loader_train, loader_val, total_steps), state)
         print(f'number of params: {trainer.n_parameters}')
+        start_time, stop = time.time(), StopSignals()  # before the announcement: a signal after it is handled
         print(f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from epoch '
               f'{state.start_epoch}: total batch {args.batch_size * self.world_size}, '
               f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}')
-        start_time, stop = time.time(), StopSignals()
         try:
             stats = trainer.train(num_epochs, stop)
         finally:
@@ -324,6 +327,11 @@ class Run:
         return {k[len('test_'):]: v for k, v in last.items() if k.startswith('test_') and not k.startswith('test_ema_')}
 
     def _resume(self, task: Task, optimizer, scaler, steps_per_epoch: int) -> checkpoints.TrainingState:
+        saved_opt, opt = checkpoints.flags_of(self.checkpoint).get('opt'), getattr(self.args, 'opt', None)
+        if 'epoch' in self.checkpoint and isinstance(saved_opt, str) and opt is not None and \
+                saved_opt.lower() != opt.lower():
+            raise UsageError(f'{self.resume_path} was trained with --opt {saved_opt}, whose state --opt {opt} cannot '
+                             f'continue: resume with --opt {saved_opt}, or start from its weights with --finetune')
         state = checkpoints.restore_training(
             self.checkpoint, self.resume_path, optimizer=optimizer, scaler=scaler, best_metric=task.best_metric,
             world_size=self.world_size, batch_size=self.args.batch_size, steps_per_epoch=steps_per_epoch,
@@ -354,3 +362,14 @@ def report_taken(source: str, values: dict, args):
     if taken:
         print(f'From {source} (give a flag to override): ' +
               ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items()))
+
+
+def _other_resume_points(folder: str) -> str:
+    """For the message about a damaged checkpoint.pth: the whole checkpoints beside it a run can resume from."""
+    others = checkpoints.resumable_checkpoints(folder, exclude=RESUME_FILE)
+    if not others:
+        return ''
+    first = others[0].split(' (')[0]
+    return (f'; whole checkpoints in {folder} to resume from: {", ".join(others)} (e.g. --resume '
+            f'{os.path.join(folder, first)})')
+

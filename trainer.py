@@ -5,8 +5,10 @@ Guarantees (tested with one and with two processes): `checkpoint.pth`, the resum
 replaced by a whole file with finite weights (and a finite evaluation loss); `log.txt` and the TensorBoard
 events hold each epoch exactly once after any kill; SIGTERM / SIGUSR1 stop every process after the same step
 and write a resumable checkpoint."""
+import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,11 +18,21 @@ import checkpoints
 import distributed
 import engine
 import utils
-from errors import Preempted, UsageError
+from errors import Preempted, RunFailure, UsageError
 from model_factory import for_inference
+from output_folder import LOG_FILE
 
 RESUME_FILE = 'checkpoint.pth'
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# After a stop signal, how long (seconds) the run may wait for a batch before it stops where it is, unsaved: below
+# the 30 s a SLURM job gets between SIGTERM and SIGKILL by default.
+DATA_WAIT_AFTER_STOP = 20.0
+
+
+class StuckOnData(BaseException):
+    """A stop signal came, and the next batch did not come within DATA_WAIT_AFTER_STOP seconds. Not an Exception:
+    raised wherever the wait is (a sample's own loading code included), no `except Exception` may take it for a
+    data error."""
 
 
 def print_evaluation(label: str, stats: dict, images: int):
@@ -30,19 +42,47 @@ def print_evaluation(label: str, stats: dict, images: int):
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what clusters send before they kill a job) ask the run to stop: noticed between
-    steps, agreed by all processes at the next step (see engine.optimizer_step)."""
+    steps, agreed by all processes at the next step (see engine.optimizer_step).
 
-    def __init__(self):
-        self.received = None
+    A run stuck waiting for its data (a file that blocks, a hung file system) never reaches the next step: when
+    the main process has waited for a batch `wait` seconds after the signal, a SIGALRM raises StuckOnData there.
+    Computing, evaluating and saving are never cut short; a repeated signal counts as one (a cluster and
+    torchrun may both deliver it)."""
+
+    def __init__(self, wait: Optional[float] = None):
+        self.received, self.signalled_at = None, None
+        self.wait = DATA_WAIT_AFTER_STOP if wait is None else wait
+        self.pid = os.getpid()  # data-loading workers inherit the handlers: there they do nothing
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._check_data_wait)
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        if self.received is None and os.getpid() == self.pid:
+            self.received, self.signalled_at = signal.Signals(signum).name, time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, self.wait)
+
+    def _check_data_wait(self, signum, frame):
+        if self.signalled_at is None or os.getpid() != self.pid:
+            return
+        waiting_since = utils.DataWait.since
+        now = time.monotonic()
+        if waiting_since is not None and now - max(waiting_since, self.signalled_at) >= self.wait:
+            self.acknowledge()
+            raise StuckOnData()
+        # Not waiting for data (or not for long): look again when a wait begun now would have lasted too long.
+        started = max(waiting_since or now, self.signalled_at)
+        signal.setitimer(signal.ITIMER_REAL, max(started + self.wait - now, 0.1))
+
+    def acknowledge(self):
+        """The run acts on the stop (it saves and ends): no more checks of its data waits."""
+        self.signalled_at = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def __call__(self) -> bool:
         return self.received is not None
 
     def restore(self):
+        self.acknowledge()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -70,11 +110,21 @@ class Trainer:
         self.n_parameters = sum(p.numel() for p in setup.model_without_ddp.parameters() if p.requires_grad)
         self.steps_per_epoch = len(setup.loader_train)
         self.stats = {}
+        self.epoch = state.start_epoch
 
     def train(self, num_epochs: int, stop: StopSignals) -> dict:
         """Train from the state's epoch to `num_epochs`; returns the last evaluation's metrics."""
+        try:
+            return self._train(num_epochs, stop)
+        except StuckOnData:
+            raise Preempted(f'{stop.received} received during epoch {self.epoch}, but no batch came for '
+                            f'{stop.wait:.0f} s after it (a data file that blocks? a hung file system?): stopped where '
+                            f'it was, this epoch unsaved; {self._resume_point()}', everywhere=False) from None
+
+    def _train(self, num_epochs: int, stop: StopSignals) -> dict:
         state, setup, sampler = self.state, self.setup, self.setup.loader_train.sampler
         for epoch in range(state.start_epoch, num_epochs):
+            self.epoch = epoch
             steps_before = state.global_step
             if state.pending_eval is not None:  # trained, not evaluated: the evaluation failed last time
                 result = engine.EpochResult(state.pending_eval['stats'], {}, 0, state.global_step, False)
@@ -92,6 +142,7 @@ class Trainer:
                     stop_requested=stop, print_freq=self.args.print_freq)
                 state.global_step, state.first_step, state.totals = result.global_step, 0, None
                 if result.stopped:
+                    stop.acknowledge()
                     self._save_progress(epoch, result)
                     raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after '
                                     f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}')
@@ -121,8 +172,33 @@ class Trainer:
     def _save(self, checkpoint: dict, *names: str):
         if self.run.output is not None:
             for name in names:
-                checkpoints.save_checkpoint(checkpoint, self.run.output.file(name))
+                with self._writing(name):
+                    checkpoints.save_checkpoint(checkpoint, self.run.output.file(name))
         distributed.wait_for_main_process()
+
+    @contextlib.contextmanager
+    def _writing(self, name: str):
+        """A file of the output folder that cannot be written (the folder removed, the file not ours or
+        immutable, the disk full) ends the run in one line naming the resume point left on disk."""
+        try:
+            yield
+        except OSError as e:
+            path = self.run.output.file(name)
+            raise RunFailure(f'cannot write {path} ({(e.strerror or str(e)).lower()}); '
+                             f'{self._resume_point_on_disk()}') from None
+
+    def _resume_point_on_disk(self) -> str:
+        folder = self.args.output_dir
+        path = os.path.join(folder, RESUME_FILE)
+        if not os.path.isdir(folder):
+            return f'the output folder {folder} was removed during the run, and with it its checkpoints'
+        if not os.path.isfile(path):
+            return 'no checkpoint was written yet'
+        try:
+            epoch = checkpoints.load_checkpoint(path, mmap=True).get('epoch')
+        except UsageError as e:
+            return f'the resume point is damaged ({e})'
+        return f'the resume point is {path} (epoch {epoch}; run the same command again once it can be written)'
 
     def _save_progress(self, epoch: int, result: engine.EpochResult):
         """The mid-epoch resume point (a signal): the last completed epoch's number with this epoch's progress."""
@@ -175,7 +251,8 @@ class Trainer:
         names = improved + ([f'backup{epoch}.pth'] if task.backup_every and epoch % task.backup_every == 0 else [])
         self._save(self._checkpoint(epoch), *names, RESUME_FILE)  # the resume point last
         if self.run.output is not None:
-            self.run.output.append_log(entry)
+            with self._writing(LOG_FILE):
+                self.run.output.append_log(entry)
 
     def _resume_point(self) -> str:
         if not self.args.output_dir:

@@ -6,7 +6,10 @@ import errno
 import glob
 import os
 import random
+import signal
+import stat
 import tempfile
+import threading
 import time
 from collections import defaultdict, deque
 from typing import List, Optional
@@ -14,19 +17,87 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from errors import UsageError, is_out_of_memory
+
 
 # ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
 
+def output_kind(path) -> str:
+    """How atomic_file writes `path`: 'replace' (a regular file, or none yet: a temporary file renamed over it)
+    or 'stream' (a character device or a FIFO, such as /dev/null, a terminal or a pipe: written in place, never
+    replaced). A folder, a block device or a socket is refused with a one-line UsageError: replacing one would
+    destroy it, and writing into a disk device destroys what it holds."""
+    try:
+        mode = os.stat(path).st_mode  # through symbolic links: what a link points to is what gets written
+    except FileNotFoundError:
+        return 'replace'
+    except OSError as e:
+        raise UsageError(f'cannot write {path} ({e.strerror.lower()})') from None
+    if stat.S_ISREG(mode):
+        return 'replace'
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return 'stream'
+    if stat.S_ISDIR(mode):
+        raise UsageError(f'cannot write {path}: it is a folder; give a file name')
+    kind = 'a block device' if stat.S_ISBLK(mode) else 'a socket' if stat.S_ISSOCK(mode) else 'not a file'
+    raise UsageError(f'refusing to write {path}: it is {kind} (outputs go to regular files, or to character '
+                     'devices and FIFOs such as /dev/null or a pipe)')
+
+
+def check_output_file(path, flag: str):
+    """Refuse, before any work, an output file that atomic_file could not write: a folder, a block device, a
+    socket, or a file whose folder is missing or not writable (one-line UsageErrors naming `flag`)."""
+    try:
+        if output_kind(path) == 'stream':
+            return
+    except UsageError as e:
+        raise UsageError(f'{flag}: {e}') from None
+    folder = os.path.dirname(os.path.realpath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f'{flag} {path}: the folder {folder} does not exist')
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f'{flag} {path}: the folder {folder} is not writable')
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode: str = 'wb'):
-    """Open a temporary file beside `path` for writing; when the block ends, fsync it and rename it over
-    `path`, so `path` always holds a whole file (the old one until the new one is complete). On an error the
-    temporary file is removed; a full disk raises OSError(ENOSPC) naming `path`."""
+    """Open `path` for writing such that it always holds a whole file: a temporary file beside it, fsynced and
+    renamed over it when the block ends (the old file stays until the new one is complete; a symbolic link is
+    followed, so the file it points to is replaced). On an error the temporary file is removed; a full disk
+    raises OSError(ENOSPC) naming `path`. A character device or a FIFO is written in place, a folder, block
+    device or socket refused (see output_kind). Ctrl-C during the write lets it finish first (a second Ctrl-C
+    stops it at once, the temporary file removed), then raises KeyboardInterrupt."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    kind = output_kind(path)
+    with _ctrl_c_deferred():
+        if kind == 'stream':
+            with _open_stream(path, mode) as f:
+                yield f
+        else:
+            with _replacing(os.path.realpath(path), path, mode) as f:
+                yield f
+
+
+@contextlib.contextmanager
+def _open_stream(path: str, mode: str):
+    flags = os.O_WRONLY | os.O_NONBLOCK  # a FIFO nobody reads: ENXIO at once instead of waiting forever
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise UsageError(f'cannot write {path}: it is a FIFO that no process reads') from None
+        raise
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, mode) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _replacing(target: str, named: str, mode: str):
+    directory = os.path.dirname(target)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private (0600)
@@ -35,19 +106,49 @@ def atomic_file(path, mode: str = 'wb'):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."): say what it was.
         if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), named) from None
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Ctrl-C (SIGINT) while a file is written: noted, and raised as KeyboardInterrupt once the write is done, so
+    that torch.save is never cut off inside its C++ writer (which turns the interrupt into "unexpected pos" or
+    aborts). A second Ctrl-C interrupts at once; whatever the write then raises becomes KeyboardInterrupt.
+    Only where Python's own SIGINT handler is installed, in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed = []
+
+    def note(signum, frame):
+        pressed.append(signum)
+        if len(pressed) > 1:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    except BaseException:
+        if pressed:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _disk_is_full(directory: str) -> bool:
@@ -104,10 +205,12 @@ def seed_everything(seed: int):
 
 
 class LoadError:
-    """What a sample that could not be loaded becomes in a batch: the message, naming the file."""
+    """What a sample that could not be loaded becomes in a batch: the message, naming the file;
+    `out_of_memory`: the failure was memory running out while loading it, not the file."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, out_of_memory: bool = False):
         self.message = message
+        self.out_of_memory = out_of_memory
 
 
 def describe_sample(dataset, index: int) -> str:
@@ -161,7 +264,7 @@ class SeededDataset(torch.utils.data.Dataset):
             return self.dataset[index]
         except Exception as e:  # any failure of a sample: reported with its file, in one line
             detail = ' '.join(str(e).split()) or type(e).__name__
-            return LoadError(f'{describe_sample(self.dataset, index)}: {detail}')
+            return LoadError(f'{describe_sample(self.dataset, index)}: {detail}', is_out_of_memory(e))
 
 
 def collate_or_error(collate_fn):
@@ -176,10 +279,28 @@ def collate_or_error(collate_fn):
 # Metric logging
 # ----------------------------------------------------------------------------------------------------
 
-def format_metrics(stats: dict) -> str:
-    """'acc1 99.722, acc5 100.000, loss 0.034'; a metric that does not apply is null, as in the JSON files."""
-    return ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {"null" if v is None else v}'
-                     for k, v in stats.items())
+class DataWait:
+    """When the main process began waiting for the batch it waits for now (time.monotonic()), or None while it
+    does anything else: how a stop signal tells a run stuck on its data from a busy one (trainer.StopSignals)."""
+    since: Optional[float] = None
+
+
+def _watched(iterable):
+    """Yield from `iterable`, recording in DataWait.since each wait for the next item."""
+    DataWait.since = time.monotonic()
+    try:
+        iterator = iter(iterable)
+        while True:
+            DataWait.since = time.monotonic()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                DataWait.since = None
+            yield item
+    finally:
+        DataWait.since = None
 
 
 class SmoothedValue:
@@ -260,7 +381,7 @@ class MetricLogger:
         step_time = SmoothedValue(fmt='{avg:.4f}')
         data_time = SmoothedValue(fmt='{avg:.4f}')
         begin = end = time.time()
-        for i, obj in enumerate(iterable, start=start):
+        for i, obj in enumerate(_watched(iterable), start=start):
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)

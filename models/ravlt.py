@@ -407,6 +407,24 @@ def _per_stage(value, num_stages: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * num_stages
 
 
+def _check_stages(embed_dims, depths, num_heads, attn_types, mlp_ratio, projection_dim):
+    """Stage settings RAVLT can be built from, else a ValueError saying which one is wrong."""
+    def positive_ints(name, values):
+        if not isinstance(values, (list, tuple)) or not values or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f'{name} must be a list of positive integers, one per stage, got {values!r}')
+
+    for name, values in (('depths', depths), ('embed_dims', embed_dims), ('num_heads', num_heads)):
+        positive_ints(name, values)
+    if not len(embed_dims) == len(depths) == len(num_heads) == len(attn_types):
+        raise ValueError(f'embed_dims, depths, num_heads and attn_types must have one value per stage, got '
+                         f'{len(embed_dims)}, {len(depths)}, {len(num_heads)} and {len(attn_types)}')
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float('inf'):
+        raise ValueError(f'mlp_ratio must be a positive number, got {mlp_ratio!r}')
+    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+        raise ValueError(f'projection_dim must be a positive integer, got {projection_dim!r}')
+
+
 class RAVLT(nn.Module):
     """RAVLT: conv stem, four stages (RALA, RALA, softmax, softmax by default), then a 1x1 conv
     projection to `projection_dim` with BatchNorm and SiLU, global pooling and a 1x1 conv classifier.
@@ -450,6 +468,7 @@ class RAVLT(nn.Module):
         unknown = sorted(set(attn_types) - set(ATTENTION_TYPES))
         if unknown:
             raise ValueError(f'unknown attention type(s) {unknown}; choose from {sorted(ATTENTION_TYPES)}')
+        _check_stages(embed_dims, depths, num_heads, attn_types, mlp_ratio, projection_dim)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dims = list(embed_dims)

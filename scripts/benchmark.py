@@ -31,7 +31,7 @@ import torch
 from cli import ArgumentParser, json_object, run_cli
 from errors import UsageError
 from profiling import BACKENDS, Contender, Settings, benchmark, load_authors_module
-from utils import atomic_file
+from utils import atomic_file, check_output_file
 
 
 def get_args_parser() -> ArgumentParser:
@@ -110,6 +110,8 @@ def settings_of(args) -> Settings:
 def main(argv):
     args = get_args_parser().parse(argv)
     settings = settings_of(args)
+    if args.json:
+        check_output_file(args.json, '--json')  # before the measurement, not after it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     authors = load_authors_module(args.authors_file, args.authors_path_extra) if args.authors_file else None

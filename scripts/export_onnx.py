@@ -20,15 +20,17 @@ Needs the optional `onnx` extra (onnx, onnxruntime, onnxscript). Sizes are `--ch
 (height then width).
 """
 import os
+import shutil
 import sys
+import tempfile
 import time
 
-
 from checkpoints import load_checkpoint
-from cli import ArgumentParser, json_object, run_cli
+from cli import NON_NEGATIVE, ArgumentParser, json_object, run_cli
 from errors import UsageError
 from deploy import INPUT_NAME, OUTPUT_NAME, STRIDE, create_session, export, import_onnxruntime, relative_difference
 from model_factory import create_model, for_inference, model_from_checkpoint
+from utils import atomic_file, check_output_file
 
 
 DEFAULT_MODEL = 'RAVLT_S'
@@ -46,17 +48,18 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument('--check-sizes', type=int, nargs='+', default=[224, 224, 160, 256], metavar='H W',
                         help='input sizes of the ONNX Runtime check, height then width, as pairs (multiples of '
                         f'{STRIDE}); default 224 224 160 256')
-    parser.add_argument('--tolerance', type=float, default=1e-5,
+    parser.add_argument('--tolerance', type=NON_NEGATIVE, default=1e-5,
                         help='largest relative difference of the logits accepted between ONNX Runtime and PyTorch')
     return parser
 
 
-def build_model(args):
+def build_model(args, parser):
     """(the inference form of the model, its name): with --checkpoint, the checkpoint's model, keyword arguments
-    and class count unless --model / --model-kwargs are given, as `main.py --eval` takes them; else --model."""
+    (checked as `parser` checks --model and --model-kwargs) and class count unless --model / --model-kwargs are
+    given, as `main.py --eval` takes them; else --model."""
     if args.checkpoint:
         model, name = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint, args.model,
-                                            args.model_kwargs, ema=args.ema)
+                                            args.model_kwargs, ema=args.ema, parser=parser)
     else:
         name = args.model or DEFAULT_MODEL
         model = create_model(name, args.model_kwargs)
@@ -74,20 +77,19 @@ def check_sizes(values) -> list:
 
 
 def main(argv) -> None:
-    args = get_args_parser().parse(argv)
+    parser = get_args_parser()
+    args = parser.parse(argv)
     sizes = check_sizes(args.check_sizes)
     if not args.output.endswith('.onnx'):
         raise UsageError(f'--output {args.output!r} should end in .onnx')
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        raise UsageError(f'the folder of --output {args.output!r} does not exist')
+    check_output_file(args.output, '--output')  # before the long export
     if args.ema and not args.checkpoint:
         raise UsageError('--ema needs --checkpoint')
     import_onnxruntime()  # before the long export: fail early when the extra is missing
-    model, name = build_model(args)
+    model, name = build_model(args, parser)
     start = time.perf_counter()
-    temporary = os.path.join(folder, f'.{os.path.basename(args.output)}.{os.getpid()}.tmp.onnx')
-    try:
+    with tempfile.TemporaryDirectory(prefix='ravlt_export_') as folder:
+        temporary = os.path.join(folder, 'model.onnx')
         export(model, temporary)
         print(f'exported {name} in {time.perf_counter() - start:.0f} s; checking ONNX Runtime against PyTorch',
               flush=True)
@@ -104,11 +106,9 @@ def main(argv) -> None:
             if not diff <= args.tolerance:
                 raise UsageError(f'ONNX Runtime differs from PyTorch by {diff:.2e} (relative) at batch {batch}, '
                                  f'{size[0]}x{size[1]}, above --tolerance {args.tolerance:g}; nothing written')
-        os.replace(temporary, args.output)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-    megabytes = os.path.getsize(args.output) / 2 ** 20
+        with open(temporary, 'rb') as source, atomic_file(args.output) as f:
+            shutil.copyfileobj(source, f)
+        megabytes = os.path.getsize(temporary) / 2 ** 20
     print(f'wrote {args.output} ({megabytes:.1f} MiB): input {INPUT_NAME!r} float32 N x 3 x H x W (N, H, W dynamic; '
           f'H and W multiples of {STRIDE}), output {OUTPUT_NAME!r}')
 

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cli import ArgumentParser, run_cli  # noqa: E402
 from errors import UsageError  # noqa: E402
-from utils import atomic_file  # noqa: E402
+from utils import atomic_file, check_output_file  # noqa: E402
 
 PANELS = [  # (log key, title)
     ('train_loss', 'train loss'),
@@ -99,10 +99,7 @@ def main(args):
     logs = [read_log(run) for run in args.runs]
     labels = args.labels or [Path(run).resolve().name for run in args.runs]
     output = Path(args.output) if args.output else Path(args.runs[0]) / 'curves.png'
-    if not output.parent.is_dir():
-        raise UsageError(f'the folder of --output {output} does not exist')
-    if output.is_dir():
-        raise UsageError(f'--output {output} is a folder; give a file name such as {output / "curves.png"}')
+    check_output_file(output, '--output')
     plot(logs, labels, output)
     for label, log in zip(labels, logs):
         found = [f'best {title.split(" (")[0]} {best(log, key):.2f}' for key, title in PANELS[2:]

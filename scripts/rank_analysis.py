@@ -15,6 +15,7 @@ model code stays untouched. Writes rank.json and rank.png (ranks per block, spec
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,16 +24,16 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import UnidentifiedImageError  # noqa: E402
 
 from checkpoints import flags_of, load_checkpoint  # noqa: E402
-from cli import ArgumentParser, json_object, run_cli  # noqa: E402
+from cli import COUNT, POSITIVE, ArgumentParser, json_object, run_cli  # noqa: E402
 from errors import UsageError  # noqa: E402
-from datasets import build_dataset, build_transform  # noqa: E402
+from datasets import build_dataset, build_transform, load_rgb_image  # noqa: E402
 from model_factory import create_model, model_from_checkpoint  # noqa: E402
 from models import reference  # noqa: E402
 from models.ravlt import RAVLTStage  # noqa: E402
-from utils import atomic_file  # noqa: E402
+from utils import atomic_file, check_output_file  # noqa: E402
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 
@@ -45,10 +46,10 @@ def get_args_parser():
                         help="model keyword arguments as in main.py (default: the checkpoint's)")
     parser.add_argument('--checkpoint', default='', help='checkpoint or state dict; random init if not given')
     parser.add_argument('--images', default='', help='folder of .jpg/.png images; DIGITS val images if not given')
-    parser.add_argument('--num-images', default=4, type=int, help='images to analyse')
-    parser.add_argument('--input-size', default=None, type=int,
+    parser.add_argument('--num-images', default=4, type=COUNT, help='images to analyse')
+    parser.add_argument('--input-size', default=None, type=COUNT,
                         help="image size (default: the checkpoint's training size, else the model's, 224)")
-    parser.add_argument('--rtol', default=1e-3, type=float,
+    parser.add_argument('--rtol', default=1e-3, type=POSITIVE,
                         help='rank = number of singular values above rtol * the largest')
     parser.add_argument('--spectra-block', default='',
                         help='block whose spectra are plotted, e.g. layers.0.blocks.1 (default: the first linear-'
@@ -107,14 +108,15 @@ def analyse(model, images, rtol):
 
 # ---- weights and images ----
 
-def load_model(args):
+def load_model(args, parser):
     """(model, checkpoint or {}): with --checkpoint, its model, --model-kwargs and class count unless given (as
-    main.py --eval takes them); without, --model (default RAVLT_T) initialised from --seed."""
+    main.py --eval takes them, checked as `parser` checks the flags); without, --model (default RAVLT_T)
+    initialised from --seed."""
     torch.manual_seed(args.seed)
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else {}
     if checkpoint:
         model, name = model_from_checkpoint(checkpoint, args.checkpoint, args.model, args.model_kwargs,
-                                            default_name='RAVLT_T')
+                                            default_name='RAVLT_T', parser=parser)
     else:
         name = args.model or 'RAVLT_T'
         model = create_model(name, args.model_kwargs)
@@ -123,10 +125,11 @@ def load_model(args):
     return model, checkpoint
 
 
-def load_images(args, model, checkpoint):
+def load_images(args, parser, model, checkpoint):
     """(images (B, 3, H, W), description): DIGITS val images or a folder's images, through the evaluation
     transform of datasets.py."""
-    size = args.input_size or flags_of(checkpoint).get('input_size') or model.pretrained_cfg['input_size'][-1]
+    saved = flags_of(checkpoint, args.checkpoint, parser, check=['input_size']).get('input_size')
+    size = args.input_size or saved or model.pretrained_cfg['input_size'][-1]
     if not args.images:
         dataset, _ = build_dataset(False, argparse.Namespace(data_set='DIGITS', input_size=size))
         images = [dataset[i][0] for i in range(min(args.num_images, len(dataset)))]
@@ -139,8 +142,8 @@ def load_images(args, model, checkpoint):
                          'out for DIGITS')
     transform = build_transform(False, argparse.Namespace(data_set='IMNET', input_size=size))
     try:
-        images = [transform(Image.open(p).convert('RGB')) for p in paths]
-    except (OSError, UnidentifiedImageError) as e:
+        images = [transform(load_rgb_image(p)) for p in paths]
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UsageError(f'cannot read an image in {args.images}: {e}') from None
     return torch.stack(images), f'{len(images)} images from {args.images}'
 
@@ -221,13 +224,24 @@ def plot(report, path):
     plt.close(fig)
 
 
-def main(args):
-    if args.num_images < 1:
-        raise UsageError('--num-images must be at least 1')
-    if not args.rtol > 0:
-        raise UsageError('--rtol must be positive')
-    model, checkpoint = load_model(args)
-    images, image_source = load_images(args, model, checkpoint)
+def check_output_dir(path: Path):
+    """--output_dir is a folder, or can become one, and rank.json and rank.png can be written into it."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f'--output_dir {path} is a file, not a folder' if existing == path else
+                         f'--output_dir {path} lies under a file ({existing})')
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f'--output_dir {path}: {existing} is not writable')
+    if existing == path:
+        for name in ('rank.json', 'rank.png'):
+            check_output_file(path / name, '--output_dir')
+
+
+def main(args, parser=None):
+    parser = parser or get_args_parser()
+    check_output_dir(Path(args.output_dir))  # before the analysis
+    model, checkpoint = load_model(args, parser)
+    images, image_source = load_images(args, parser, model, checkpoint)
     # float64 so that the spectra are not cut off at float32 round-off (about 1e-7 of the largest).
     model = model.double().eval()
     blocks = analyse(model, images.double(), args.rtol)

@@ -26,6 +26,7 @@ import torch
 from cli import ArgumentParser, run_cli
 from errors import UsageError
 from profiling import Contender, Settings, benchmark, forward_macs, load_authors_module, progress
+from utils import atomic_file, check_output_file
 
 # label -> (model name, model kwargs for an input of height h and width w)
 MODELS = {
@@ -59,6 +60,13 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument('--json', default=None, help='write the results to this JSON file')
     parser.add_argument('--figure', default=None, help='draw the results into this image file (.png, .svg, .pdf)')
     return parser
+
+
+FIGURE_FORMATS = ('png', 'svg', 'pdf')
+
+
+def figure_format(path: str) -> str:
+    return os.path.splitext(path)[1][1:].lower()
 
 
 def parse_size(text: str) -> tuple:
@@ -137,7 +145,8 @@ def draw(rows, labels, path: str, title: str):
     (axes[0] if len(shown) > 1 else axes).legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=110, format=figure_format(path))
     plt.close(fig)
 
 
@@ -150,9 +159,11 @@ def main(argv):
         raise UsageError(f'unknown --models {", ".join(unknown)}; choose from {", ".join(MODELS)}')
     if any(m.startswith('authors:') for m in labels) and not args.authors_file:
         raise UsageError('authors:RAVLT_S needs --authors-file PATH/TO/RALA.py')
-    for path in (args.json, args.figure):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f'the folder of {path!r} does not exist')
+    for flag, path in (('--json', args.json), ('--figure', args.figure)):
+        if path:
+            check_output_file(path, flag)  # before the long run
+    if args.figure and figure_format(args.figure) not in FIGURE_FORMATS:
+        raise UsageError(f'--figure {args.figure}: name a file ending in .png, .svg or .pdf')
     if args.iters < 1:
         raise UsageError('--iters must be at least 1')
     for size in sizes:
@@ -165,7 +176,7 @@ def main(argv):
             f'{args.warmup} warm-up + {args.iters} timed steps per model and size, torch {torch.__version__}')
     print(line + '\n\n' + format_tables(rows, labels, sizes), flush=True)
     if args.json:
-        with open(args.json, 'w') as f:
+        with atomic_file(args.json, 'w') as f:
             json.dump({'settings': {k: v for k, v in vars(args).items() if k != 'given'}, 'line': line,
                        'results': rows}, f, indent=1)
     if args.figure:

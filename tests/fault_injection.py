@@ -12,18 +12,24 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
                      output_folder:OutputFolder.append_log, checkpoints:save_checkpoint)
     FAIL_AT=R:E      the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
                      torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy)
+    STALL_AT=N       the N-th sample a process (or data-loading worker) loads never comes: as a data file that
+                     blocks, or a hung file system
+    DATA_WAIT_AFTER_STOP=S  how long a stopped run waits for a batch (trainer.DATA_WAIT_AFTER_STOP)
 """
 import importlib
 import os
 import runpy
 import signal
 import sys
+import time
 
 import torch
 
 import checkpoints
 import cli
 import engine
+import trainer
+import utils
 
 RANK = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
 
@@ -106,6 +112,18 @@ def fail_at(rank, error):
     engine.optimizer_step = failing
 
 
+def stall_at(count):
+    load, calls = utils.SeededDataset.__getitem__, [0]
+
+    def stalled(self, item):
+        calls[0] += 1
+        if calls[0] == int(count):
+            while True:
+                time.sleep(3600)
+        return load(self, item)
+    utils.SeededDataset.__getitem__ = stalled
+
+
 if __name__ == '__main__':
     if 'SPY_DIR' in os.environ:
         spy(os.environ['SPY_DIR'])
@@ -117,5 +135,9 @@ if __name__ == '__main__':
         kill_at(*os.environ['KILL_AT'].split(':'))
     if 'FAIL_AT' in os.environ:
         fail_at(*os.environ['FAIL_AT'].split(':'))
+    if 'STALL_AT' in os.environ:
+        stall_at(os.environ['STALL_AT'])
+    if 'DATA_WAIT_AFTER_STOP' in os.environ:
+        trainer.DATA_WAIT_AFTER_STOP = float(os.environ['DATA_WAIT_AFTER_STOP'])
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name='__main__')

@@ -232,3 +232,23 @@ def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0]
     assert not (run / 'curves.png').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--input-size', '-5'], 'argument --input-size: must be at least 1, got -5'),
+    (['--input-size', '0'], 'argument --input-size: must be at least 1, got 0'),
+    (['--output_dir', 'FILE'], '--output_dir .*FILE is a file, not a folder'),
+    (['--output_dir', 'FILE/rank'], '--output_dir .*FILE/rank lies under a file'),
+    (['--checkpoint', 'edited.pth'], "input-size: 'abc' in the flags \\(args\\) of checkpoint .*edited.pth"),
+])
+def test_rank_analysis_checks_its_input_and_output_before_the_analysis(argv, message, tmp_path, monkeypatch):
+    (tmp_path / 'FILE').write_text('not a folder')
+    model = timm.create_model('ravlt_t', num_classes=10, **TINY_KWARGS)
+    torch.save({'model': model.state_dict(), 'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS,
+                                                      'input-size': 'abc'}}, tmp_path / 'edited.pth')
+    monkeypatch.setattr(rank_analysis, 'analyse', lambda *a: pytest.fail('analysed before the checks'))
+    argv = [a.replace('FILE', str(tmp_path / 'FILE')).replace('edited.pth', str(tmp_path / 'edited.pth'))
+            for a in argv]
+    with pytest.raises(UsageError, match=message):
+        rank_analysis.main(rank_analysis.get_args_parser().parse(['--output_dir', str(tmp_path / 'out'), *argv]))
+    assert (tmp_path / 'FILE').read_text() == 'not a folder' and not (tmp_path / 'out').exists()

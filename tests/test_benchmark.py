@@ -256,3 +256,27 @@ def test_gpu_check_pytest_step_selects_the_tests_that_need_a_gpu():
     collected = [line for line in result.stdout.splitlines() if '::' in line]
     assert collected == [f'tests/test_benchmark.py::test_cuda_timing_memory_and_amp[{amp}]'
                          for amp in ('none', 'fp16', 'bf16')]
+
+
+@pytest.mark.parametrize('output, message', [
+    ('missing/x.json', 'does not exist'),
+    ('.', 'it is a folder; give a file name'),
+])
+def test_an_unwritable_json_output_is_refused_before_measuring(output, message, tmp_path, monkeypatch):
+    def measured(*args, **kwargs):
+        raise AssertionError('measured before the output was checked')
+    monkeypatch.setattr(benchmark, 'benchmark', measured)
+    with pytest.raises(UsageError, match=f'--json: .*{message}|--json .*{message}'):
+        benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', '--iters', '1', '--json', str(tmp_path / output)])
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize('content, name, message', [
+    ('root:x:0:0:root:/root:/bin/bash\n', 'passwd', 'is not a Python file'),
+    ('raise SystemError("not the authors\' file")\n', 'RALA.py', "fails to run (SystemError: not the authors' file)"),
+])
+def test_an_authors_file_that_is_no_module_is_one_line(content, name, message, tmp_path):
+    authors = tmp_path / name
+    authors.write_text(content)
+    with pytest.raises(UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        profiling.load_authors_module(str(authors), [])

@@ -1,9 +1,14 @@
 """Bad input to main.py: one line on stderr saying what is wrong and how to fix it, a non-zero exit, no
-traceback, and nothing already in the output folder touched. Bad data files name the file, also when a
-data-loading worker meets them; a read-only or impossible output folder is refused before any work; a
-non-finite loss or evaluation stops training and never replaces the last sound checkpoint."""
+traceback, and nothing already in the output folder touched (config.yaml not rewritten). Values: out of range
+or infinite, empty in a config, a config expanding through YAML aliases, --model-kwargs that build no
+trainable RGB classifier; checkpoints: damaged, of another variant, hand-edited (each field named), of
+another optimizer; a damaged resume point names the whole checkpoints beside it. Bad data files name the
+file, also when a data-loading worker meets them; a read-only or impossible output folder is refused before
+any work; a non-finite loss or evaluation stops training and never replaces the last sound checkpoint."""
+import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +22,7 @@ import main
 import utils
 from cli import run_cli
 from helpers import ROOT
-from train_helpers import DIGITS, TINY, assert_one_line_error, command_env, read_log, run_here
+from train_helpers import DIGITS, TINY, TINY_MODEL_KWARGS, assert_one_line_error, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -90,6 +95,113 @@ CASES = {
 }
 
 
+def kwargs(**changes) -> list:
+    """--model-kwargs of the tiny model with `changes`."""
+    return ['--model-kwargs', json.dumps({**TINY_MODEL_KWARGS, **changes})]
+
+
+# A checkpoint's fields as a hand edit leaves them: {name: edit of the trained checkpoint}.
+EDITS = {
+    'epoch_text': lambda c: c.update(epoch='abc'),
+    'epoch_negative': lambda c: c.update(epoch=-5),
+    'optimizer_list': lambda c: c.update(optimizer=[1, 2]),
+    'best_list': lambda c: c.update(best=[90.0]),
+    'progress_partial': lambda c: c.update(progress={'steps': 3}),
+    'weight_list': lambda c: c['model'].update({'head.bias': [0.0] * 10}),
+    'weights_int64': lambda c: c.update(model={k: v.long() for k, v in c['model'].items()}),
+    'weights_bool': lambda c: c.update(model={k: v.bool() for k, v in c['model'].items()}),
+    'model_none': lambda c: c.update(model=None),
+    'input_size_text': lambda c: c['args'].update({'input-size': 'abc'}),
+    'input_size_negative': lambda c: c['args'].update({'input-size': -5}),
+    'model_number': lambda c: c['args'].update(model=7),
+}
+# --eval of a checkpoint taking its model flags (--model, --model-kwargs, --input-size) from it.
+EVAL_OWN_FLAGS = ['--device', 'cpu', '--num_workers', '0', '--data-set', 'DIGITS', '--batch-size', '32', '--eval']
+# YAML aliases: each line ten times the one before, 10**6 values from a few hundred bytes.
+ALIAS_CHAIN = 'model-kwargs:\n  x0: &x0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n' + ''.join(
+    f'  x{i}: &x{i} [{", ".join([f"*x{i - 1}"] * 10)}]\n' for i in range(1, 6))
+
+
+def write_edited_checkpoints(folder):
+    """A checkpoint of one DIGITS epoch (trained/checkpoint.pth) and its copies with the EDITS."""
+    main.cli([str(a) for a in DIGITS + ['--epochs', '1', '--output_dir', folder / 'trained']])
+    trained = torch.load(folder / 'trained' / 'checkpoint.pth', weights_only=True)
+    for name, edit in EDITS.items():
+        checkpoint = copy.deepcopy(trained)
+        edit(checkpoint)
+        torch.save(checkpoint, folder / f'{name}.pth')
+
+
+CASES.update({
+    'infinite learning rate': (lambda d: DIGITS + ['--epochs', '1', '--lr', 'inf'], 2,
+                               ['--lr: must be a finite number, got inf']),
+    'infinite weight decay': (lambda d: DIGITS + ['--epochs', '1', '--weight-decay', 'inf'], 2,
+                              ['--weight-decay: must be a finite number, got inf']),
+    'infinite warm-up learning rate': (lambda d: DIGITS + ['--epochs', '1', '--warmup-lr', 'inf'], 2,
+                                       ['--warmup-lr: must be a finite number, got inf']),
+    'infinite timeout': (lambda d: DIGITS + ['--epochs', '1', '--dist-timeout', 'inf'], 2,
+                         ['--dist-timeout: must be a finite number, got inf']),
+    'timeout beyond a timedelta': (lambda d: DIGITS + ['--epochs', '1', '--dist-timeout', '1e300'], 2,
+                                   ['--dist-timeout: must be in (0, 1000000], got 1e300']),
+    'infinity in a config': (lambda d: DIGITS + ['--epochs', '1', '--config', d / 'inf.yaml'], 2,
+                             ['lr: inf in config', 'must be a finite number']),
+    'empty config value': (lambda d: DIGITS + ['--config', d / 'empty_value.yaml'], 2,
+                           ['epochs: None in config', 'empty; give a value, or leave the key out for the default 300']),
+    'YAML alias chain': (lambda d: DIGITS + ['--epochs', '1', '--config', d / 'aliases.yaml'], 2,
+                         ['expands to more than 10000 values', 'YAML aliases']),
+    'zero heads': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(num_heads=[0, 1, 2, 4]), 2,
+                   ['num_heads must be a list of positive integers, one per stage, got [0, 1, 2, 4]']),
+    'zero width': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(embed_dims=[0, 32, 64, 128]), 2,
+                   ['embed_dims must be a list of positive integers']),
+    'one input channel': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(in_chans=1), 2,
+                          ['in_chans 1: the data are RGB images']),
+    'no pooling': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(global_pool=''), 2,
+                   ['global_pool "" gives a prediction per position']),
+    'features only': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(features_only=True), 2,
+                      ['features_only builds a feature extractor']),
+    'pretrained download': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(pretrained=True), 2,
+                            ['pretrained is not taken (no weights are downloaded)']),
+    'drop path beyond its range': (lambda d: DIGITS + ['--epochs', '1'] + kwargs(drop_path_rate=5), 2,
+                                   ['drop_path_rate must be in [0, 1], got 5 (the range of --drop-path)']),
+    'batch of one at 32 px': (lambda d: DIGITS + ['--epochs', '1', '--batch-size', '1'], 2,
+                              ['--batch-size 1 at --input-size 32', 'one value per channel', '--input-size 33']),
+})
+
+# Cases of a trained checkpoint, hand-edited (EDITS) or resumed with another optimizer: d is its folder.
+CHECKPOINT_CASES = {
+    'checkpoint epoch not a number': (lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'epoch_text.pth'], 2,
+                                      ["epoch_text.pth: its field epoch is 'abc', expected the last completed epoch"]),
+    'checkpoint epoch negative': (lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'epoch_negative.pth'], 2,
+                                  ['epoch_negative.pth: its field epoch is -5']),
+    'checkpoint optimizer a list': (lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'optimizer_list.pth'], 2,
+                                    ['optimizer_list.pth: its field optimizer is [1, 2]']),
+    'checkpoint best a list': (lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'best_list.pth'], 2,
+                               ['best_list.pth: its field best is [90.0]']),
+    'checkpoint progress without its keys': (
+        lambda d: DIGITS + ['--epochs', '2', '--resume', d / 'progress_partial.pth'], 2,
+        ["progress_partial.pth: its field progress is {'steps': 3}"]),
+    'checkpoint weight not a tensor': (lambda d: DIGITS + ['--eval', '--resume', d / 'weight_list.pth'], 2,
+                                       ['weight_list.pth: 1 weights are not tensors (e.g. head.bias']),
+    'checkpoint weights as integers': (lambda d: DIGITS + ['--eval', '--resume', d / 'weights_int64.pth'], 2,
+                                       ['weights_int64.pth', 'weights are stored as int64, not floating point']),
+    'checkpoint weights as booleans': (lambda d: DIGITS + ['--eval', '--resume', d / 'weights_bool.pth'], 2,
+                                       ['weights_bool.pth', 'stored as bool']),
+    'checkpoint without model weights': (lambda d: DIGITS + ['--eval', '--resume', d / 'model_none.pth'], 2,
+                                         ['model_none.pth: its model entry is None', 'model_ema']),
+    'checkpoint input size text': (lambda d: EVAL_OWN_FLAGS + ['--resume', d / 'input_size_text.pth'], 2,
+                                   ["input-size: 'abc' in the flags (args) of checkpoint", 'input_size_text.pth',
+                                    'expected an integer']),
+    'checkpoint input size negative': (lambda d: EVAL_OWN_FLAGS + ['--resume', d / 'input_size_negative.pth'], 2,
+                                       ['input-size: -5 in the flags (args) of checkpoint', 'must be at least 1']),
+    'checkpoint model a number': (lambda d: EVAL_OWN_FLAGS + ['--resume', d / 'model_number.pth'], 2,
+                                  ['model: 7 in the flags (args) of checkpoint', 'model_number.pth',
+                                   'expected text']),
+    'resume with another optimizer': (
+        lambda d: DIGITS + ['--epochs', '2', '--opt', 'sgd', '--resume', d / 'trained' / 'checkpoint.pth'], 2,
+        ['was trained with --opt adamw', 'resume with --opt adamw']),
+}
+
+
 @pytest.fixture(scope='module')
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp('inputs')
@@ -97,7 +209,17 @@ def inputs(tmp_path_factory):
     image_folders(folder / 'flat', val_flat=True)
     image_folders(folder / 'zebra', train_classes=('cat', 'dog'), val_classes=('cat', 'zebra'))
     (folder / 'typo.yaml').write_text('batch_sise: 3\n')
+    (folder / 'inf.yaml').write_text('lr: .inf\n')
+    (folder / 'empty_value.yaml').write_text('epochs:\n')
+    (folder / 'aliases.yaml').write_text(ALIAS_CHAIN)
     write_checkpoints(folder)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def edited(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('edited')
+    write_edited_checkpoints(folder)
     return folder
 
 
@@ -109,18 +231,23 @@ def run_in_process(argv, capsys):
     return exit_info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize('case', list(CASES))
-def test_bad_input_is_one_line_and_damages_nothing(case, inputs, tmp_path, capsys):
-    make_argv, code, fragments = CASES[case]
+def assert_refused_before_writing(argv, code, fragments, tmp_path, capsys):
+    """One line and `code`, and the output folder as it was: config.yaml not (re)written."""
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'best.pth').write_bytes(b'weights of an earlier run')
     (out / 'log.txt').write_text('{"epoch": 0}\n')
 
-    assert_one_line_error(*run_in_process(make_argv(inputs) + ['--output_dir', out], capsys), code, *fragments)
+    assert_one_line_error(*run_in_process(argv + ['--output_dir', out], capsys), code, *fragments)
     assert sorted(os.listdir(out)) == ['best.pth', 'log.txt']
     assert (out / 'best.pth').read_bytes() == b'weights of an earlier run'
     assert (out / 'log.txt').read_text() == '{"epoch": 0}\n'
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input_is_one_line_and_damages_nothing(case, inputs, tmp_path, capsys):
+    make_argv, code, fragments = CASES[case]
+    assert_refused_before_writing(make_argv(inputs), code, fragments, tmp_path, capsys)
     assert not (inputs / 'code_ran').exists()
 
 
@@ -140,6 +267,11 @@ def test_flags_are_never_guessed(capsys):
     assert_one_line_error(code, out, err, 2, "unknown flag '--input'; did you mean '--input-size'?")
     code, out, err = run_in_process(DIGITS + ['--batchsize=3'], capsys)
     assert_one_line_error(code, out, err, 2, "unknown flag '--batchsize'; did you mean '--batch-size'?")
+@pytest.mark.slow  # trains the checkpoint it edits
+@pytest.mark.parametrize('case', list(CHECKPOINT_CASES))
+def test_a_hand_edited_checkpoint_is_one_line_naming_file_and_field(case, edited, tmp_path, capsys):
+    make_argv, code, fragments = CHECKPOINT_CASES[case]
+    assert_refused_before_writing(make_argv(edited), code, fragments, tmp_path, capsys)
 
 
 @pytest.mark.parametrize('output_dir, fragments', [
@@ -253,3 +385,25 @@ def test_a_diverging_run_never_saves_a_poisoned_resume_point(tmp_path):
     assert [entry['epoch'] for entry in read_log(out)] == [0]
     again = run_here(main, argv)
     assert again.returncode == 1 and again.stderr == result.stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_resume_point_names_the_whole_checkpoints_beside_it(edited, tmp_path, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    trained = edited / 'trained' / 'checkpoint.pth'
+    for name in ('best.pth', 'backup0.pth'):
+        shutil.copy(trained, out / name)
+    (out / 'checkpoint.pth').write_bytes(trained.read_bytes()[:4000])  # cut short by a full disk, say
+    (out / 'notes.pth').write_text('not a checkpoint')
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+    code, stdout, stderr = run_in_process(DIGITS + ['--epochs', '2', '--output_dir', out], capsys)
+    assert_one_line_error(code, stdout, stderr, 2, f'{out / "checkpoint.pth"} is not a PyTorch checkpoint',
+                          f'; whole checkpoints in {out} to resume from: backup0.pth (epoch 0), best.pth (epoch 0) '
+                          f'(e.g. --resume {out / "backup0.pth"})')
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    # What the line names resumes.
+    resumed = run_here(main, DIGITS + ['--epochs', '2', '--resume', out / 'backup0.pth', '--output_dir', out])
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoints.load_checkpoint(out / 'checkpoint.pth')['epoch'] == 1

@@ -509,6 +509,26 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     assert exit_info.value.code == 2 and len(lines) == 1 and 'instances_val2017.json not found' in lines[0]
 
 
+@pytest.mark.parametrize('trained, entry_point, tasks', [
+    ('semfpn', main_det, 'retinanet, maskrcnn'),
+    ('retinanet', main_seg, 'semfpn, upernet'),
+])
+def test_a_checkpoint_of_the_other_dense_entry_point_is_one_line(trained, entry_point, tasks, coco_root, ade_root,
+                                                                 tmp_path, capsys):
+    """Its --task, taken from its flags, is checked as the command line checks it, before anything is built."""
+    model = build_dense_model(trained, 'ravlt_t', 2, TINY)
+    flags = {'task': trained, 'model': 'RAVLT_T', 'model-kwargs': json.loads(TINY_JSON), 'img-scale': [96, 64]}
+    checkpoints.save_checkpoint({'model': model.state_dict(), 'args': flags, 'meta': {'task': trained}},
+                                tmp_path / 'other.pth')
+    data = coco_root if entry_point is main_det else ade_root
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(entry_point.cli, ['--data-path', str(data), '--device', 'cpu', '--num_workers', '0', '--eval',
+                                  '--resume', str(tmp_path / 'other.pth'), '--output_dir', str(tmp_path / 'out')])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: task: '{trained}' in the flags (args) of checkpoint {tmp_path / 'other.pth'} is not one of {tasks}"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Precision, data problems, several processes
 # ----------------------------------------------------------------------------------------------------

@@ -144,3 +144,28 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # `import onnxruntime` raises ImportError
     with pytest.raises(UsageError, match='pip install "onnx>=1.16" "onnxruntime>=1.18"'):
         export_onnx.main(['--model', 'RAVLT_T', '--output', str(tmp_path / 'x.onnx')])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--output', 'DIR/x.onnx'], 'it is a folder; give a file name'),
+    (['--tolerance', 'nan'], 'argument --tolerance: must be at least 0, got nan'),
+    (['--tolerance', '-1'], 'argument --tolerance: must be at least 0, got -1'),
+    (['--tolerance', 'inf'], 'argument --tolerance: must be a finite number'),
+])
+def test_bad_outputs_and_tolerances_are_refused_before_the_export(argv, message, tmp_path, monkeypatch):
+    def exported(*args, **kwargs):
+        raise AssertionError('exported before the input was checked')
+    monkeypatch.setattr(export_onnx, 'export', exported)
+    (tmp_path / 'x.onnx').mkdir()
+    argv = [a.replace('DIR', str(tmp_path)) for a in argv]
+    with pytest.raises(UsageError, match=message):
+        export_onnx.main(['--model', 'RAVLT_T', '--model-kwargs', '{"depths": [1, 1, 1, 1]}', '--output',
+                          str(tmp_path / 'y.onnx'), *argv])
+    assert os.listdir(tmp_path) == ['x.onnx'] and os.listdir(tmp_path / 'x.onnx') == []
+
+
+def test_hand_edited_flags_of_a_checkpoint_are_one_line(tmp_path):
+    torch.save({'model': tiny_state(0), 'args': {'model': 'RAVLT_T', 'model-kwargs': [16, 32]}}, tmp_path / 'c.pth')
+    with pytest.raises(UsageError, match=r"model-kwargs: \[16, 32\] in the flags \(args\) of checkpoint .*c.pth "
+                                         'is not valid'):
+        export_onnx.main(['--checkpoint', str(tmp_path / 'c.pth'), '--output', str(tmp_path / 'c.onnx')])

@@ -38,3 +38,16 @@ def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
 def test_bad_input_is_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message):
         resolution.main(argv)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--figure', 'scaling.jpeg2000'], 'name a file ending in .png, .svg or .pdf'),
+    (['--json', '.'], 'it is a folder'),
+])
+def test_outputs_are_checked_before_the_sweep(argv, message, tmp_path, monkeypatch):
+    def swept(*args, **kwargs):
+        raise AssertionError('measured before the outputs were checked')
+    monkeypatch.setattr(resolution, 'sweep', swept)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=message):
+        resolution.main(['--models', 'RAVLT_T', '--sizes', '64', *argv])
