@@ -18,11 +18,12 @@ import torch
 import yaml
 from timm.utils import ModelEmaV3
 
+import allocator
 import checkpoints
 import distributed
 import utils
 from errors import UsageError
-from model_factory import channels_last_convs, for_inference, match_gradient_layouts
+from model_factory import channels_last_convs, check_compiler, compile_model, for_inference, match_gradient_layouts
 from output_folder import OutputFolder
 from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup
 
@@ -70,6 +71,7 @@ class Run:
         loads it, and the model flags it was trained with (`model_flags`, destinations) fill in those not given."""
         self.parser, self.args = parser, args
         distributed.init_distributed(args)
+        print(f'C allocator: {allocator.describe()}')
         self.device, self.rank, self.world_size = args.device, args.rank, args.world_size
         args.amp = args.amp or ('fp16' if self.device.type == 'cuda' else 'none')
         self.amp_dtype = utils.AMP_DTYPES[args.amp]
@@ -78,6 +80,8 @@ class Run:
             args.num_workers = min(args.default_num_workers, max(cores, 1))
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
+        if args.compile:
+            check_compiler(self.device)
         utils.seed_everything(args.seed)  # the model's initial weights (DDP gives every process rank 0's)
         self.output = self._open_output()
         try:
@@ -223,7 +227,16 @@ class Run:
         if self.world_size > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        if self.args.compile:  # DDP inside: torch.compile splits the graph at DDP's buckets (gradients overlap)
+            ddp = compile_model(ddp, self.device)
         return ddp, model, model_ema
+
+    def inference_form(self, model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+        """What an evaluation runs: model_factory.for_inference (a copy unless `inplace`), compiled with --compile.
+        A copy of the same model reuses the compiled code: torch.compile guards on the module's structure, not on
+        the object."""
+        model = for_inference(model, inplace=inplace)
+        return compile_model(model, self.device) if self.args.compile else model
 
     # ---------------------------------------------------------------- evaluation only
 
@@ -239,12 +252,12 @@ class Run:
             raise FloatingPointError(f'the weights hold NaN or infinite values ({len(broken)} tensors, e.g. '
                                      f'{broken[0]}): nothing to evaluate')
         loader = self.val_loader(task)
-        stats = task.evaluate(for_inference(model, inplace=True), loader)
+        stats = task.evaluate(self.inference_form(model, inplace=True), loader)
         print(f'Weights: {_format(stats)}')
         results = dict(stats)
         if task.ema is not None:  # the EMA's numbers: null when the checkpoint has no EMA
             ema_stats = dict.fromkeys(stats) if model_ema is None else \
-                task.evaluate(for_inference(model_ema.module, inplace=True), loader)
+                task.evaluate(self.inference_form(model_ema.module, inplace=True), loader)
             if model_ema is not None:
                 print(f'EMA weights: {_format(ema_stats)}')
             results.update({f'ema_{k}': v for k, v in ema_stats.items()})

@@ -2,7 +2,9 @@
 chosen by environment variables; the hooks only watch or stop the run, they change none of its numbers.
 
     SPY_DIR=D        each process records into D what it saw: the training indices and the parameters after
-                     every epoch, and its evaluation share
+                     every epoch, its evaluation share, and its C allocator (allocator.describe())
+    FAULTS_AT=F:N    the process records the minor page faults of each of the evaluated model's first N forward
+                     passes (and its PID and C allocator) into the JSON file F, then ends (exit code 0)
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
     KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
                      run:OutputFolder.append_log, checkpoints:save_checkpoint)
@@ -10,13 +12,16 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
                      torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy)
 """
 import importlib
+import json
 import os
+import resource
 import runpy
 import signal
 import sys
 
 import torch
 
+import allocator
 import checkpoints
 import cli
 import engine
@@ -37,9 +42,37 @@ def spy(directory):
 
     def spied_evaluate(data_loader, *args, **kwargs):
         torch.save(list(data_loader.dataset.dataset.indices), os.path.join(directory, f'eval_rank{RANK}.pt'))
+        with open(os.path.join(directory, f'allocator_rank{RANK}.txt'), 'w') as f:
+            f.write(allocator.describe())
         return evaluate(data_loader, *args, **kwargs)
 
     engine.train_one_epoch, engine.evaluate = spied_train, spied_evaluate
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # every thread of the process
+
+
+def faults_at(path, steps):
+    evaluate = engine.evaluate
+
+    def counted(data_loader, model, *args, **kwargs):
+        faults = []
+
+        def before(module, inputs):
+            faults.append(-minor_faults())
+
+        def after(module, inputs, output):
+            faults[-1] += minor_faults()
+            if len(faults) == int(steps):
+                with open(path, 'w') as f:
+                    json.dump({'faults': faults, 'pid': os.getpid(), 'allocator': allocator.describe()}, f)
+                sys.stdout.flush()
+                os._exit(0)
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
+        return evaluate(data_loader, model, *args, **kwargs)
+    engine.evaluate = counted
 
 
 def signal_at(rank, step, name):
@@ -87,6 +120,8 @@ def fail_at(rank, error):
 if __name__ == '__main__':
     if 'SPY_DIR' in os.environ:
         spy(os.environ['SPY_DIR'])
+    if 'FAULTS_AT' in os.environ:
+        faults_at(*os.environ['FAULTS_AT'].rsplit(':', 1))
     if 'SIGNAL_AT' in os.environ:
         signal_at(*os.environ['SIGNAL_AT'].split(':'))
     if 'KILL_AT' in os.environ:
