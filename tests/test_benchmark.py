@@ -229,10 +229,10 @@ def test_gpu_check_commands_parse():
     assert commands[0][:3] == ['python', '-m', 'pytest']
     trainings = [c for c in commands if c[0] == 'torchrun']
     benchmarks = [c for c in commands if c[:2] == ['python', 'scripts/benchmark.py']]
-    assert len(trainings) == 2 and len(benchmarks) == 4 and len(commands) == 7
-    for command in trainings:
-        args = main.get_args_parser().parse(command[command.index('main.py') + 1:])
-        assert args.device == 'cuda' and args.amp in ('fp16', 'bf16') and args.data_set == 'FAKE'
+    assert len(trainings) == 3 and len(benchmarks) == 4 and len(commands) == 8
+    parsed = [main.get_args_parser().parse(c[c.index('main.py') + 1:]) for c in trainings]
+    assert all(args.device == 'cuda' and args.data_set == 'FAKE' for args in parsed)
+    assert [(args.amp, args.compile) for args in parsed] == [('fp16', False), ('bf16', False), ('bf16', True)]
     parsed = [benchmark.get_args_parser().parse(c[2:]) for c in benchmarks]
     assert {a.amp for a in parsed} == {'none', 'fp16', 'bf16'} and all(a.device == 'cuda' for a in parsed)
     assert 'authors:RAVLT_S' in parsed[0].model and parsed[0].authors_file == 'RALA.py'
