@@ -127,11 +127,11 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
 
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None,
-             distributed: bool = False, print_freq: int = 10) -> dict:
+             sharded: bool = False, print_freq: int = 10) -> dict:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader's images, computed where the model
     is (an EMA kept on the CPU is evaluated there).
 
-    With `distributed`, each process holds a disjoint shard and the exact counts are summed over processes
+    With `sharded`, each process holds a disjoint shard and the exact counts are summed over processes
     (no sample counted twice)."""
     model.eval()
     device = utils.module_device(model)
@@ -149,7 +149,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[
         correct5 += hits.any(dim=1).sum().item()
         loss_sum += F.cross_entropy(output, target, reduction='sum').item()
         metric_logger.update(acc1=100.0 * batch_correct1 / len(target))
-    if distributed:
+    if sharded:
         count, correct1, correct5, loss_sum = distributed.all_reduce_sum([count, correct1, correct5, loss_sum])
     denominator = max(count, 1)
     stats = {'acc1': 100.0 * correct1 / denominator, 'acc5': 100.0 * correct5 / denominator,

@@ -204,7 +204,7 @@ def build_task(args, run: Run) -> Task:
                                                    seed=args.seed, drop_last=True)
 
     def evaluate(model, loader):
-        return engine.evaluate(loader, model, run.amp_dtype, distributed=args.dist_eval and run.world_size > 1,
+        return engine.evaluate(loader, model, run.amp_dtype, sharded=args.dist_eval and run.world_size > 1,
                                print_freq=args.print_freq)
 
     return Task(
