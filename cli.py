@@ -360,6 +360,10 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
     parser.add_argument('--device', default=None, choices=['cpu', 'cuda'], help='default: cuda if available')
     parser.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
                         help='autocast precision (default: fp16 on CUDA, as the authors, none on the CPU)')
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the model (Inductor) for the training steps and the evaluations (its '
+                        'inference form); the first steps compile (minutes; cached for later runs). Needs a C++ '
+                        'compiler on the CPU, triton on CUDA. Checkpoints are the same as without it')
     parser.add_argument('--seed', default=0, type=NON_NEGATIVE_INT)
     parser.add_argument('--num_workers', '--num-workers', default=None, type=NON_NEGATIVE_INT,
                         help=f'data loading processes per training process (default: {num_workers}, or the CPU '

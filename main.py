@@ -10,6 +10,10 @@ classification (flags, data, model, loss); the run itself (processes, resuming, 
 """
 import sys
 
+if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
+    from allocator import keep_freed_memory
+    keep_freed_memory()
+
 from timm.data import Mixup
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy

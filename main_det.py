@@ -10,6 +10,10 @@ a total batch of 16 (2 images on each of 8 GPUs) and is not rescaled.
 """
 import sys
 
+if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
+    from allocator import keep_freed_memory
+    keep_freed_memory()
+
 from timm.scheduler import MultiStepLRScheduler
 
 import models

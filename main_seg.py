@@ -11,6 +11,10 @@ norms), 1500 warm-up steps, linear decay to 0. Batches of 2 on 8 GPUs; 512x512 c
 """
 import sys
 
+if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
+    from allocator import keep_freed_memory
+    keep_freed_memory()
+
 from timm.scheduler import PolyLRScheduler
 
 import models

@@ -1,5 +1,5 @@
 """Models from flags or from a checkpoint, and the forms the run gives them: channels-last convs for training
-and evaluation, and the inference form (timm's reparameterize_model) that every evaluation runs.
+and evaluation, the inference form (timm's reparameterize_model) that every evaluation runs, and torch.compile.
 
 Every entry point and script builds its model here, so a name, its keyword arguments and the weights of any
 checkpoint kind (checkpoints.py) meet in one place, with one-line errors."""
@@ -139,6 +139,35 @@ def for_inference(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Mod
         return model.eval()
     model = (model if inplace else copy.deepcopy(model)).eval()
     return timm.utils.reparameterize_model(model, inplace=True)
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile(model) (Inductor), after checking that it can generate code on `device`. The result wraps the
+    model (its state dict has `_orig_mod.` keys): keep the model itself for checkpoints. Random draws inside
+    the model (drop path) are eager's (Inductor's `fallback_random`): a compiled run trains as the eager run does,
+    within float32 rounding, and resumes as it does."""
+    check_compiler(device)
+    import torch._inductor.config
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
+def check_compiler(device: torch.device):
+    """One line instead of a failure at the first step: Inductor needs a C++ compiler for the CPU and triton (on
+    a GPU it supports) for CUDA."""
+    if device.type == 'cuda':
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            raise UsageError('--compile on CUDA needs triton (pip install triton) and a GPU of compute capability 7.0 '
+                             'or newer; or leave --compile out')
+        return
+    from torch._inductor import config, cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        tried = ', '.join(c for c in config.cpp.cxx if c)
+        raise UsageError(f'--compile on the CPU needs a C++ compiler and none works here (tried {tried}): install g++ '
+                         '(or set CXX to a compiler); or leave --compile out') from None
 
 
 def channels_last_convs(model: torch.nn.Module):

@@ -50,13 +50,15 @@ warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  #
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
+import allocator
 import models
 from errors import UsageError, first_line
 from deploy import INPUT_NAME, create_session, export, import_onnxruntime
-from model_factory import create_model
+from model_factory import compile_model, create_model
 from utils import AMP_DTYPES, autocast
 
 AUTHORS_PREFIX = 'authors:'
+AUTHORS_MODULE = 'authors_rala'  # the module name the authors' file is loaded as
 BACKENDS = ('eager', 'compile', 'onnxruntime')
 MATMUL_SIZE = {'cpu': 2048, 'cuda': 8192}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs and of the weights)
@@ -152,33 +154,34 @@ class Settings:
             raise UsageError('--threads must be at least 1')
 
     def describe(self) -> str:
-        # CPU speed depends on how the C allocator hands out memory (see the README), so its settings are shown.
-        allocator = ' '.join(f'{k}={v}' for k, v in sorted(os.environ.items())
-                             if k.startswith('MALLOC_') or k == 'THP_MEM_ALLOC_ENABLE')
+        # CPU speed depends on how the C allocator hands out memory (allocator.py), so it is shown.
         return (f'device {self.device} ({torch.get_num_threads()} threads), batch {self.batch_size}, input '
                 f'{self.input_size[0]}x{self.input_size[1]} (HxW), amp {self.amp}, channels-last '
-                f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps'
-                + (f', allocator {allocator}' if allocator else ''))
+                f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps, '
+                f'C allocator: {allocator.describe()}')
 
 
 def load_authors_module(path: str, extra_paths):
     """Import the authors' RALA.py from a file; any import failure becomes one clear line."""
     if not os.path.isfile(path):
         raise UsageError(f"--authors-file {path!r} does not exist; point it at the authors' classfication/RALA.py")
-    spec = importlib.util.spec_from_file_location('authors_rala', path)
+    spec = importlib.util.spec_from_file_location(AUTHORS_MODULE, path)
     if spec is None or not path.endswith('.py'):
         raise UsageError(f"--authors-file {path!r} is not a Python file (.py); point it at the authors' "
                          'classfication/RALA.py')
     sys.path[:0] = [os.path.abspath(p) for p in extra_paths]
     module = importlib.util.module_from_spec(spec)
+    # As an import does: timm's register_model looks its caller's module up in sys.modules while it executes.
+    sys.modules[AUTHORS_MODULE] = module
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # old timm import paths warn
+            warnings.simplefilter('ignore')  # old timm import paths warn, and so does registering a name again
             spec.loader.exec_module(module)
-    except ModuleNotFoundError as e:
-        raise UsageError(f"the authors' file needs the package {e.name!r}: pip install {e.name} "
-                         f"(or give its folder with --authors-path-extra)") from None
     except ImportError as e:
+        del sys.modules[AUTHORS_MODULE]
+        if isinstance(e, ModuleNotFoundError):
+            raise UsageError(f"the authors' file needs the package {e.name!r}: pip install {e.name} "
+                             f"(or give its folder with --authors-path-extra)") from None
         raise UsageError(f"the authors' file does not import with this timm ({e}); edit its import lines to "
                          f"today's paths (e.g. timm.layers instead of timm.models.layers)") from None
     except Exception as e:  # the file's own code failed: whatever it raised, say so in one line
@@ -227,7 +230,7 @@ class TorchRunner:
         if self.mode == 'eval':
             model = timm.utils.reparameterize_model(model, inplace=True)
         self.module = model  # uncompiled, for its parameters
-        self.model = torch.compile(model) if contender.backend == 'compile' else model
+        self.model = compile_model(model, self.device) if contender.backend == 'compile' else model
         shape = (settings.batch_size, 3, *settings.input_size)
         self.x = torch.randn(*shape, device=self.device).contiguous(memory_format=fmt)
         self.target = torch.randint(0, 1000, (settings.batch_size,), device=self.device)

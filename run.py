@@ -18,11 +18,12 @@ import torch
 import yaml
 from timm.utils import ModelEmaV3
 
+import allocator
 import checkpoints
 import distributed
 import utils
 from errors import UsageError
-from model_factory import channels_last_convs, for_inference, match_gradient_layouts
+from model_factory import channels_last_convs, check_compiler, compile_model, for_inference, match_gradient_layouts
 from output_folder import OutputFolder
 from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup, print_evaluation
 
@@ -81,6 +82,7 @@ class Run:
         trained with (`model_flags`, destinations) fill in those not given."""
         self.parser, self.args = parser, args
         distributed.init_distributed(args)
+        print(f'C allocator: {allocator.describe()}')
         self.device, self.rank, self.world_size = args.device, args.rank, args.world_size
         args.amp = args.amp or ('fp16' if self.device.type == 'cuda' else 'none')
         self.amp_dtype = utils.AMP_DTYPES[args.amp]
@@ -89,6 +91,8 @@ class Run:
             args.num_workers = min(args.default_num_workers, max(cores, 1))
         if self.device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
+        if args.compile:
+            check_compiler(self.device)
         utils.seed_everything(args.seed)  # the model's initial weights (DDP gives every process rank 0's)
         self.output = self._open_output()
         try:
@@ -241,7 +245,16 @@ class Run:
         if self.world_size > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+        if self.args.compile:  # DDP inside: torch.compile splits the graph at DDP's buckets (gradients overlap)
+            ddp = compile_model(ddp, self.device)
         return ddp, model, model_ema
+
+    def inference_form(self, model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+        """What an evaluation runs: model_factory.for_inference (a copy unless `inplace`), compiled with --compile.
+        A copy of the same model reuses the compiled code: torch.compile guards on the module's structure, not on
+        the object."""
+        model = for_inference(model, inplace=inplace)
+        return compile_model(model, self.device) if self.args.compile else model
 
     # ---------------------------------------------------------------- evaluation only
 
@@ -263,7 +276,7 @@ class Run:
         results = dict(stats)
         if task.ema is not None:  # the EMA's numbers: null when the checkpoint has no EMA
             ema_stats = dict.fromkeys(stats) if model_ema is None else \
-                task.evaluate(for_inference(model_ema.module, inplace=True), loader)
+                task.evaluate(self.inference_form(model_ema.module, inplace=True), loader)
             if model_ema is not None:
                 print_evaluation('EMA weights', ema_stats, len(task.dataset_val))
             results.update({f'ema_{k}': v for k, v in ema_stats.items()})

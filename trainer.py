@@ -19,7 +19,6 @@ import distributed
 import engine
 import utils
 from errors import Preempted, RunFailure, UsageError
-from model_factory import for_inference
 from output_folder import LOG_FILE
 
 RESUME_FILE = 'checkpoint.pth'
@@ -222,10 +221,11 @@ class Trainer:
         if task.evaluate_after(steps_before, self.state.global_step, setup.total_steps):
             try:
                 # What --eval measures: the inference form of a copy (training goes on with the model).
-                evaluations = {'test': task.evaluate(for_inference(setup.model_without_ddp), setup.loader_val)}
+                inference_form = self.run.inference_form
+                evaluations = {'test': task.evaluate(inference_form(setup.model_without_ddp), setup.loader_val)}
                 print_evaluation('Weights', evaluations['test'], len(task.dataset_val))
                 if setup.model_ema is not None:
-                    evaluations['test_ema'] = task.evaluate(for_inference(setup.model_ema.module), setup.loader_val)
+                    evaluations['test_ema'] = task.evaluate(inference_form(setup.model_ema.module), setup.loader_val)
                     print_evaluation('EMA weights', evaluations['test_ema'], len(task.dataset_val))
             except UsageError as e:  # unreadable validation data: keep the trained epoch, evaluate it next time
                 pending = {'stats': result.stats, 'steps_before': steps_before}

@@ -272,13 +272,24 @@ ATTENTION_TYPES = {
 
 
 class ResidualDepthwiseConv(nn.Conv2d):
-    """y + dwconv(y), the FFN's 'same' depthwise conv with its skip connection (key `dwconv`)."""
+    """y + dwconv(y), a 'same' depthwise conv with its skip connection (keys `pos` in a block, `dwconv` in the
+    FFN)."""
 
     def __init__(self, dim: int, kernel_size: int):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self._conv_forward(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Conv2d:
+        """For inference: the skip joins the kernel's centre tap, one plain conv for both."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
+                         groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(self.weight)
+        conv.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2] += 1
+        conv.bias.copy_(self.bias)
+        return conv
 
 
 class ConvFeedForward(nn.Module):
@@ -294,18 +305,10 @@ class ConvFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dwconv(self.act(self.fc1(x))))
 
-    @torch.no_grad()
     def reparameterize(self):
         """For inference: the depthwise conv's skip joins its kernel's centre tap, one plain conv for both."""
-        residual = self.dwconv
-        if not isinstance(residual, ResidualDepthwiseConv):
-            return
-        conv = nn.Conv2d(residual.in_channels, residual.out_channels, residual.kernel_size, padding=residual.padding,
-                         groups=residual.groups, device=residual.weight.device, dtype=residual.weight.dtype)
-        conv.weight.copy_(residual.weight)
-        conv.weight[:, :, residual.kernel_size[0] // 2, residual.kernel_size[1] // 2] += 1
-        conv.bias.copy_(residual.bias)
-        self.dwconv = conv
+        if isinstance(self.dwconv, ResidualDepthwiseConv):
+            self.dwconv = self.dwconv.folded()
 
 
 class RAVLTBlock(nn.Module):
@@ -321,14 +324,20 @@ class RAVLTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = ChannelLayerNorm(dim)
         self.ffn = ConvFeedForward(dim, int(mlp_ratio * dim))
-        self.pos = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.pos = ResidualDepthwiseConv(dim, 3)  # x + dwconv(x), the conditional position encoding
         self.gamma_1 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init_value)))
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init_value)))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos(x)
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), sin, cos))
-        return x + self.drop_path(self.gamma_2 * self.ffn(self.norm2(x)))
+        x = self.pos(x)
+        # x + gamma * drop_path(y) in one pass (addcmul): drop path scales whole samples, so it commutes with gamma
+        x = torch.addcmul(x, self.gamma_1, self.drop_path(self.attn(self.norm1(x), sin, cos)))
+        return torch.addcmul(x, self.gamma_2, self.drop_path(self.ffn(self.norm2(x))))
+
+    def reparameterize(self):
+        """For inference: the position encoding's skip joins its kernel (the FFN's folds in ConvFeedForward)."""
+        if isinstance(self.pos, ResidualDepthwiseConv):
+            self.pos = self.pos.folded()
 
 
 class Downsample(nn.Module):

@@ -153,7 +153,7 @@ def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def block(module: RAVLTBlock, x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """What a RAVLTBlock computes without stochastic depth."""
-    x = x + module.pos(x)
+    x = x + conv(module.pos, x)
     x = x + module.gamma_1 * attention(module.attn, layer_norm_2d(module.norm1, x), angle)
     ffn = module.ffn
     y = F.gelu(ffn.fc1(layer_norm_2d(module.norm2, x)))

@@ -26,6 +26,10 @@ width; one number for a square input).
 import json
 import sys
 
+if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
+    from allocator import keep_freed_memory
+    keep_freed_memory()
+
 import torch
 
 from cli import ArgumentParser, json_object, run_cli

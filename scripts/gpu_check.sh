@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one go, for the first time a CUDA machine is at hand (minutes on one GPU):
 #   1. the tests that need CUDA (pytest -k cuda: the benchmark's timing, peak memory and AMP on the device);
-#   2. a few AMP training steps (fp16 with loss scaling, then bf16) under torchrun with one process, on FAKE
-#      data (16 steps of 64 images at 224 px and an evaluation);
+#   2. a few AMP training steps (fp16 with loss scaling, then bf16, then bf16 with --compile) under torchrun with
+#      one process, on FAKE data (16 steps of 64 images at 224 px and an evaluation);
 #   3. the benchmark of RAVLT-T/S beside the authors' implementation (when AUTHORS_FILE is given) and
 #      convnext_tiny: eval and training steps in fp32, fp16 and bf16 (channels-last, with peak memory and the
 #      matrix-product rate), then eager against torch.compile in bf16.
@@ -40,10 +40,14 @@ fi
 
 step python -m pytest -q -k cuda tests/
 
-for amp in fp16 bf16; do
+for run in fp16 bf16 bf16_compile; do
+    extra=()
+    if [ "$run" = bf16_compile ]; then
+        extra=(--compile)
+    fi
     step torchrun --nproc_per_node=1 main.py --model RAVLT_T --data-set FAKE --input-size 224 --batch-size 64 \
-        --epochs 1 --warmup-epochs 0 --amp "$amp" --device cuda --num_workers 4 --print-freq 4 \
-        --output_dir "$OUT/train_$amp"
+        --epochs 1 --warmup-epochs 0 --amp "${run%_compile}" --device cuda --num_workers 4 --print-freq 4 \
+        --output_dir "$OUT/train_$run" "${extra[@]}"
 done
 
 for amp in none fp16 bf16; do

@@ -21,6 +21,10 @@ import os
 import re
 import sys
 
+if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
+    from allocator import keep_freed_memory
+    keep_freed_memory()
+
 import torch
 
 from cli import ArgumentParser, run_cli

@@ -2,7 +2,9 @@
 chosen by environment variables; the hooks only watch or stop the run, they change none of its numbers.
 
     SPY_DIR=D        each process records into D what it saw: the training indices and the parameters after
-                     every epoch, and its evaluation share
+                     every epoch, its evaluation share, and its C allocator (allocator.describe())
+    FAULTS_AT=F:N    the process records the minor page faults of each of the evaluated model's first N forward
+                     passes (and its PID and C allocator) into the JSON file F, then ends (exit code 0)
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
     PREEMPT_AT=S:N   under torchrun, as a cluster preempts a job: once every process has reached the run's
                      optimizer step S (each has asked whether to stop, without the signal), rank 0 sends signal N
@@ -17,7 +19,9 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
     DATA_WAIT_AFTER_STOP=S  how long a stopped run waits for a batch (trainer.DATA_WAIT_AFTER_STOP)
 """
 import importlib
+import json
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -25,6 +29,7 @@ import time
 
 import torch
 
+import allocator
 import checkpoints
 import cli
 import engine
@@ -47,9 +52,37 @@ def spy(directory):
 
     def spied_evaluate(data_loader, *args, **kwargs):
         torch.save(list(data_loader.dataset.dataset.indices), os.path.join(directory, f'eval_rank{RANK}.pt'))
+        with open(os.path.join(directory, f'allocator_rank{RANK}.txt'), 'w') as f:
+            f.write(allocator.describe())
         return evaluate(data_loader, *args, **kwargs)
 
     engine.train_one_epoch, engine.evaluate = spied_train, spied_evaluate
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # every thread of the process
+
+
+def faults_at(path, steps):
+    evaluate = engine.evaluate
+
+    def counted(data_loader, model, *args, **kwargs):
+        faults = []
+
+        def before(module, inputs):
+            faults.append(-minor_faults())
+
+        def after(module, inputs, output):
+            faults[-1] += minor_faults()
+            if len(faults) == int(steps):
+                with open(path, 'w') as f:
+                    json.dump({'faults': faults, 'pid': os.getpid(), 'allocator': allocator.describe()}, f)
+                sys.stdout.flush()
+                os._exit(0)
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
+        return evaluate(data_loader, model, *args, **kwargs)
+    engine.evaluate = counted
 
 
 def signal_at(rank, step, name):
@@ -127,6 +160,8 @@ def stall_at(count):
 if __name__ == '__main__':
     if 'SPY_DIR' in os.environ:
         spy(os.environ['SPY_DIR'])
+    if 'FAULTS_AT' in os.environ:
+        faults_at(*os.environ['FAULTS_AT'].rsplit(':', 1))
     if 'SIGNAL_AT' in os.environ:
         signal_at(*os.environ['SIGNAL_AT'].split(':'))
     if 'PREEMPT_AT' in os.environ:

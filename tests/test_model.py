@@ -227,7 +227,7 @@ def test_training_drop_path_is_per_sample_on_each_branch():
     sin, cos = stage.RoPE(3, 2)
     with torch.no_grad():
         out = block(x, sin, cos)
-        base = x + block.pos(x)
+        base = block.pos(x)  # x + its depthwise position encoding
     untouched = (out - base).flatten(1).abs().amax(1) == 0
     assert 0 < int(untouched.sum()) < 64  # about a quarter of the samples lose both branches
 

@@ -233,7 +233,7 @@ def test_reparameterized_model_computes_the_same_function(variant):
     assert [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)] == ['norm']
     assert not any(isinstance(m, ResidualDepthwiseConv) for m in fused.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 8  # stem 4, downsampling 3, neck 1
-    assert sum(isinstance(m, ResidualDepthwiseConv) for m in model.modules()) == 4  # one per block
+    assert sum(isinstance(m, ResidualDepthwiseConv) for m in model.modules()) == 8  # position encoding and FFN
     # Idempotent: a second pass (e.g. from a parent model's reparameterize_model) changes nothing.
     again = reparameterize_model(fused)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fused.state_dict().values()))
@@ -276,5 +276,5 @@ def test_every_fold_is_timms_in_place_reparameterize():
     """One convention: the modules that fold define `reparameterize()` (in place), none `fuse()`."""
     model = tiny()
     folding = {type(m).__name__ for m in model.modules() if hasattr(m, 'reparameterize')}
-    assert folding == {'PatchEmbed', 'ConvFeedForward', 'Downsample'}
+    assert folding == {'PatchEmbed', 'RAVLTBlock', 'ConvFeedForward', 'Downsample'}
     assert not any(hasattr(m, 'fuse') or hasattr(m, 'switch_to_deploy') for m in model.modules())

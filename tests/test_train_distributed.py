@@ -1,6 +1,7 @@
 """Two processes on the CPU (gloo), launched by torchrun and by srun (simulated: SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID, as srun sets them), stopped the ways a cluster stops them:
-- the processes keep identical weights, and --dist-eval counts every held-out image exactly once;
+- the processes keep identical weights, and --dist-eval counts every held-out image exactly once; every worker
+  keeps freed memory in its process (allocator.py);
 - every process SIGKILLed after an epoch, then the same command again: bit-identical to a run never stopped
   (weights, EMA, optimizer, log.txt), whichever launcher;
 - SIGTERM to every process in the middle of an epoch: all stop after the same step, a resumable checkpoint
@@ -14,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import allocator
 import checkpoints
 import main
 from helpers import ROOT
@@ -50,6 +52,14 @@ def reference(tmp_path_factory):
     return out, spy
 
 
+def assert_every_process_keeps_freed_memory(spy):
+    """Each worker executed itself again with glibc told to keep freed memory (allocator.py), in the process
+    its launcher started (that PID is what the signal tests above and below signal)."""
+    if allocator.is_glibc():
+        for rank in (0, 1):
+            assert (spy / f'allocator_rank{rank}.txt').read_text().startswith('glibc, freed memory kept'), rank
+
+
 def assert_same_run(a, b):
     assert_same_training(checkpoints.load_checkpoint(a / 'checkpoint.pth'), checkpoints.load_checkpoint(b / 'checkpoint.pth'))
     assert read_log(a) == read_log(b)
@@ -64,6 +74,7 @@ def test_processes_agree_and_evaluation_counts_each_image_once(reference, tmp_pa
             assert torch.equal(rank0['params'][key], rank1['params'][key]), f'epoch {epoch}: {key} differs'
     shards = [torch.load(spy / f'eval_rank{r}.pt') for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(NUM_VAL))
+    assert_every_process_keeps_freed_memory(spy)
     # One process over all the images agrees with the two shares.
     single = run_here(main, ARGS + ['--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
     assert single.returncode == 0, single.stderr
@@ -76,10 +87,13 @@ def test_processes_agree_and_evaluation_counts_each_image_once(reference, tmp_pa
 def test_killed_at_an_epoch_boundary_and_restarted_is_bit_identical(reference, tmp_path):
     kill_at_epoch_boundary(torchrun(ARGS + ['--output_dir', tmp_path]), tmp_path)
     assert [entry['epoch'] for entry in read_log(tmp_path)] == [0]
-    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path]))
+    spy = tmp_path / 'spy'
+    spy.mkdir()
+    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], SPY_DIR=str(spy)))
     assert code == 0, err
     assert 'Resumed from' in out and '(epoch 0)' in out
     assert_same_run(reference[0], tmp_path)
+    assert_every_process_keeps_freed_memory(spy)
 
 
 def stop_lines(err: str) -> list:
