@@ -15,8 +15,9 @@ import sys
 import torch
 import yaml
 
-from distributed import cleanup_distributed, is_main_process
-from errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line
+from distributed import cleanup_distributed, end_process, is_main_process, peer_failure
+from errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line,
+                    report_line)
 from utils import AMP_DTYPES
 
 
@@ -230,6 +231,14 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
     parser.add_argument('--dist-timeout', default=60, type=POSITIVE, metavar='MINUTES',
                         help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
                         'and writes checkpoints meanwhile) before the run fails')
+    parser.add_argument('--dist-backend', default=None, choices=['nccl', 'gloo'],
+                        help='process group backend (default: nccl on CUDA, gloo on the CPU; gloo also takes CUDA '
+                        'tensors, e.g. for several processes on one GPU)')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms (torch.use_deterministic_algorithms, cuDNN without '
+                        'benchmarking, a fixed cuBLAS workspace): a resumed CUDA run ends bit-identical to one '
+                        'never stopped, at some speed (the CPU always is); an operation without a deterministic '
+                        'kernel stops the run')
     parser.set_defaults(default_num_workers=num_workers)
 
 
@@ -237,16 +246,12 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
 # The error policy
 # ----------------------------------------------------------------------------------------------------
 
-def _rank_prefix() -> str:
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    return f'[rank {os.environ.get("RANK", 0)}] ' if world > 1 else ''
-
-
-def _report(message: str, code: int, everyone: bool = True) -> int:
-    """Write one line on stderr (directly: non-main processes have `print` silenced)."""
+def _report(message: str, code: int, everyone: bool = True, alone: bool = True) -> int:
+    """End this process with one line on stderr (only where `everyone`). `alone`: this process failed by itself
+    (not an outcome all processes agreed on), so the others are told to end too (distributed.end_process)."""
+    end_process((code, message) if alone else None)
     if everyone:
-        sys.stderr.write(f'{_rank_prefix()}{" ".join(message.split())}\n')
-        sys.stderr.flush()
+        report_line(message)
     return code
 
 
@@ -254,36 +259,59 @@ def run_cli(main_fn, argv):
     """Run `main_fn(argv)` as a command and exit with its code: a UsageError is one line on stderr and exit 2;
     a non-finite loss, running out of memory or disk, or losing contact with another process one line and 1;
     a preemption signal one line and 3; Ctrl-C one line and 130. Each line names its rank when there are
-    several processes. Anything else is a bug and keeps its traceback."""
+    several processes; when one process fails alone, the others end within seconds with its exit code, and
+    rank 0 repeats its line. Anything else is a bug and keeps its traceback."""
     code = 0
     try:
-        main_fn(argv)
-    except UsageError as e:
-        code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process())
-    except Preempted as e:
-        code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=is_main_process())
-    except FloatingPointError as e:
-        code = _report(f'error: {e}', EXIT_FAILURE)
-    except torch.OutOfMemoryError:
-        code = _report('error: out of memory; lower --batch-size (or use --amp bf16/fp16)', EXIT_FAILURE)
-    except KeyboardInterrupt:
-        code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
-                       'resume point)', EXIT_INTERRUPTED)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
-            raise
-        where = f' ({e.filename})' if e.filename else ''
-        code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are whole',
-                       EXIT_FAILURE)
-    except RuntimeError as e:
-        if not _lost_contact(e):
-            raise
-        code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
-                       'processes\' messages', EXIT_FAILURE)
+        try:
+            main_fn(argv)
+        except UsageError as e:
+            code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process(),
+                           alone=not e.everywhere)
+        except Preempted as e:
+            code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=is_main_process(), alone=False)
+        except FloatingPointError as e:
+            code = _report(f'error: {e}', EXIT_FAILURE)
+        except torch.OutOfMemoryError:
+            code = _report('error: out of memory; lower --batch-size (or use --amp bf16/fp16)', EXIT_FAILURE)
+        except KeyboardInterrupt:
+            code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
+                           'resume point)', EXIT_INTERRUPTED)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+                raise
+            where = f' ({e.filename})' if e.filename else ''
+            code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are '
+                           'whole', EXIT_FAILURE)
+        except RuntimeError as e:
+            if NONDETERMINISTIC in str(e):
+                code = _report(f'error: --deterministic: {str(e).split(NONDETERMINISTIC)[0].strip()} has no '
+                               'deterministic implementation on this device; run without --deterministic',
+                               EXIT_USAGE)
+            elif not _lost_contact(e):
+                raise
+            else:
+                peer = peer_failure()  # the process that failed, if it said so: its line rather than ours
+                if peer is not None:
+                    rank, code, line = peer
+                    label, _, text = line.partition(': ')
+                    code = _report(f'{label}: rank {rank}: {text}', code, everyone=is_main_process(), alone=False)
+                else:
+                    code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
+                                   'processes\' messages', EXIT_FAILURE)
+    except SystemExit:
+        raise
+    except BaseException as e:  # a bug: its traceback follows; the other processes end too
+        end_process((EXIT_FAILURE, f'error: {first_line(e)}'))
+        raise
     finally:
         cleanup_distributed()
     if code:
         sys.exit(code)
+
+
+# What torch says of an operation without a deterministic kernel under torch.use_deterministic_algorithms(True).
+NONDETERMINISTIC = 'does not have a deterministic implementation'
 
 
 def _lost_contact(error: RuntimeError) -> bool:

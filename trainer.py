@@ -17,6 +17,7 @@ import distributed
 import engine
 import utils
 from errors import Preempted, UsageError
+from model_ema import ema_weights
 from model_factory import for_inference
 
 RESUME_FILE = 'checkpoint.pth'
@@ -25,7 +26,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what clusters send before they kill a job) ask the run to stop: noticed between
-    steps, agreed by all processes at the next step (see engine.optimizer_step)."""
+    steps, agreed by all processes where the host reads the steps' losses, every --print-freq steps (see
+    engine.train_one_epoch)."""
 
     def __init__(self):
         self.received = None
@@ -86,7 +88,7 @@ class Trainer:
                     max_norm=self.task.max_norm, model_ema=setup.model_ema, totals=state.totals,
                     stop_requested=stop, print_freq=self.args.print_freq)
                 state.global_step, state.first_step, state.totals = result.global_step, 0, None
-                if result.stopped:
+                if result.stopped and result.steps < self.steps_per_epoch and result.global_step < setup.total_steps:
                     self._save_progress(epoch, result)
                     raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after '
                                     f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}')
@@ -114,26 +116,28 @@ class Trainer:
             best_metric=self.task.best_metric, **extra)
 
     def _save(self, checkpoint: dict, *names: str):
+        """One serialisation, under every name (the last written last: the resume point)."""
         if self.run.output is not None:
-            for name in names:
-                checkpoints.save_checkpoint(checkpoint, self.run.output.file(name))
+            checkpoints.save_checkpoint(checkpoint, *map(self.run.output.file, names))
         distributed.wait_for_main_process()
 
     def _save_progress(self, epoch: int, result: engine.EpochResult):
         """The mid-epoch resume point (a signal): the last completed epoch's number with this epoch's progress."""
         progress = {'epoch': epoch, 'steps': result.steps, 'global_step': result.global_step, 'totals': result.totals}
+        if self.setup.model_ema is not None:
+            ema_weights(self.setup.model_ema)  # the updates in flight, in
         checkpoint = self._checkpoint(epoch - 1, progress=progress)
         checkpoint['step'] = result.global_step - result.steps
         self._save(checkpoint, RESUME_FILE)
 
     def _end_epoch(self, epoch: int, result: engine.EpochResult, steps_before: int):
         setup, task = self.setup, self.task
-        weights = [setup.model_without_ddp, *([setup.model_ema.module] if setup.model_ema else [])]
+        weights = [setup.model_without_ddp, *([ema_weights(setup.model_ema)] if setup.model_ema else [])]
         broken = utils.non_finite_tensors(*weights)
         if broken:
             raise FloatingPointError(f'epoch {epoch} ended with NaN or infinite weights ({len(broken)} tensors, e.g. '
                                      f'{broken[0]}): not saved; {self._resume_point()}')
-        if self.run.world_size > 1 and self.run.device.type == 'cpu':  # no SyncBatchNorm: rank 0's statistics
+        if self.run.world_size > 1 and not self.run.sync_batchnorm:  # rank 0's statistics
             distributed.broadcast_buffers(*weights)
         entry = {'epoch': epoch, 'step': self.state.global_step, 'n_parameters': self.n_parameters,
                  **{f'train_{k}': v for k, v in result.stats.items()}}
@@ -143,7 +147,8 @@ class Trainer:
                 # What --eval measures: the inference form of a copy (training goes on with the model).
                 evaluations = {'test': task.evaluate(for_inference(setup.model_without_ddp), setup.loader_val)}
                 if setup.model_ema is not None:
-                    evaluations['test_ema'] = task.evaluate(for_inference(setup.model_ema.module), setup.loader_val)
+                    evaluations['test_ema'] = task.evaluate(for_inference(ema_weights(setup.model_ema)),
+                                                            setup.loader_val)
             except UsageError as e:  # unreadable validation data: keep the trained epoch, evaluate it next time
                 pending = {'stats': result.stats, 'steps_before': steps_before}
                 self._save(self._checkpoint(epoch, pending_eval=pending), RESUME_FILE)

@@ -6,14 +6,18 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
     KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
                      run:OutputFolder.append_log, checkpoints:save_checkpoint)
-    FAIL_AT=R:E      the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
-                     torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy)
+    FAIL_AT=R:E[:stay]  the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
+                     torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy), or
+                     finds the disk full when it saves one ('enospc'); with ':stay' it then stays alive without
+                     taking part, as NCCL sees a failed peer on the same node (gloo would notice its exit)
 """
+import errno
 import importlib
 import os
 import runpy
 import signal
 import sys
+import time
 
 import torch
 
@@ -68,8 +72,15 @@ def kill_at(module, function, count):
     setattr(owner, attribute, hooked)
 
 
-def fail_at(rank, error):
+def fail_at(rank, error, stay=''):
     if RANK != int(rank):
+        return
+    if stay == 'stay':
+        cli.cleanup_distributed = lambda: time.sleep(3600)  # after its one line: alive, silent
+    if error == 'enospc':
+        def full(obj, *paths):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths[-1]))
+        checkpoints.save_checkpoint = full
         return
     if error == 'load':
         def unreadable(path, *args, **kwargs):
