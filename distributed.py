@@ -225,7 +225,7 @@ class PeerWatch:
     FAILURE, LEFT = 'failure', 'left'
 
     def __init__(self, rank: int, world_size: int, address: str, port: int, prefix: str,
-                 poll_seconds: float = 1.0, leave_seconds: float = 30.0):
+                 poll_seconds: float = 1.0, leave_seconds: float = 10.0):
         self.rank, self.world_size = rank, world_size
         self.poll_seconds, self.leave_seconds = poll_seconds, leave_seconds
         client = dist.TCPStore(address, port, is_master=False, timeout=datetime.timedelta(seconds=30))

@@ -27,7 +27,7 @@ def to_device(data, device: torch.device):
 
 def check_batch(batch):
     """A training batch, or the one-line error of the sample in it that could not be loaded (raised by this
-    process alone: the others stop when they lose contact with it)."""
+    process alone: the others end within seconds, see distributed.PeerWatch)."""
     if isinstance(batch, utils.LoadError):
         raise UsageError(batch.message)
     return batch

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What one CUDA GPU can check of the training paths, in one go (about 5 minutes on one H200-class GPU; tiny
-# models, synthetic data), each run into a fresh folder OUTPUT_ROOT/<date>-<time>-<pid> (default OUTPUT_ROOT:
-# output/gpu_check), every result under it:
+# What one CUDA GPU can check of the training paths, in one go (sized for well under 8 minutes on one
+# H200-class GPU: tiny models, synthetic data), each run into a fresh folder OUTPUT_ROOT/<date>-<time>-<pid>
+# (default OUTPUT_ROOT: output/gpu_check), every result under it:
 #   pytest.txt            the tests that need CUDA (pytest -k cuda)
 #   host_syncs.json       host synchronisations of 32 fp16 training steps (CUDA sync debug mode; fails above one
 #                         per --print-freq steps and one per epoch)

@@ -2,6 +2,8 @@
 and backward, also after inference re-parameterization; the model compiles with torch.compile(fullgraph=True),
 exports with torch.export, runs under bf16 autocast (and under CUDA's autocast policy, simulated, with the authors'
 low-precision tensors) and takes channels-last input and weights."""
+import functools
+
 import pytest
 import timm
 import torch
@@ -48,7 +50,7 @@ CASES = [  # kind, heads, head_dim, (H, W), batch
 def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, head_dim, size, batch, monkeypatch):
     if kind == 'rala-cuda-form':  # elu + 1 as it is computed off the CPU, here on CPU tensors
         kind = 'rala'
-        monkeypatch.setattr(ravlt, 'EXP_FORM_DEVICES', ())
+        monkeypatch.setattr(ravlt, 'elu_plus_one', functools.partial(elu_plus_one, exp_form_device='none'))
     block, rope = make_block(kind, heads, head_dim)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, heads * head_dim, *size, generator=gen, dtype=torch.float64)
@@ -118,7 +120,7 @@ def test_rala_under_cudas_autocast_keeps_the_authors_low_precision_tensors(monke
 
     half, single = torch.float16, torch.float32
     cpu_products, cpu_saved, _ = run(lambda: attn(x, sin, cos))
-    monkeypatch.setattr(ravlt, 'EXP_FORM_DEVICES', ())
+    monkeypatch.setattr(ravlt, 'elu_plus_one', functools.partial(elu_plus_one, exp_form_device='none'))
     ours, saved, out = run(lambda: attn(x, sin, cos))
     theirs, _, _ = run(lambda: reference.attention(attn, x, rope.angle))
     # scores (k', mean q'), normaliser (q', sum alpha k'), kv (RoPE(alpha k'), v), output (RoPE(q'), kv)

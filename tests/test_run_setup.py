@@ -141,18 +141,6 @@ def test_a_task_seeing_several_gpus_but_fewer_than_its_local_rank_is_told_how_to
         cuda_run(monkeypatch, main.get_args_parser, [], device_count=2)
 
 
-@pytest.fixture
-def restores_kernel_settings(monkeypatch):
-    """The process-wide settings a Run may change, as they were after the test."""
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
-    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', torch.backends.cudnn.deterministic)
-    monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', 'unset')
-    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG')
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-
-
 class Prepared(Exception):
     pass
 
@@ -172,6 +160,7 @@ def test_cudnn_benchmarks_only_where_every_batch_has_one_size(monkeypatch, tmp_p
     """Classification crops are one size: cuDNN may benchmark. Segmentation's padded batches and whole-image
     evaluation change size every batch: re-tuning every conv for each would cost time and memory."""
     from test_dense import TINY_JSON, write_ade
+
     import main_seg
     launched_by(monkeypatch)
     classification, args = cuda_run(monkeypatch, main.get_args_parser,

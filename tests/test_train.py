@@ -183,7 +183,8 @@ def test_an_epoch_is_serialised_once_under_all_its_names(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert len(saves) == 1
     names = ['best.pth', 'best_ema.pth', 'backup0.pth', 'checkpoint.pth']
-    assert len({os.stat(tmp_path / name).st_ino for name in names}) == 1 and os.stat(tmp_path / 'best.pth').st_nlink == 4
+    assert len({os.stat(tmp_path / name).st_ino for name in names}) == 1
+    assert os.stat(tmp_path / 'best.pth').st_nlink == 4
     assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 0
 
 
@@ -202,12 +203,13 @@ def test_where_the_file_system_has_no_hard_links_the_names_are_whole_copies(tmp_
 def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path, monkeypatch):
     """The loaded checkpoint (weights, EMA, optimizer state: ~1.5 GB per process for RAVLT-L) is not kept for the
     whole run: once loaded into the model and optimizer, nothing holds it."""
-    import engine
     import gc
     import weakref
+
+    import engine
     out, _ = digits_run
     (tmp_path / 'checkpoint.pth').write_bytes((out / 'checkpoint.pth').read_bytes())
-    load, train_one_epoch, held = checkpoints.load_checkpoint, engine.train_one_epoch, []
+    load, held = checkpoints.load_checkpoint, []
 
     def loading(*args, **kwargs):
         checkpoint = load(*args, **kwargs)

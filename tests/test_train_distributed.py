@@ -108,7 +108,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
 def test_sigterm_to_every_process_and_one_process_continues(tmp_path):
     """As a cluster preempts a job: SIGTERM to the launcher and every worker. Then the run continues with one
     process from the two processes' checkpoint."""
-    process = torchrun(ARGS + ['--output_dir', tmp_path])
+    process = torchrun(ARGS + ['--print-freq', '4', '--output_dir', tmp_path])  # agreed within 4 steps
     wait_for_log(tmp_path, 1, process)
     time.sleep(0.5)  # into epoch 1
     signal_all(process, signal.SIGTERM)

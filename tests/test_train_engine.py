@@ -10,9 +10,9 @@ import torch
 from timm.optim import create_optimizer_v2
 
 import engine
+import main
 import utils
 from errors import UsageError
-import main
 from train_helpers import TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -160,7 +160,8 @@ class HostReads:
             monkeypatch.setattr(torch.Tensor, name, self._counted(original))
         iterator = torch.utils.data.dataloader._BaseDataLoaderIter
         monkeypatch.setattr(iterator, '__next__', self._loading(iterator.__next__))
-        monkeypatch.setattr(torch.utils.data.DataLoader, '__iter__', self._loading(torch.utils.data.DataLoader.__iter__))
+        loader = torch.utils.data.DataLoader
+        monkeypatch.setattr(loader, '__iter__', self._loading(loader.__iter__))
 
     def _counted(self, original):
         def read(tensor, *args, **kwargs):
@@ -233,9 +234,11 @@ def test_a_non_finite_loss_never_updates_the_weights_and_stops_at_the_next_read_
 def test_an_ema_on_the_host_blends_off_the_training_thread_exactly_as_timm_would():
     """--model-ema-force-cpu beside a CUDA model: an update queues one non-blocking copy and returns; a worker
     thread blends it in. The EMA is bit-identical to timm's ModelEmaV3 kept on the CPU, BatchNorm buffers included."""
-    from timm.utils import ModelEmaV3
-    from model_ema import HostModelEma
     import threading
+
+    from timm.utils import ModelEmaV3
+
+    from model_ema import HostModelEma
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     kwargs = dict(decay=0.9, use_warmup=True, device=CPU)
