@@ -16,6 +16,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -35,10 +37,38 @@ BACKBONE_ANCHOR = 'patch_embed.proj.0.weight'
 # Files
 # ----------------------------------------------------------------------------------------------------
 
-def save_checkpoint(obj, path):
-    """torch.save `obj` to `path` atomically (see atomic_file)."""
+def save_checkpoint(obj, path, *more_paths):
+    """torch.save `obj` once, to `path` atomically (see atomic_file), then give each of `more_paths` the same file,
+    in order, each replaced atomically: a hard link (no copy, no space) where the file system has them, else a
+    copy. The names then share one file until each is replaced by a later save (a rename: never written in
+    place)."""
     with atomic_file(path) as f:
         torch.save(obj, f)
+    for other in more_paths:
+        _place(path, other)
+
+
+def _place(source, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, link = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    os.close(fd)
+    os.remove(link)
+    try:
+        os.link(source, link)
+    except OSError:  # no hard links on this file system (some network and FUSE ones)
+        with atomic_file(path) as f, open(source, 'rb') as copied:
+            shutil.copyfileobj(copied, f)
+        return
+    try:
+        os.replace(link, path)
+    except BaseException:
+        os.remove(link)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path, map_location='cpu', mmap: bool = False) -> dict:
@@ -335,12 +365,14 @@ def check_training_fields(checkpoint: dict, source: str):
 
 def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_metric: Optional[str],
                      world_size: int, batch_size: int, steps_per_epoch: int, schedule_in_epochs: bool,
-                     start_option: str) -> TrainingState:
+                     start_option: str, amp: Optional[str] = None) -> TrainingState:
     """Load the optimizer and loss-scaler state of a training checkpoint and return where training stands.
 
-    Hyperparameters given now (learning rate, weight decay ...) override the saved ones. A checkpoint taken
-    mid-epoch continues at its step when the process count and --batch-size are unchanged; otherwise that
-    epoch restarts (epoch-counted schedules) or the run continues at its step (step-counted ones)."""
+    Hyperparameters given now (learning rate, weight decay ...) override the saved ones; the loss scaler's state
+    is kept when the precision (`amp`, --amp) is the checkpoint's. A checkpoint taken mid-epoch continues at
+    its step when the process count and --batch-size are unchanged; otherwise that epoch restarts from its
+    beginning, and the run's step is the epoch's first (epoch-counted schedules) or the steps already done
+    (step-counted ones: the run ends at its last step whatever the process count)."""
     if not all(k in checkpoint for k in ('optimizer', 'epoch')):
         raise UsageError(f'{source} holds weights only (no optimizer state or epoch): use it with --eval, or start '
                          f'training from it with {start_option}')
@@ -352,7 +384,7 @@ def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_m
         raise UsageError(f'{source}: its optimizer state does not fit this optimizer ({first_line(e)})') from None
     for group, values in zip(optimizer.param_groups, hyperparameters):
         group.update(values)  # flags changed since the checkpoint apply (the schedule is rebuilt from them too)
-    if checkpoint.get('scaler') and scaler.is_enabled():
+    if checkpoint.get('scaler') and scaler.is_enabled() and flags_of(checkpoint).get('amp', amp) == amp:
         try:
             scaler.load_state_dict(checkpoint['scaler'])
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
@@ -374,9 +406,11 @@ def restore_training(checkpoint: dict, source: str, *, optimizer, scaler, best_m
         state.first_step, state.global_step, state.totals = progress['steps'], progress['global_step'], \
             progress['totals']
     elif progress is not None:
+        if not schedule_in_epochs:
+            state.global_step = progress['global_step']
         print(f'The checkpoint was taken during epoch {state.start_epoch} with {checkpoint.get("world_size")} '
               f'processes of batch {saved_batch}: with {world_size} of {batch_size} that epoch restarts from its '
-              'beginning')
+              'beginning' + ('' if schedule_in_epochs else f' at step {state.global_step} of the schedule'))
     state.pending_eval = checkpoint.get('pending_eval')
     if state.pending_eval is not None:
         state.start_epoch -= 1

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 import models
-from distributed import cleanup_distributed, is_main_process
+from distributed import cleanup_distributed, end_process, is_main_process, peer_failure
 from errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, RunFailure, UsageError,
-                    first_line, is_out_of_memory, killed_worker)
+                    first_line, is_out_of_memory, killed_worker, report_line)
 from utils import AMP_DTYPES
 
 
@@ -373,6 +373,14 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
                         metavar='MINUTES',
                         help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
                         'and writes checkpoints meanwhile) before the run fails')
+    parser.add_argument('--dist-backend', default=None, choices=['nccl', 'gloo'],
+                        help='process group backend (default: nccl on CUDA, gloo on the CPU; gloo also takes CUDA '
+                        'tensors, e.g. for several processes on one GPU)')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms (torch.use_deterministic_algorithms, cuDNN without '
+                        'benchmarking, a fixed cuBLAS workspace): a resumed CUDA run ends bit-identical to one '
+                        'never stopped, at some speed (the CPU always is); an operation without a deterministic '
+                        'kernel stops the run')
     parser.set_defaults(default_num_workers=num_workers)
     return training
 
@@ -381,16 +389,12 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
 # The error policy
 # ----------------------------------------------------------------------------------------------------
 
-def _rank_prefix() -> str:
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    return f'[rank {os.environ.get("RANK", 0)}] ' if world > 1 else ''
-
-
-def _report(message: str, code: int, everyone: bool = True) -> int:
-    """Write one line on stderr (directly: non-main processes have `print` silenced)."""
+def _report(message: str, code: int, everyone: bool = True, alone: bool = True) -> int:
+    """End this process with one line on stderr (only where `everyone`). `alone`: this process failed by itself
+    (not an outcome all processes agreed on), so the others are told to end too (distributed.end_process)."""
+    end_process((code, message) if alone else None)
     if everyone:
-        sys.stderr.write(f'{_rank_prefix()}{" ".join(message.split())}\n')
-        sys.stderr.flush()
+        report_line(message)
     return code
 
 
@@ -399,42 +403,61 @@ def run_cli(main_fn, argv):
     a non-finite loss, running out of memory (also the CPU's plain RuntimeError) or disk, a data-loading worker
     killed, a RunFailure or losing contact with another process one line and 1;
     a preemption signal one line and 3; Ctrl-C one line and 130. Each line names its rank when there are
-    several processes. Anything else is a bug and keeps its traceback."""
+    several processes; when one process fails alone, the others end within seconds with its exit code, and
+    rank 0 repeats its line. Anything else is a bug and keeps its traceback."""
     code = 0
     try:
-        main_fn(argv)
-    except UsageError as e:
-        code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process())
-    except Preempted as e:
-        code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=not e.everywhere or is_main_process())
-    except (FloatingPointError, RunFailure) as e:
-        code = _report(f'error: {e}', EXIT_FAILURE)
-    except MemoryError as e:
-        code = _report(_out_of_memory_line(e), EXIT_FAILURE)
-    except KeyboardInterrupt:
-        code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
-                       'resume point)', EXIT_INTERRUPTED)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
-            raise
-        where = f' ({e.filename})' if e.filename else ''
-        code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are whole',
-                       EXIT_FAILURE)
-    except RuntimeError as e:
-        worker = killed_worker(e)
-        if is_out_of_memory(e):
+        try:
+            main_fn(argv)
+        except UsageError as e:
+            code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process(),
+                           alone=not e.everywhere)
+        except Preempted as e:
+            code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=not e.everywhere or is_main_process(),
+                           alone=not e.everywhere)
+        except (FloatingPointError, RunFailure) as e:
+            code = _report(f'error: {e}', EXIT_FAILURE)
+        except MemoryError as e:
             code = _report(_out_of_memory_line(e), EXIT_FAILURE)
-        elif worker is not None:
-            cause = ("most likely the kernel's out-of-memory killer: lower --num_workers or --batch-size"
-                     if 'Killed' in worker else 'killed or crashed; if memory is short, lower --num_workers or '
-                     '--batch-size')
-            code = _report(f'error: a data-loading worker {worker} ({cause}); the checkpoints on disk are whole',
-                           EXIT_FAILURE)
-        elif _lost_contact(e):
-            code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
-                           'processes\' messages', EXIT_FAILURE)
-        else:
-            raise
+        except KeyboardInterrupt:
+            code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
+                           'resume point)', EXIT_INTERRUPTED)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+                raise
+            where = f' ({e.filename})' if e.filename else ''
+            code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are '
+                           'whole', EXIT_FAILURE)
+        except RuntimeError as e:
+            worker = killed_worker(e)
+            if is_out_of_memory(e):
+                code = _report(_out_of_memory_line(e), EXIT_FAILURE)
+            elif NONDETERMINISTIC in str(e):
+                code = _report(f'error: --deterministic: {str(e).split(NONDETERMINISTIC)[0].strip()} has no '
+                               'deterministic implementation on this device; run without --deterministic',
+                               EXIT_USAGE)
+            elif worker is not None:
+                cause = ("most likely the kernel's out-of-memory killer: lower --num_workers or --batch-size"
+                         if 'Killed' in worker else 'killed or crashed; if memory is short, lower --num_workers '
+                         'or --batch-size')
+                code = _report(f'error: a data-loading worker {worker} ({cause}); the checkpoints on disk are '
+                               'whole', EXIT_FAILURE)
+            elif not _lost_contact(e):
+                raise
+            else:
+                peer = peer_failure()  # the process that failed, if it said so: its line rather than ours
+                if peer is not None:
+                    rank, code, line = peer
+                    label, _, text = line.partition(': ')
+                    code = _report(f'{label}: rank {rank}: {text}', code, everyone=is_main_process(), alone=False)
+                else:
+                    code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
+                                   'processes\' messages', EXIT_FAILURE)
+    except SystemExit:
+        raise
+    except BaseException as e:  # a bug: its traceback follows; the other processes end too
+        end_process((EXIT_FAILURE, f'error: {first_line(e)}'))
+        raise
     finally:
         cleanup_distributed()
     if code:
@@ -446,6 +469,10 @@ def _out_of_memory_line(error: BaseException) -> str:
     detail = detail if len(detail) <= 200 else detail[:197] + '...'
     return (f'error: out of memory ({detail or type(error).__name__}); lower --batch-size, the input size or '
             '--num_workers (or use --amp bf16/fp16); the checkpoints on disk are whole')
+
+
+# What torch says of an operation without a deterministic kernel under torch.use_deterministic_algorithms(True).
+NONDETERMINISTIC = 'does not have a deterministic implementation'
 
 
 def _lost_contact(error: RuntimeError) -> bool:

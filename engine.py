@@ -1,4 +1,5 @@
 """The loops: one training epoch of any task (the task gives its loss), and classification evaluation."""
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
@@ -26,7 +27,7 @@ def to_device(data, device: torch.device):
 
 def check_batch(batch):
     """A training batch, or the one-line error of the sample in it that could not be loaded (raised by this
-    process alone: the others stop when they lose contact with it): a UsageError naming the file, or a
+    process alone: the others end within seconds, see distributed.PeerWatch): a UsageError naming the file, or a
     MemoryError when memory ran out while loading it."""
     if isinstance(batch, utils.LoadError):
         raise MemoryError(f'while loading {batch.message}') if batch.out_of_memory else UsageError(batch.message)
@@ -50,30 +51,50 @@ def evaluation_batches(batches: Iterable):
         raise UsageError(error, everywhere=True)
 
 
-def optimizer_step(losses: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   where: str, max_norm: Optional[float] = None, parameters=None, stop: bool = False):
-    """Backward of the summed `losses` and one optimizer step.
+# A loss scale that never grows: float32 and bf16 need no scaling, and x 1 is exact (see grad_scaler).
+NEVER = 2 ** 62
 
-    One collective makes the processes agree on the loss and its parts (averaged over processes) and on
-    whether any of them was asked to stop. A non-finite loss (on any process: all stop together) raises
-    FloatingPointError naming `where` before anything is updated, so the weights and the checkpoints on
-    disk stay the last good ones. Returns ({'loss': ..., part: ...}, stop)."""
+
+def grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    """The loss scaler of a run: dynamic scaling for float16; in float32 and bf16 a scale of 1 that never grows.
+    Either way a step whose gradients are not finite is skipped on the device (GradScaler's `found_inf`),
+    without a host read with an optimizer that takes the scaler's tensors (fused AdamW, Adam, SGD)."""
+    if amp_dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=NEVER)
+
+
+def optimizer_options(opt: str) -> dict:
+    """Keyword arguments for timm's create_optimizer_v2: the fused kernel where the optimizer class has one (torch's
+    AdamW, Adam, SGD): one launch per step, and the scaler's skip of a non-finite step stays on the device."""
+    from timm.optim import get_optimizer_info
+    try:
+        opt_class = get_optimizer_info(opt.lower().split('_')[-1]).opt_class
+    except ValueError:
+        return {}  # an unknown name: create_optimizer_v2 says so
+    return {'fused': True} if 'fused' in inspect.signature(opt_class).parameters else {}
+
+
+def optimizer_step(losses: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   max_norm: Optional[float] = None, parameters=None) -> torch.Tensor:
+    """Backward of the summed `losses` and one optimizer step, without reading anything on the host.
+
+    Returns the step's record, float64 [loss, part, ...] on the device. A non-finite loss never updates the
+    weights: the loss is multiplied by NaN instead of 1, so every gradient is NaN (on every process: DDP averages
+    it in) and the scaler skips the step on the device. train_one_epoch reads the records every --print-freq
+    steps and stops the run naming the first such step."""
     loss = sum(losses.values())
     parts = [] if list(losses) == ['loss'] else list(losses)
-    world = distributed.get_world_size()
-    totals = distributed.all_reduce_sum([loss.item()] + [losses[k].item() for k in parts] + [float(stop)])
-    values = {'loss': totals[0] / world, **{k: v / world for k, v in zip(parts, totals[1:-1])}}
-    if not math.isfinite(values['loss']):
-        raise FloatingPointError(f'loss is {values["loss"]} at {where}; training stopped, the checkpoints on disk '
-                                 'are from the last completed epoch')
+    record = torch.stack([loss.detach(), *(losses[k].detach() for k in parts)]).double()
+    poison = torch.where(loss.detach().isfinite(), 1.0, float('nan')).to(loss.dtype)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss * poison).backward()
     if max_norm:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     scaler.step(optimizer)
     scaler.update()
-    return values, totals[-1] > 0
+    return record
 
 
 @dataclass
@@ -83,6 +104,39 @@ class EpochResult:
     steps: int           # steps of this epoch done so far (those before a resume included)
     global_step: int     # steps of the whole run done so far
     stopped: bool        # a process was asked to stop (a signal): the epoch is unfinished
+
+
+class StepRecords:
+    """The records of the steps since the last read (optimizer_step's, on the device), their learning rates and
+    whether this process was asked to stop; `read` takes them to the host, summed over processes, in one
+    synchronisation."""
+
+    def __init__(self, names, where: Callable[[int], str]):
+        self.names, self.where = names, where
+        self.records, self.lrs, self.first, self.stop = [], [], 0, False
+
+    def add(self, step: int, record: torch.Tensor, lr: float, stop: bool):
+        if not self.records:
+            self.first = step
+        self.records.append(record)
+        self.lrs.append(lr)
+        self.stop = self.stop or stop
+
+    def read(self, metric_logger: utils.MetricLogger) -> bool:
+        """Log each step's values (averaged over processes) and return whether any process was asked to stop;
+        a non-finite loss raises FloatingPointError naming its step."""
+        records = torch.stack(self.records)
+        stop = torch.full((1,), float(self.stop), dtype=records.dtype, device=records.device)
+        totals = distributed.all_reduce_sum(torch.cat([records.flatten(), stop]))
+        world, width = distributed.get_world_size(), records.shape[1]
+        for i, lr in enumerate(self.lrs):
+            values = [v / world for v in totals[i * width:(i + 1) * width]]
+            if not math.isfinite(values[0]):
+                raise FloatingPointError(f'loss is {values[0]} at {self.where(self.first + i)}; training stopped, the '
+                                         'checkpoints on disk are from the last completed epoch')
+            metric_logger.update(**dict(zip(self.names, values)), lr=lr)
+        self.records, self.lrs, self.stop = [], [], False
+        return totals[-1] > 0
 
 
 def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iterable,
@@ -97,13 +151,16 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
     `loss_fn(model, samples, targets)` gives a dict of losses, whose sum is minimised. Before each step the
     global generators are seeded from (seed, epoch, rank, step): mixup / cutmix, drop path and multi-scale
     sizes draw the same numbers whether or not the run was resumed. `lr_scheduler.step_update` runs per
-    step (timm schedulers stepped per epoch ignore it), the EMA is updated after each optimizer step."""
+    step (timm schedulers stepped per epoch ignore it), the EMA is updated after each optimizer step.
+
+    The host reads the steps' losses every `print_freq` steps and at the epoch's end (StepRecords), and only
+    then: the processes agree there on a stop request and stop after the same step."""
     model.train()
     metric_logger = utils.MetricLogger()
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.3g}'))
     metric_logger.restore(totals or {})
     steps_per_epoch = first_step + len(data_loader)
-    rank, step, stopped = distributed.get_rank(), first_step, False
+    rank, step, stopped, pending = distributed.get_rank(), first_step, False, None
     for batch in metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start=first_step,
                                          total=steps_per_epoch):
         if last_step is not None and global_step >= last_step:
@@ -115,15 +172,21 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
         samples, targets = to_device(samples, device), to_device(targets, device)
         with autocast(device, amp_dtype):
             losses = loss_fn(model, samples, targets)
-        values, stopped = optimizer_step(losses, optimizer, scaler, f'epoch {epoch}, step {step} of {steps_per_epoch}',
-                                         max_norm, model.parameters(), stop_requested())
+        if pending is None:
+            pending = StepRecords(['loss'] + ([] if list(losses) == ['loss'] else list(losses)),
+                                  lambda i: f'epoch {epoch}, step {i} of {steps_per_epoch}')
+        record = optimizer_step(losses, optimizer, scaler, max_norm, model.parameters())
         if model_ema is not None:
             model_ema.update(unwrap_model(model), step=global_step)
-        metric_logger.update(**values, lr=optimizer.param_groups[0]['lr'])
+        pending.add(step, record, optimizer.param_groups[0]['lr'], stop_requested())
         step += 1
         global_step += 1
-        if stopped:
-            break
+        if step % print_freq == 0 or step == steps_per_epoch or global_step == last_step:
+            stopped = pending.read(metric_logger)
+            if stopped:
+                break
+    if pending is not None and pending.records:
+        stopped = pending.read(metric_logger)
     print(f'Averaged stats: {metric_logger}')
     return EpochResult(metric_logger.averages(), metric_logger.totals(), step, global_step, stopped)
 

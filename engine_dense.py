@@ -15,7 +15,7 @@ from timm.optim import create_optimizer_v2
 
 import distributed
 import utils
-from engine import evaluation_batches, to_device
+from engine import evaluation_batches, optimizer_options, to_device
 from models.dense import dense_backbone
 from utils import autocast
 
@@ -37,7 +37,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_no_decay: boo
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, norm_no_decay: bool) -> torch.optim.Optimizer:
     """The dense recipes' AdamW over `param_groups`."""
     return create_optimizer_v2(param_groups(model, weight_decay, norm_no_decay), 'adamw', lr=lr,
-                               weight_decay=weight_decay)
+                               weight_decay=weight_decay, **optimizer_options('adamw'))
+
+
+def layout_probe(model: torch.nn.Module):
+    """What model_factory.match_gradient_layouts runs once before training: the backbone (where parameters are
+    used in ways whose gradient layout varies) on a small image."""
+    return dense_backbone(model), torch.zeros(1, 3, 64, 64)
 
 
 def coco_results(output: dict, image_id: int, category_of: Callable[[int], int]) -> List[dict]:

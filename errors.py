@@ -1,5 +1,8 @@
-"""The exceptions every part of a run raises on purpose, and the exit codes `cli.run_cli` turns them into."""
+"""The exceptions every part of a run raises on purpose, the exit codes `cli.run_cli` turns them into, and the
+one-line report on stderr."""
+import os
 import re
+import sys
 
 # Exit codes: 1 a failure during the run, 2 bad input, 3 stopped by a signal with a resumable checkpoint, 130 Ctrl-C.
 EXIT_FAILURE, EXIT_USAGE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -60,3 +63,11 @@ def killed_worker(error: BaseException):
         if found:
             return f'killed by signal {found.group(1).strip()}'
     return 'exited unexpectedly' if 'exited unexpectedly' in str(error) else None
+
+
+def report_line(message: str):
+    """Write one line on stderr, directly (non-main processes have `print` silenced), prefixed with this
+    process's rank when there are several."""
+    prefix = f'[rank {os.environ.get("RANK", 0)}] ' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
+    sys.stderr.write(f'{prefix}{" ".join(message.split())}\n')
+    sys.stderr.flush()

@@ -225,7 +225,7 @@ def build_task(args, run: Run) -> Task:
     def make_optimizer(model):
         try:
             return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                       momentum=args.momentum, eps=args.opt_eps,
+                                       momentum=args.momentum, eps=args.opt_eps, **engine.optimizer_options(args.opt),
                                        **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
         except ValueError as e:  # an unknown --opt
             raise UsageError(f'{e} (--opt {args.opt}: see timm.optim.list_optimizers())') from None
@@ -249,7 +249,7 @@ def build_task(args, run: Run) -> Task:
                                                    seed=args.seed, drop_last=True)
 
     def evaluate(model, loader):
-        return engine.evaluate(loader, model, run.amp_dtype, sharded=args.dist_eval and run.world_size > 1,
+        return engine.evaluate(loader, model, run.precision(model), sharded=args.dist_eval and run.world_size > 1,
                                print_freq=args.print_freq)
 
     return Task(
@@ -257,6 +257,7 @@ def build_task(args, run: Run) -> Task:
         val_batch_size=args.batch_size, shard_val=args.dist_eval, dataset_train=dataset_train,
         train_sampler=train_sampler, loss=build_loss(args, num_classes), make_optimizer=make_optimizer,
         make_schedule=make_schedule, best_metric='acc1', max_norm=args.clip_grad, backup_every=args.save_freq,
+        fixed_input_size=True, layout_probe=lambda model: (model, torch.zeros(1, 3, args.input_size, args.input_size)),
         ema=dict(decay=ema_decay, use_warmup=args.model_ema_warmup,
                  device=torch.device('cpu') if args.model_ema_force_cpu else None) if args.model_ema else None)
 

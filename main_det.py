@@ -21,7 +21,7 @@ from cli import (COUNT, ArgumentParser, add_dense_arguments, add_run_arguments, 
                  show_recipe_defaults)
 from errors import UsageError
 from dense_datasets import CocoInstances, check_img_scale, check_same_categories, collate_lists
-from engine_dense import adamw, evaluate_coco
+from engine_dense import adamw, evaluate_coco, layout_probe
 from model_factory import create_dense_model
 from run import Run, Task, run_task
 
@@ -83,13 +83,13 @@ def build_task(args, run: Run) -> Task:
 
     return Task(
         model=model, dataset_val=dataset_val, val_batch_size=1, collate_fn=collate_lists,
-        evaluate=lambda model, loader: evaluate_coco(model, loader, dataset_val, iou_types, run.amp_dtype,
+        evaluate=lambda model, loader: evaluate_coco(model, loader, dataset_val, iou_types, run.precision(model),
                                                      args.print_freq),
         meta={'task': args.task, 'model': models.resolve_model_name(args.model),
               'classes': dataset_val.category_names},
         dataset_train=dataset_train, loss=lambda model, images, targets: model(images, targets),
         make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]),
-        make_schedule=make_schedule, warmup_flag='--warmup-iters')
+        make_schedule=make_schedule, warmup_flag='--warmup-iters', layout_probe=layout_probe)
 
 
 def main(args):

@@ -22,7 +22,7 @@ from cli import (COUNT, NON_NEGATIVE, POSITIVE, ArgumentParser, add_dense_argume
                  run_cli, show_recipe_defaults)
 from errors import UsageError
 from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, check_img_scale
-from engine_dense import adamw, evaluate_segmentation
+from engine_dense import adamw, evaluate_segmentation, layout_probe
 from model_factory import create_dense_model
 from run import Run, Task, run_task
 
@@ -86,11 +86,12 @@ def build_task(args, run: Run) -> Task:
     return Task(
         model=model, dataset_val=dataset_val, val_batch_size=1,
         evaluate=lambda model, loader: evaluate_segmentation(model, loader, args.num_classes, IGNORE_INDEX,
-                                                             run.amp_dtype, args.print_freq),
+                                                             run.precision(model), args.print_freq),
         meta={'task': args.task, 'model': models.resolve_model_name(args.model), 'num_classes': args.num_classes},
         dataset_train=dataset_train, loss=lambda model, images, masks: model(images, masks),
         make_optimizer=lambda model: adamw(model, args.lr, args.weight_decay, NORM_NO_DECAY[args.task]),
         make_schedule=make_schedule, schedule_in_epochs=False, length_flag='--iters', warmup_flag='--warmup-iters',
+        layout_probe=layout_probe,
         # after the epoch in which a multiple of --eval-interval steps was reached, and after the last
         evaluate_after=lambda before, after, total: after // args.eval_interval > before // args.eval_interval
         or after == total)

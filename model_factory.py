@@ -1,11 +1,11 @@
 """Models from flags or from a checkpoint, and the forms the run gives them: channels-last convs for training
-and evaluation, the inference form (timm's reparameterize_model) that every evaluation runs, and torch.compile.
+and evaluation, parameters in their gradients' layout for training, the inference form (timm's
+reparameterize_model) that every evaluation runs, and torch.compile.
 
 Every entry point and script builds its model here, so a name, its keyword arguments and the weights of any
 checkpoint kind (checkpoints.py) meet in one place, with one-line errors."""
 import argparse
 import copy
-import functools
 import json
 from typing import Optional, Tuple
 
@@ -16,6 +16,7 @@ import torch
 import checkpoints
 import models
 from cli import FRACTION
+import utils
 from errors import UsageError
 
 # The methods timm.utils.reparameterize_model calls on a module to fold it for inference.
@@ -179,19 +180,38 @@ def channels_last_convs(model: torch.nn.Module):
             module.to(memory_format=torch.channels_last)
 
 
-def match_gradient_layouts(model: torch.nn.Module):
-    """Give every gradient its parameter's memory layout, as DistributedDataParallel's buckets expect (else it
-    warns "Grad strides do not match bucket view strides" and copies each mismatched gradient every step).
-    Gradients that differ from their parameter only in the strides of size-1 dimensions (a (1, C, 1, 1) layer
-    scale, a depthwise (C, 1, k, k) kernel: which stride a kernel gives such a dimension varies) are
-    re-strided for free: the memory is the same. Call after channels_last_convs."""
-    for param in model.parameters():
-        if param.requires_grad and param.dim() > 1 and 1 in param.shape:
-            param.register_hook(functools.partial(_restride_like, param))
+def match_gradient_layouts(module: torch.nn.Module, example: torch.Tensor, amp_dtype: Optional[torch.dtype] = None):
+    """Give each parameter of `module` the strides of the gradient the kernels make for it, where the two differ
+    only at size-1 dimensions (the same memory, so this moves nothing). DistributedDataParallel's buckets take
+    the parameters' strides and otherwise warn "Grad strides do not match bucket view strides" and copy such
+    gradients every step. Which stride a size-1 dimension gets varies by kernel (the gradient of a 1x1 kernel
+    used in slices, as RALA's q, k, v, o, comes contiguous, a convolution's channels-last), so one backward of
+    `module` on `example`, in eval mode (no statistics or random draws change) under the run's autocast, finds
+    out once before training: no hook runs in training. Call after channels_last_convs, before the optimizer
+    and the EMA exist."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    held, training = [p.grad for p in params], module.training
+    for param in params:
+        param.grad = None
+    module.eval()
+    try:
+        with utils.autocast(utils.module_device(module), amp_dtype):
+            output = module(example.to(utils.module_device(module)))
+        sum(t.float().sum() for t in _floating_tensors(output)).backward()
+        for param in params:
+            grad = param.grad
+            if grad is not None and grad.stride() != param.stride() and \
+                    all(g == p for g, p, n in zip(grad.stride(), param.stride(), param.shape) if n != 1):
+                param.data = param.data.as_strided(param.shape, grad.stride())
+    finally:
+        module.train(training)
+        for param, grad in zip(params, held):
+            param.grad = grad
 
 
-def _restride_like(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    if grad.stride() == param.stride() or any(g != p for g, p, n in zip(grad.stride(), param.stride(), grad.shape)
-                                              if n != 1):
-        return grad
-    return grad.as_strided(grad.shape, param.stride())
+def _floating_tensors(output) -> list:
+    """The floating-point tensors in a module's output (a tensor, or dicts, lists and tuples of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
+    return [t for value in values for t in _floating_tensors(value)]

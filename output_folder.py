@@ -1,6 +1,8 @@
 """The run's output folder (--output_dir), held by rank 0: an exclusive lock for the run's lifetime (the kernel
-drops it when the process dies, killed or not), and its files: config.yaml, log.txt (one JSON line per epoch),
-TensorBoard events, eval_results.json; checkpoints.py writes the checkpoints into it."""
+drops it when the process dies, killed or not; where the file system has no locks, a warning), and its files:
+config.yaml, log.txt (one JSON line per epoch), TensorBoard events, eval_results.json; checkpoints.py writes the
+checkpoints into it."""
+import errno
 import fcntl
 import json
 import os
@@ -11,6 +13,8 @@ from errors import UsageError
 from utils import atomic_file, remove_stale_temporaries
 
 LOG_FILE = 'log.txt'
+# flock's errors where the file system has no locks (some network file systems: NFS without its lock service).
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class OutputFolder:
@@ -71,6 +75,14 @@ class OutputFolder:
             self._lock = None
             raise UsageError(f'another run is using --output_dir {self.path} right now: wait for it to end or '
                              'choose another folder') from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                os.close(self._lock)
+                self._lock = None
+                raise
+            print(f'warning: --output_dir {self.path} is on a file system without file locks ({e.strerror}): the run '
+                  'goes on unlocked, so make sure no other run uses this folder at the same time (or choose a '
+                  'folder on a local or lock-capable file system)')
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)

@@ -16,20 +16,21 @@ from typing import Callable, Optional
 
 import torch
 import yaml
-from timm.utils import ModelEmaV3
 
 import allocator
 import checkpoints
 import distributed
+import engine
 import utils
 from errors import UsageError
+from model_ema import create_model_ema
 from model_factory import channels_last_convs, check_compiler, compile_model, for_inference, match_gradient_layouts
 from output_folder import OutputFolder
 from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup, print_evaluation
 
 # Flags whose change does not change the training.
 IGNORED_CHANGES = {'resume', 'eval', 'output_dir', 'num_workers', 'print_freq', 'dist_timeout', 'device', 'data_path',
-                   'finetune', 'pretrained', 'start_epoch'}
+                   'finetune', 'pretrained', 'start_epoch', 'dist_backend', 'deterministic'}
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Task:
     schedule_in_epochs: bool = True  # False: the schedule counts steps whatever the process count (segmentation)
     evaluate_after: Callable = lambda steps_before, steps_after, total: True  # whether an epoch ends in evaluation
     ema: Optional[dict] = None      # ModelEmaV3 arguments, or None for no EMA
+    fixed_input_size: bool = False  # every batch has the same size: cuDNN may benchmark its kernels once
+    layout_probe: Optional[Callable] = None  # (model) -> (module, input) for match_gradient_layouts
     best_metric: Optional[str] = None  # keep best.pth (and best_ema.pth) by this metric
     max_norm: Optional[float] = None
     backup_every: int = 0           # keep backup{epoch}.pth every this many epochs
@@ -89,8 +92,10 @@ class Run:
         cores = len(os.sched_getaffinity(0)) // max(int(os.environ.get('LOCAL_WORLD_SIZE', 1)), 1)
         if args.num_workers is None:
             args.num_workers = min(args.default_num_workers, max(cores, 1))
-        if self.device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
+        if args.deterministic:
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # before cuBLAS starts: fixed reductions
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic = True
         if args.compile:
             check_compiler(self.device)
         utils.seed_everything(args.seed)  # the model's initial weights (DDP gives every process rank 0's)
@@ -141,6 +146,17 @@ class Run:
             self.take_flags(self.checkpoint, model_flags, 'the checkpoint')
         self.own_checkpoint = bool(path) and own is not None and os.path.abspath(path) == os.path.abspath(own)
 
+    def _select_kernels(self, task: Task):
+        """cuDNN benchmarks its convolutions for each new input size: only where every batch has the same size
+        (classification), and not with --deterministic."""
+        if self.device.type == 'cuda':
+            torch.backends.cudnn.benchmark = task.fixed_input_size and not self.args.deterministic
+
+    def precision(self, model: torch.nn.Module) -> Optional[torch.dtype]:
+        """The autocast dtype to evaluate `model` in: the run's (--amp) on the run's device; float32 (None) for a
+        model kept elsewhere (an EMA on the CPU beside a CUDA run)."""
+        return self.amp_dtype if utils.module_device(model).type == self.device.type else None
+
     def __enter__(self):
         return self
 
@@ -171,6 +187,7 @@ class Run:
         return torch.utils.data.DataLoader(
             utils.SeededDataset(dataset), sampler=utils.SeededSampler(sampler, self.args.seed, self.rank),
             batch_size=batch_size, num_workers=self.args.num_workers, drop_last=drop_last,
+            persistent_workers=self.args.num_workers > 0,  # kept across epochs; each sample's seed travels with it
             pin_memory=getattr(self.args, 'pin_mem', True) and self.device.type == 'cuda',
             collate_fn=utils.collate_or_error(collate_fn or torch.utils.data.default_collate))
 
@@ -222,21 +239,27 @@ class Run:
         else:
             model_ema.set(model)
 
+    @property
+    def sync_batchnorm(self) -> bool:
+        """BatchNorm statistics over all processes (SyncBatchNorm: NCCL only)."""
+        return self.world_size > 1 and distributed.backend() == 'nccl'
+
     def _prepare_model(self, task: Task, train: bool):
         """The model on its device, its EMA, the resumed weights, then SyncBatchNorm and DDP for training.
         Returns (model for the steps, the bare model, its EMA or None)."""
         model = task.model
-        if train and self.world_size > 1 and self.device.type == 'cuda':
+        if train and self.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif train and self.world_size > 1:
-            print('SyncBatchNorm needs CUDA: on the CPU each process keeps its own BatchNorm statistics')
+            print('SyncBatchNorm needs NCCL: with gloo each process keeps its own BatchNorm statistics (rank 0\'s '
+                  'are copied to all before each evaluation)')
         model.to(self.device)
         channels_last_convs(model)
-        if train:
-            match_gradient_layouts(model)
+        if train and task.layout_probe is not None:
+            match_gradient_layouts(*task.layout_probe(model), self.amp_dtype)
         model_ema = None
         if task.ema is not None and (train or isinstance((self.checkpoint or {}).get('model_ema'), dict)):
-            model_ema = ModelEmaV3(model, **task.ema)
+            model_ema = create_model_ema(model, **task.ema)
         if self.checkpoint is not None:
             self._load_weights(task, model, model_ema)
         if not train:
@@ -262,8 +285,10 @@ class Run:
         """--eval: the metrics of the weights and, when the checkpoint has them, of the EMA weights; written to
         OUTPUT_DIR/eval_results.json. The settings line holds the flags evaluation reads."""
         print(json.dumps(self.parser.evaluation_config(self.args)))
+        self._select_kernels(task)
         _, model, model_ema = self._prepare_model(task, train=False)
-        if self.checkpoint is None:
+        self.checkpoint = None  # loaded: its memory is free again
+        if self.resume_path is None:
             print('No checkpoint given (--resume): evaluating the weights the model was built with')
         broken = utils.non_finite_tensors(model)
         if broken:
@@ -296,16 +321,22 @@ class Run:
         """Train with evaluation, checkpoints and logs; returns the last evaluation's metrics."""
         args, config = self.args, self.config
         print(json.dumps(config))
+        self._select_kernels(task)
         model, model_without_ddp, model_ema = self._prepare_model(task, train=True)
         loader_val, loader_train = self.val_loader(task), self.train_loader(task)
         steps_per_epoch = len(loader_train)
         optimizer = task.make_optimizer(model_without_ddp)
         lr_scheduler, total_steps = task.make_schedule(optimizer, steps_per_epoch)
-        num_epochs = -(-total_steps // steps_per_epoch)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == 'fp16')
+        scaler = engine.grad_scaler(self.device, self.amp_dtype)
         state = checkpoints.TrainingState(start_epoch=getattr(args, 'start_epoch', 0))
         if self.checkpoint is not None:
             state = self._resume(task, optimizer, scaler, steps_per_epoch)
+            self.checkpoint = None  # loaded: its memory (weights, EMA, optimizer state) is free again
+        if task.schedule_in_epochs:
+            num_epochs = -(-total_steps // steps_per_epoch)
+        else:  # by the step: the steps already done, whatever the process count and batch they were taken with
+            left = max(total_steps - state.global_step, 0) + state.first_step
+            num_epochs = state.start_epoch + (state.pending_eval is not None) + -(-left // steps_per_epoch)
         if state.start_epoch >= num_epochs:
             return self._complete(task, state)
         self.create_output()
@@ -348,7 +379,7 @@ class Run:
         state = checkpoints.restore_training(
             self.checkpoint, self.resume_path, optimizer=optimizer, scaler=scaler, best_metric=task.best_metric,
             world_size=self.world_size, batch_size=self.args.batch_size, steps_per_epoch=steps_per_epoch,
-            schedule_in_epochs=task.schedule_in_epochs,
+            schedule_in_epochs=task.schedule_in_epochs, amp=self.args.amp,
             start_option='--finetune' if hasattr(self.args, 'finetune') else '--pretrained')
         ours = isinstance(self.checkpoint.get('args'), dict)  # the authors' flags mean other things
         now = {k.replace('-', '_'): v for k, v in self.config.items()}

@@ -19,6 +19,7 @@ import distributed
 import engine
 import utils
 from errors import Preempted, RunFailure, UsageError
+from model_ema import ema_weights
 from output_folder import LOG_FILE
 
 RESUME_FILE = 'checkpoint.pth'
@@ -41,7 +42,8 @@ def print_evaluation(label: str, stats: dict, images: int):
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what clusters send before they kill a job) ask the run to stop: noticed between
-    steps, agreed by all processes at the next step (see engine.optimizer_step).
+    steps, agreed by all processes where the host reads the steps' losses, every --print-freq steps (see
+    engine.train_one_epoch).
 
     A run stuck waiting for its data (a file that blocks, a hung file system) never reaches the next step: when
     the main process has waited for a batch `wait` seconds after the signal, a SIGALRM raises StuckOnData there.
@@ -142,6 +144,7 @@ class Trainer:
                 state.global_step, state.first_step, state.totals = result.global_step, 0, None
                 if result.stopped:
                     stop.acknowledge()
+                if result.stopped and result.steps < self.steps_per_epoch and result.global_step < setup.total_steps:
                     self._save_progress(epoch, result)
                     raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after '
                                     f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}')
@@ -169,10 +172,10 @@ class Trainer:
             best_metric=self.task.best_metric, **extra)
 
     def _save(self, checkpoint: dict, *names: str):
+        """One serialisation, under every name (the last written last: the resume point)."""
         if self.run.output is not None:
-            for name in names:
-                with self._writing(name):
-                    checkpoints.save_checkpoint(checkpoint, self.run.output.file(name))
+            with self._writing(names[0]):
+                checkpoints.save_checkpoint(checkpoint, *map(self.run.output.file, names))
         distributed.wait_for_main_process()
 
     @contextlib.contextmanager
@@ -182,7 +185,7 @@ class Trainer:
         try:
             yield
         except OSError as e:
-            path = self.run.output.file(name)
+            path = e.filename or self.run.output.file(name)
             raise RunFailure(f'cannot write {path} ({(e.strerror or str(e)).lower()}); '
                              f'{self._resume_point_on_disk()}') from None
 
@@ -202,18 +205,20 @@ class Trainer:
     def _save_progress(self, epoch: int, result: engine.EpochResult):
         """The mid-epoch resume point (a signal): the last completed epoch's number with this epoch's progress."""
         progress = {'epoch': epoch, 'steps': result.steps, 'global_step': result.global_step, 'totals': result.totals}
+        if self.setup.model_ema is not None:
+            ema_weights(self.setup.model_ema)  # the updates in flight, in
         checkpoint = self._checkpoint(epoch - 1, progress=progress)
         checkpoint['step'] = result.global_step - result.steps
         self._save(checkpoint, RESUME_FILE)
 
     def _end_epoch(self, epoch: int, result: engine.EpochResult, steps_before: int):
         setup, task = self.setup, self.task
-        weights = [setup.model_without_ddp, *([setup.model_ema.module] if setup.model_ema else [])]
+        weights = [setup.model_without_ddp, *([ema_weights(setup.model_ema)] if setup.model_ema else [])]
         broken = utils.non_finite_tensors(*weights)
         if broken:
             raise FloatingPointError(f'epoch {epoch} ended with NaN or infinite weights ({len(broken)} tensors, e.g. '
                                      f'{broken[0]}): not saved; {self._resume_point()}')
-        if self.run.world_size > 1 and self.run.device.type == 'cpu':  # no SyncBatchNorm: rank 0's statistics
+        if self.run.world_size > 1 and not self.run.sync_batchnorm:  # rank 0's statistics
             distributed.broadcast_buffers(*weights)
         entry = {'epoch': epoch, 'step': self.state.global_step, 'n_parameters': self.n_parameters,
                  **{f'train_{k}': v for k, v in result.stats.items()}}
@@ -225,7 +230,8 @@ class Trainer:
                 evaluations = {'test': task.evaluate(inference_form(setup.model_without_ddp), setup.loader_val)}
                 print_evaluation('Weights', evaluations['test'], len(task.dataset_val))
                 if setup.model_ema is not None:
-                    evaluations['test_ema'] = task.evaluate(inference_form(setup.model_ema.module), setup.loader_val)
+                    evaluations['test_ema'] = task.evaluate(inference_form(ema_weights(setup.model_ema)),
+                                                            setup.loader_val)
                     print_evaluation('EMA weights', evaluations['test_ema'], len(task.dataset_val))
             except UsageError as e:  # unreadable validation data: keep the trained epoch, evaluate it next time
                 pending = {'stats': result.stats, 'steps_before': steps_before}

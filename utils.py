@@ -222,8 +222,9 @@ def describe_sample(dataset, index: int) -> str:
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """Wraps a sampler: yields (index, seed) pairs, the seed a function of (seed, epoch, rank, position in
-    the epoch). `skip(n)` starts the current epoch at position n (a mid-epoch resume)."""
+    """Wraps a sampler: yields (index, keys) pairs, the keys (seed, epoch, rank, position in the epoch) from which
+    SeededDataset derives the sample's seed (in the data-loading worker: nothing per sample in the training
+    process). `skip(n)` starts the current epoch at position n (a mid-epoch resume)."""
 
     def __init__(self, sampler, seed: int, rank: int):
         self.sampler, self.seed, self.rank = sampler, seed, rank
@@ -240,16 +241,17 @@ class SeededSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for position, index in enumerate(self.sampler):
             if position >= self.start:
-                yield index, derive_seed(self.seed, self.epoch, self.rank, position)
+                yield index, (self.seed, self.epoch, self.rank, position)
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.start, 0)
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Wraps a dataset to take (index, seed) pairs: the global generators are seeded before each sample's
-    transform, so its augmentation depends neither on the worker that loads it nor on what that worker
-    loaded before. A sample that fails to load becomes a LoadError naming its file."""
+    """Wraps a dataset to take (index, keys) pairs (SeededSampler's): the global generators are seeded from the
+    keys before each sample's transform, so its augmentation depends neither on the worker that loads it nor on
+    what that worker loaded before (workers kept across epochs included). A sample that fails to load becomes a
+    LoadError naming its file."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -258,8 +260,8 @@ class SeededDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item
-        seed_everything(seed)
+        index, keys = item
+        seed_everything(derive_seed(*keys))
         try:
             return self.dataset[index]
         except Exception as e:  # any failure of a sample: reported with its file, in one line
@@ -373,7 +375,7 @@ class MetricLogger:
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
     def log_every(self, iterable, print_freq: int, header: str = '', start: int = 0, total: Optional[int] = None):
-        """Yield from `iterable`, printing every `print_freq` steps (and at the last) the step, ETA, the
+        """Yield from `iterable`, printing after every `print_freq`-th step (and the last) the step, ETA, the
         meters, the time per step and the data-loading time. `start`: the first step's number (a resumed
         epoch); `total`: the steps of a whole epoch."""
         total = total if total is not None else start + len(iterable)
@@ -385,7 +387,7 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
+            if (i + 1) % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i - 1)))
                 parts = [f'{header} [{i:>{width}}/{total}]', f'eta: {eta}', str(self),
                          f'time: {step_time}', f'data: {data_time}']
@@ -399,6 +401,9 @@ class MetricLogger:
 
 
 def non_finite_tensors(*modules: torch.nn.Module) -> List[str]:
-    """Names of the floating-point weights and buffers that hold a NaN or an infinity."""
-    return [name for module in modules for name, t in module.state_dict().items()
-            if t.is_floating_point() and not torch.isfinite(t).all()]
+    """Names of the floating-point weights and buffers that hold a NaN or an infinity (one read on the host)."""
+    named = [(name, t) for module in modules for name, t in module.state_dict().items() if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]

@@ -97,11 +97,16 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
 
 
-def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    """elu(x) + 1, RALA's feature map, as relu(x) + exp(min(x, 0)): the same values and gradients (1 at
-    x = 0, as elu's), but `exp` is vectorised on the CPU where elu's `expm1` is not (6x faster here)."""
-    positive = F.relu(x)
-    return positive + torch.exp(x - positive)
+@torch.fx.wrap  # one node in FX graphs: its branch depends on the device, not on traced values
+def elu_plus_one(x: torch.Tensor, exp_form_device: str = 'cpu') -> torch.Tensor:
+    """elu(x) + 1, RALA's feature map. On `exp_form_device` as relu(x) + exp(min(x, 0)): the same values and
+    gradients (1 at x = 0, as elu's), but `exp` is vectorised on the CPU where elu's `expm1` is not (6x faster
+    there). Elsewhere F.elu, one kernel, whose result keeps the autocast dtype under CUDA autocast (which runs
+    `exp` in float32), as the authors'."""
+    if x.device.type == exp_form_device:
+        positive = F.relu(x)
+        return positive + torch.exp(x - positive)
+    return F.elu(x) + 1.0
 
 
 def normalized_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,

@@ -9,3 +9,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restores_kernel_settings(monkeypatch):
+    """The process-wide settings a run may change (cuDNN's, --deterministic's), as they were after the test."""
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', torch.backends.cudnn.deterministic)
+    monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', 'unset')
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG')
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic)

@@ -12,12 +12,15 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
                      all of them have it when they next ask, at step S + 1
     KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
                      output_folder:OutputFolder.append_log, checkpoints:save_checkpoint)
-    FAIL_AT=R:E      the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
-                     torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy)
+    FAIL_AT=R:E[:stay]  the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
+                     torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy), or
+                     finds the disk full when it saves one ('enospc'); with ':stay' it then stays alive without
+                     taking part, as NCCL sees a failed peer on the same node (gloo would notice its exit)
     STALL_AT=N       the N-th sample a process (or data-loading worker) loads never comes: as a data file that
                      blocks, or a hung file system
     DATA_WAIT_AFTER_STOP=S  how long a stopped run waits for a batch (trainer.DATA_WAIT_AFTER_STOP)
 """
+import errno
 import importlib
 import json
 import os
@@ -129,8 +132,15 @@ def kill_at(module, function, count):
     setattr(owner, attribute, hooked)
 
 
-def fail_at(rank, error):
+def fail_at(rank, error, stay=''):
     if RANK != int(rank):
+        return
+    if stay == 'stay':
+        cli.cleanup_distributed = lambda: time.sleep(3600)  # after its one line: alive, silent
+    if error == 'enospc':
+        def full(obj, *paths):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths[-1]))
+        checkpoints.save_checkpoint = full
         return
     if error == 'load':
         def unreadable(path, *args, **kwargs):

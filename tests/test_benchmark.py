@@ -3,7 +3,6 @@ our weights, peak memory from a fresh process with the gradients counted, the ON
 matrix-product reference rate, progress on stderr, and one-line errors."""
 import json
 import os
-import shlex
 import subprocess
 import sys
 
@@ -224,62 +223,6 @@ def test_cuda_timing_memory_and_amp(amp):
     eval_row, train_row = rows
     assert eval_row['img_per_s'] > 0 and train_row['img_per_s'] > 0
     assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib
-
-
-def gpu_check_commands(**env) -> list:
-    """scripts/gpu_check.sh's commands as it prints them with DRY_RUN=1, each as an argv list."""
-    ours = {k: v for k, v in os.environ.items() if k not in ('AUTHORS_FILE', 'AUTHORS_PATH_EXTRA', 'BATCH')}
-    result = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'gpu_check.sh'), 'out'], capture_output=True,
-                            text=True, env=dict(ours, DRY_RUN='1', **env), check=True)
-    return [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith('+ ')]
-
-
-def test_gpu_check_runs_each_step_with_flags_its_entry_point_accepts():
-    """Every command of scripts/gpu_check.sh is one of its three steps, and its flags parse with the parser of
-    the program it runs (torchrun's, main.py's, the benchmark's): the CUDA tests; one training under torchrun
-    in fp16 and one in bf16; the benchmark in each precision with the authors' models, then eager against
-    torch.compile."""
-    from torch.distributed import run as torchrun
-
-    import main
-    commands = gpu_check_commands(AUTHORS_FILE='RALA.py', AUTHORS_PATH_EXTRA='deps')
-    tests = [c for c in commands if c[:3] == ['python', '-m', 'pytest']]
-    trainings = [c for c in commands if c[0] == 'torchrun']
-    benchmarks = [c for c in commands if c[:2] == ['python', 'scripts/benchmark.py']]
-    assert commands == tests + trainings + benchmarks  # in this order, nothing else
-    assert len(tests) == 1  # what the next test collects
-
-    launches = [torchrun.get_args_parser().parse_args(c[1:]) for c in trainings]
-    assert [(t.nproc_per_node, t.training_script) for t in launches] == [('1', 'main.py')] * 2
-    runs = [main.get_args_parser().parse(t.training_script_args) for t in launches]
-    assert [r.amp for r in runs] == ['fp16', 'bf16']
-    assert all(r.device == 'cuda' and r.data_set == 'FAKE' and r.model == 'RAVLT_T' for r in runs)
-    assert [r.output_dir for r in runs] == ['out/train_fp16', 'out/train_bf16']
-
-    parsed = [benchmark.get_args_parser().parse(c[2:]) for c in benchmarks]
-    assert [(a.amp, a.backend, a.json) for a in parsed] == [
-        ('none', ['eager'], 'out/benchmark_none.json'), ('fp16', ['eager'], 'out/benchmark_fp16.json'),
-        ('bf16', ['eager'], 'out/benchmark_bf16.json'),
-        ('bf16', ['eager', 'compile'], 'out/benchmark_compile_bf16.json')]
-    assert all(a.device == 'cuda' and a.mode == ['eval', 'train'] and a.channels_last for a in parsed)
-    for a in parsed[:3]:
-        assert a.model == ['RAVLT_T', 'authors:RAVLT_T', 'RAVLT_S', 'authors:RAVLT_S', 'convnext_tiny']
-        assert (a.authors_file, a.authors_path_extra, a.memory, a.matmul_rate) == ('RALA.py', ['deps'], True, True)
-    # Without the authors' file: our models alone.
-    assert [benchmark.get_args_parser().parse(c[2:]).model for c in gpu_check_commands()[3:6]] == \
-        [['RAVLT_T', 'RAVLT_S', 'convnext_tiny']] * 3
-
-
-@pytest.mark.slow  # collects the whole suite
-def test_gpu_check_pytest_step_selects_the_tests_that_need_a_gpu():
-    """The first step of scripts/gpu_check.sh, run with --collect-only: exactly the tests that need CUDA."""
-    command, = [c for c in gpu_check_commands() if c[:3] == ['python', '-m', 'pytest']]
-    result = subprocess.run([sys.executable, *command[1:], '--collect-only', '-p', 'no:cacheprovider'], cwd=ROOT,
-                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert result.returncode == 0, result.stdout + result.stderr
-    collected = [line for line in result.stdout.splitlines() if '::' in line]
-    assert collected == [f'tests/test_benchmark.py::test_cuda_timing_memory_and_amp[{amp}]'
-                         for amp in ('none', 'fp16', 'bf16')]
 
 
 @pytest.mark.parametrize('output, message', [

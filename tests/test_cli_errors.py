@@ -407,3 +407,21 @@ def test_a_damaged_resume_point_names_the_whole_checkpoints_beside_it(edited, tm
     resumed = run_here(main, DIGITS + ['--epochs', '2', '--resume', out / 'backup0.pth', '--output_dir', out])
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoints.load_checkpoint(out / 'checkpoint.pth')['epoch'] == 1
+@pytest.mark.usefixtures('restores_kernel_settings')
+def test_an_operation_without_a_deterministic_kernel_is_one_line_under_deterministic(tmp_path, monkeypatch):
+    """On CUDA some backward kernels (bilinear upsampling in the segmenters, RoIAlign in Mask R-CNN) have no
+    deterministic implementation; under --deterministic torch raises at the first such call (as here, with torch's
+    own words, since no CPU kernel does). The run says which operation and how to go on, exit code 2."""
+    message = ("upsample_bilinear2d_backward_out_cuda does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation, or "
+               "you can use the 'warn_only=True' option, if that's acceptable for your application.")
+    def loss_without_deterministic_kernel(args, num_classes):
+        def loss(model, images, targets):
+            assert torch.are_deterministic_algorithms_enabled()
+            raise RuntimeError(message)
+        return loss
+    monkeypatch.setattr(main, 'build_loss', loss_without_deterministic_kernel)
+    result = run_here(main, DIGITS + ['--epochs', '1', '--deterministic', '--output_dir', tmp_path])
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, 2,
+                          'error: --deterministic: upsample_bilinear2d_backward_out_cuda has no deterministic '
+                          'implementation on this device; run without --deterministic')

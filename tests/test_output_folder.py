@@ -1,7 +1,10 @@
-"""The output folder holds one run at a time (a lock a killed run does not leave stuck), and a validation
+"""The output folder holds one run at a time (a lock a killed run does not leave stuck; a file system without
+locks is warned about), and a validation
 file that cannot be read does not throw away the epoch trained before it: the error names the file, the
 trained epoch is saved with its evaluation pending, and once the file is fixed the next start evaluates it
 and goes on, ending as a run that never failed."""
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +16,7 @@ import pytest
 import checkpoints
 import main
 from helpers import ROOT
+import output_folder
 from train_helpers import TINY, assert_one_line_error, assert_same_training, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -37,6 +41,22 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_
     # The kernel released the killed run's lock: the folder is usable again.
     again = run_here(main, args[:-3] + ['--epochs', '1', '--eval', '--output_dir', tmp_path])
     assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize('error', ['ENOLCK', 'ENOSYS'])
+def test_a_file_system_without_locks_warns_in_one_line_and_the_run_goes_on(tmp_path, monkeypatch, error):
+    """Some network file systems have no flock (ENOLCK, ENOSYS): the run says so, naming the folder, and goes on."""
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, error), os.strerror(getattr(errno, error)))
+    monkeypatch.setattr(output_folder.fcntl, 'flock', no_locks)
+    args = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--eval', '--output_dir', tmp_path]
+    result = run_here(main, args)
+    assert result.returncode == 0 and result.stderr == '', result.stderr
+    warning = [line for line in result.stdout.splitlines() if line.startswith('warning:')]
+    assert warning == [f'warning: --output_dir {tmp_path} is on a file system without file locks '
+                       f'({os.strerror(getattr(errno, error))}): the run goes on unlocked, so make sure no other run '
+                       'uses this folder at the same time (or choose a folder on a local or lock-capable file system)']
+    assert (tmp_path / 'eval_results.json').is_file()
 
 
 def image_folders(root, corrupt: bool):

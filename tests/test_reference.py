@@ -1,14 +1,18 @@
 """The model's attention (every kind of `attn_types`), RoPE and block code equals the literal reference
 (models/reference.py), forward and backward, also after inference re-parameterization; the ablation kinds
-differ from one another and relate to RALA as the paper defines them; the model compiles with torch.compile(fullgraph=True),
-exports with torch.export, runs under bf16 autocast and takes channels-last input and weights."""
+differ from one another and relate to RALA as the paper defines them; the model compiles with
+torch.compile(fullgraph=True), exports with torch.export, runs under bf16 autocast (and under CUDA's autocast
+policy, simulated, with the authors' low-precision tensors) and takes channels-last input and weights."""
+import functools
+
 import pytest
 import timm
 import torch
 
 import models  # noqa: F401  (registers the RAVLT models)
+from cuda_autocast import CudaAutocast
 from helpers import rel_err
-from models import reference
+from models import ravlt, reference
 from models.ravlt import (ATTENTION_TYPES, LinearAttention, RAVLTBlock, ReweightedLinearAttention, RotaryEmbedding2d,
                           apply_rope, elu_plus_one, linear_attention, rank_augmented_attention)
 from timm.utils import reparameterize_model
@@ -47,8 +51,11 @@ CASES = [  # kind, heads, head_dim, (H, W), batch
 ]
 
 
-@pytest.mark.parametrize('kind, heads, head_dim, size, batch', CASES)
-def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, head_dim, size, batch):
+@pytest.mark.parametrize('kind, heads, head_dim, size, batch', CASES + [('rala-cuda-form', 2, 4, (13, 9), 1)])
+def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, head_dim, size, batch, monkeypatch):
+    if kind == 'rala-cuda-form':  # elu + 1 as it is computed off the CPU, here on CPU tensors
+        kind = 'rala'
+        monkeypatch.setattr(ravlt, 'elu_plus_one', functools.partial(elu_plus_one, exp_form_device='none'))
     block, rope = make_block(kind, heads, head_dim)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, heads * head_dim, *size, generator=gen, dtype=torch.float64)
@@ -148,6 +155,38 @@ def test_elu_plus_one_equals_elu_values_and_gradients():
     torch.testing.assert_close(elu_plus_one(x), torch.nn.functional.elu(x) + 1.0, rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-15, atol=0)
     assert torch.equal(ours.grad[4:6], weights[4:6])  # slope 1 at -0.0 and 0.0, as elu's
+
+
+def test_rala_under_cudas_autocast_keeps_the_authors_low_precision_tensors(monkeypatch):
+    """CUDA's autocast runs `exp`, `softmax` and `sum` in float32 (the CPU's has other lists, so the CPU bf16 tests
+    cannot see it). Under a simulation of CUDA's policy (tests/cuda_autocast.py), with elu + 1 computed as it is on
+    CUDA: q' and k' and the scores stay float16 where the authors' code has them so; every product's operands
+    are at most as wide as the authors' (RoPE in float32 as theirs, then cast: q'k'v's first operand is float16
+    here, float32 there); less is saved for backward than with the CPU's form of elu + 1, which CUDA's autocast
+    would widen to float32."""
+    attn = ravlt.RankAugmentedLinearAttention(32, 2).to(memory_format=torch.channels_last)
+    rope = RotaryEmbedding2d(16)
+    x = torch.randn(2, 32, 12, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    sin, cos = rope(12, 10)
+
+    def run(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t), CudaAutocast(torch.float16) as policy:
+            out = fn()
+        return [dtypes for name, dtypes in policy.products if name in ('einsum', 'matmul', '__matmul__')], \
+            sum(saved), out
+
+    half, single = torch.float16, torch.float32
+    cpu_products, cpu_saved, _ = run(lambda: attn(x, sin, cos))
+    monkeypatch.setattr(ravlt, 'elu_plus_one', functools.partial(elu_plus_one, exp_form_device='none'))
+    ours, saved, out = run(lambda: attn(x, sin, cos))
+    theirs, _, _ = run(lambda: reference.attention(attn, x, rope.angle))
+    # scores (k', mean q'), normaliser (q', sum alpha k'), kv (RoPE(alpha k'), v), output (RoPE(q'), kv)
+    assert ours == [(half, half), (half, single), (single, half), (half, half)]
+    assert theirs == [(half, half), (half, single), (single, half), (single, half)]
+    assert cpu_products[0] == (single, single)  # what the CPU's form of elu + 1 would give on CUDA
+    assert saved < 0.9 * cpu_saved and out.dtype == half
 
 
 def test_rope_tables_follow_the_buffer():

@@ -299,3 +299,81 @@ def test_the_small_data_finetuning_recipe(digits_run, tmp_path):
     assert log[-1]['train_loss'] < log[0]['train_loss'] and log[-1]['test_acc1'] > 50
     config = yaml.safe_load((tmp_path / 'out' / 'config.yaml').read_text())
     assert (config['mixup'], config['cutmix'], config['aa'], config['reprob']) == (0.0, 0.0, 'none', 0.0)
+def test_an_epoch_is_serialised_once_under_all_its_names(tmp_path, monkeypatch):
+    """best.pth, best_ema.pth, backup0.pth and checkpoint.pth of epoch 0: one torch.save (rank 0 alone does it while
+    the other processes wait), the other names hard links to that file."""
+    saves, save = [], torch.save
+    monkeypatch.setattr(torch, 'save', lambda obj, f, *a, **k: saves.append(1) or save(obj, f, *a, **k))
+    result = run_here(main, DIGITS + ['--epochs', '1', '--save-freq', '1', '--output_dir', tmp_path])
+    assert result.returncode == 0, result.stderr
+    assert len(saves) == 1
+    names = ['best.pth', 'best_ema.pth', 'backup0.pth', 'checkpoint.pth']
+    assert len({os.stat(tmp_path / name).st_ino for name in names}) == 1
+    assert os.stat(tmp_path / 'best.pth').st_nlink == 4
+    assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 0
+
+
+def test_where_the_file_system_has_no_hard_links_the_names_are_whole_copies(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(os, 'link', no_links)
+    (tmp_path / 'best.pth').write_bytes(b'an older best')
+    checkpoints.save_checkpoint({'epoch': 3, 'w': torch.arange(5)}, tmp_path / 'best.pth', tmp_path / 'checkpoint.pth')
+    assert (tmp_path / 'best.pth').read_bytes() == (tmp_path / 'checkpoint.pth').read_bytes()
+    assert os.stat(tmp_path / 'best.pth').st_ino != os.stat(tmp_path / 'checkpoint.pth').st_ino
+    assert sorted(os.listdir(tmp_path)) == ['best.pth', 'checkpoint.pth']  # no temporary file left
+    assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 3
+
+
+def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path, monkeypatch):
+    """The loaded checkpoint (weights, EMA, optimizer state: ~1.5 GB per process for RAVLT-L) is not kept for the
+    whole run: once loaded into the model and optimizer, nothing holds it."""
+    import gc
+    import weakref
+
+    import engine
+    out, _ = digits_run
+    (tmp_path / 'checkpoint.pth').write_bytes((out / 'checkpoint.pth').read_bytes())
+    load, held = checkpoints.load_checkpoint, []
+
+    def loading(*args, **kwargs):
+        checkpoint = load(*args, **kwargs)
+        held.append(weakref.ref(next(iter(checkpoint['model'].values()))))
+        return checkpoint
+
+    def training(*args, **kwargs):
+        gc.collect()
+        held.append(held[0]() is None)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoints, 'load_checkpoint', loading)
+    monkeypatch.setattr(engine, 'train_one_epoch', training)
+    result = run_here(main, DIGITS + ['--epochs', '3', '--output_dir', tmp_path])
+    assert result.returncode == 130 and 'Resumed from' in result.stdout
+    assert held[1:] == [True]
+
+
+def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws(tmp_path, monkeypatch):
+    """Workers are kept across epochs (not started again for each), and each sample's augmentation is still a
+    function of (seed, epoch, rank, position): two workers train exactly as none."""
+    import utils
+    seen, getitem = tmp_path / 'seen.txt', utils.SeededDataset.__getitem__
+
+    def recorded(dataset, item):
+        if len(dataset) > 1000:  # the training set (1,437 images; validation 360)
+            with open(seen, 'a') as f:
+                f.write(f'{os.getpid()} {item[1][1]}\n')
+        return getitem(dataset, item)
+    monkeypatch.setattr(utils.SeededDataset, '__getitem__', recorded)
+    args = DIGITS + ['--epochs', '2', '--reprob', '0.5', '--model-ema-decay', '0.9']
+    with_workers = run_here(main, args + ['--num_workers', '2', '--output_dir', tmp_path / 'workers'])
+    assert with_workers.returncode == 0, with_workers.stderr
+    pids = {}
+    for line in seen.read_text().splitlines():
+        pid, epoch = map(int, line.split())
+        pids.setdefault(epoch, set()).add(pid)
+    assert pids[0] == pids[1] and len(pids[0]) == 2 and os.getpid() not in pids[0]
+    alone = run_here(main, args + ['--num_workers', '0', '--output_dir', tmp_path / 'alone'])
+    assert alone.returncode == 0, alone.stderr
+    assert_state_dicts_equal(checkpoints.load_checkpoint(tmp_path / 'workers' / 'checkpoint.pth')['model'],
+                             checkpoints.load_checkpoint(tmp_path / 'alone' / 'checkpoint.pth')['model'])
+    assert read_log(tmp_path / 'workers') == read_log(tmp_path / 'alone')

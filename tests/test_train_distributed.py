@@ -10,6 +10,8 @@ SLURM_LOCALID, as srun sets them), stopped the ways a cluster stops them:
 - the same kill and restart of main_seg.py (Semantic FPN) is bit-identical to its uninterrupted run.
 """
 import json
+import select
+import signal
 import sys
 
 import pytest
@@ -21,6 +23,7 @@ import main
 from helpers import ROOT
 from test_dense import TINY_JSON, write_ade
 from train_helpers import (RANDOM, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log, run_here,
+                           signal_all,
                            start, torchrun_command)
 
 # Each test runs two or three trainings of two processes: up to two minutes on a busy 2-core machine.
@@ -49,6 +52,7 @@ def reference(tmp_path_factory):
     out, spy = tmp_path_factory.mktemp('reference'), tmp_path_factory.mktemp('spy')
     for code, stdout, stderr in srun(ARGS + ['--output_dir', out], SPY_DIR=str(spy)):
         assert code == 0, stderr
+        assert 'Grad strides do not match' not in stderr  # DDP's buckets and the gradients agree on their layout
     return out, spy
 
 
@@ -101,18 +105,19 @@ def stop_lines(err: str) -> list:
 
 
 def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(reference, tmp_path):
-    # Rank 1 alone receives SIGTERM during the run's step 20 (epoch 1, 16 steps per epoch and process).
-    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], SIGNAL_AT='1:20:SIGTERM'))
+    # Rank 1 alone receives SIGTERM during the run's step 20 (epoch 1's step 4, 16 steps per epoch and process);
+    # the processes agree at the next read of the steps' losses, after step 8 (--print-freq 4).
+    code, out, err = finish(torchrun(ARGS + ['--print-freq', '4', '--output_dir', tmp_path], SIGNAL_AT='1:20:SIGTERM'))
     assert code != 0
     assert stop_lines(err) == [f'[rank 0] stopped: a stop signal (by another process) received during epoch 1; '
-                               f'stopped after 6 of its 16 steps: '
+                               f'stopped after 8 of its 16 steps: '
                                f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'], err
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
-    assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 6, 2)
+    assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 8, 2)
 
     code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path]))
     assert code == 0, err
-    assert 'step 6 of epoch 1' in out
+    assert 'step 8 of epoch 1' in out
     assert_same_run(reference[0], tmp_path)
 
 
@@ -171,3 +176,61 @@ def test_segmentation_killed_and_restarted_is_bit_identical(tmp_path):
     assert 'Resumed from' in out
     assert [(e['epoch'], e['step']) for e in read_log(tmp_path / 'b')] == [(0, 2), (1, 4), (2, 6)]
     assert_same_run(tmp_path / 'a', tmp_path / 'b')
+
+
+@pytest.mark.parametrize('failing, error, code', [(1, 'usage', 2), (0, 'enospc', 1)])
+def test_a_process_that_fails_alone_and_stays_silent_ends_the_others_within_seconds(tmp_path, failing, error, code):
+    """NCCL does not notice a peer on the same node that failed and stopped taking part: the others would wait in
+    their collective until --dist-timeout (an hour), then abort. (gloo notices a dead peer at once, so here the
+    failed process stays alive, silent, as NCCL would see it.) The others end within seconds, with its exit code,
+    and rank 0 reports its line: rank 1 cannot read an image at its first step; rank 0, which holds the
+    rendezvous store under srun, finds the disk full when it saves epoch 0 while rank 1 waits for it."""
+    port = free_port()
+    processes = [start([sys.executable, 'tests/fault_injection.py', 'main.py', *map(str, ARGS),
+                        '--output_dir', tmp_path], SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank),
+                       SLURM_NODELIST='localhost', MASTER_PORT=str(port), FAIL_AT=f'{failing}:{error}:stay')
+                 for rank in (0, 1)]
+    try:
+        other_code, _, other_err = finish(processes[1 - failing], timeout=300)
+        assert processes[failing].poll() is None  # still there, silent
+        assert select.select([processes[failing].stderr], [], [], 60)[0]
+        failing_err = processes[failing].stderr.readline()  # its line, written before it went silent
+    finally:
+        signal_all(processes[failing], signal.SIGKILL)
+        processes[failing].communicate()
+    line = {'usage': 'error: cannot read /data/train/n01440764/a.JPEG (injected)',
+            'enospc': f'error: no space left on device ({tmp_path / "checkpoint.pth"}); the checkpoints already on '
+                      'disk are whole'}[error]
+    assert other_code == code
+    assert f'[rank {failing}] {line}' in failing_err.splitlines()
+    if failing == 1:  # rank 0 reports the failure of another process
+        label, _, text = line.partition(': ')
+        assert other_err.strip().splitlines() == [f'[rank 0] {label}: rank 1: {text}']
+    else:
+        assert other_err.strip() == ''
+
+
+@pytest.mark.parametrize('before, after', [(2, 1), (1, 2)])
+def test_segmentation_resumed_with_another_process_count_ends_at_its_last_step(tmp_path, before, after):
+    """The schedule counts steps: resumed with fewer processes, the epochs are longer (4 steps instead of 2) and
+    the run continues to --iters (not stopping early with steps untrained); with more, it ends at --iters too
+    (without empty epochs, each evaluating again)."""
+    write_ade(tmp_path / 'ade', 'training')
+    write_ade(tmp_path / 'ade', 'validation', num_images=2)
+    args = SEG_ARGS + ['--data-path', tmp_path / 'ade', '--output_dir', tmp_path / 'out']
+
+    def launch(processes, **env):
+        if processes == 2:
+            return finish(torchrun(args, script='main_seg.py', **env))
+        return finish(start([sys.executable, 'tests/fault_injection.py', 'main_seg.py', *map(str, args)], **env))
+
+    # Killed after the checkpoint of its first epoch that evaluates: step 4 with 2 processes, 4 with one.
+    code, _, err = launch(before, KILL_AT=f'run:OutputFolder.append_log:{2 if before == 2 else 1}')
+    assert code != 0 and 'Grad strides do not match' not in err
+    assert checkpoints.load_checkpoint(tmp_path / 'out' / 'checkpoint.pth')['step'] == 4
+    code, out, err = launch(after)
+    assert code == 0, err
+    steps = [(entry['epoch'], entry['step']) for entry in read_log(tmp_path / 'out')]
+    assert steps == ([(0, 2), (1, 4), (2, 6)] if before == 2 else [(0, 4), (1, 6)])
+    saved = checkpoints.load_checkpoint(tmp_path / 'out' / 'checkpoint.pth')
+    assert (saved['step'], saved['world_size']) == (6, after)

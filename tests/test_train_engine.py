@@ -1,6 +1,8 @@
-"""engine.train_one_epoch in each precision on the CPU; evaluate's exact counts, where the model is; the
-generators seeded from (seed, epoch, rank, position)."""
+"""engine.train_one_epoch in each precision on the CPU, the host reads of its steps (one per --print-freq steps)
+and a non-finite loss; evaluate's exact counts, where the model is; the generators seeded from (seed, epoch,
+rank, position); an EMA kept on the host."""
 import math
+import re
 
 import pytest
 import timm
@@ -8,9 +10,10 @@ import torch
 from timm.optim import create_optimizer_v2
 
 import engine
+import main
 import utils
 from errors import UsageError
-from train_helpers import TINY_MODEL_KWARGS
+from train_helpers import TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -56,10 +59,10 @@ def test_loss_parts_are_logged_beside_the_total_and_a_stop_request_ends_the_epoc
         return {'loss_a': torch.nn.functional.cross_entropy(out, y), 'loss_b': out.square().mean()}
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    requests = iter([False, True, False])
+    requests = iter([True, False, False])
     result = engine.train_one_epoch(model, two_parts, loader, optimizer, torch.amp.GradScaler('cpu', enabled=False),
-                                    CPU, 3, global_step=30, stop_requested=lambda: next(requests), print_freq=100)
-    assert result.stopped and (result.steps, result.global_step) == (2, 32)  # stopped after the step that saw it
+                                    CPU, 3, global_step=30, stop_requested=lambda: next(requests), print_freq=2)
+    assert result.stopped and (result.steps, result.global_step) == (2, 32)  # at the first read after the request
     assert result.stats['loss'] == pytest.approx(result.stats['loss_a'] + result.stats['loss_b'])
     assert result.totals['loss_a'][1] == 2
 
@@ -143,3 +146,130 @@ def test_a_sample_that_fails_to_load_names_its_file():
                                          collate_fn=utils.collate_or_error(torch.utils.data.default_collate))
     with pytest.raises(UsageError, match='^/data/val/2.jpg: image file is truncated'):
         engine.check_batch(next(iter(loader)))
+
+
+class HostReads:
+    """Counts the reads of tensor values on the host (Tensor.item, tolist, cpu, numpy, bool, float, int) made while
+    `counting`, outside data loading: on CUDA each would wait for the device (a host synchronisation). Data
+    loading runs on the host anyway (its tensors are never on the device), so its reads are not counted."""
+    METHODS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
+
+    def __init__(self, monkeypatch):
+        self.count, self.counting, self.loading = 0, False, 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counted(original))
+        iterator = torch.utils.data.dataloader._BaseDataLoaderIter
+        monkeypatch.setattr(iterator, '__next__', self._loading(iterator.__next__))
+        loader = torch.utils.data.DataLoader
+        monkeypatch.setattr(loader, '__iter__', self._loading(loader.__iter__))
+
+    def _counted(self, original):
+        def read(tensor, *args, **kwargs):
+            if self.counting and not self.loading:
+                self.count += 1
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def _loading(self, original):
+        def load(loader_or_iterator):
+            self.loading += 1
+            try:
+                return original(loader_or_iterator)
+            finally:
+                self.loading -= 1
+        return load
+
+
+@pytest.mark.parametrize('extra', [[], ['--clip-grad', '1.0', '--amp', 'bf16']])
+def test_twenty_training_steps_read_the_device_twice_at_print_freq_10(monkeypatch, tmp_path, extra):
+    """The training step reads nothing on the host: the losses (and a stop request) are read every --print-freq
+    steps in one go; fused AdamW and the loss scaler skip a non-finite step on the device. Counted over one epoch
+    of 20 steps of the real entry point (FAKE: 1,000 images, batch 50), the EMA and --clip-grad included."""
+    reads = HostReads(monkeypatch)
+    train_one_epoch, epochs = engine.train_one_epoch, []
+
+    def counted(*args, **kwargs):
+        reads.count, reads.counting = 0, True
+        try:
+            result = train_one_epoch(*args, **kwargs)
+        finally:
+            reads.counting = False
+        epochs.append((result.steps, reads.count))
+        return result
+    monkeypatch.setattr(engine, 'train_one_epoch', counted)
+    args = TINY + ['--data-set', 'FAKE', '--batch-size', '50', '--epochs', '1', '--warmup-epochs', '0',
+                   '--aa', 'none', '--mixup', '0', '--cutmix', '0', '--no-repeated-aug', '--print-freq', '10', *extra]
+    result = run_here(main, args + ['--output_dir', tmp_path])
+    assert result.returncode == 0, result.stderr
+    assert epochs == [(20, 2)]
+    printed = [re.match(r'Epoch: \[0\] \[ *(\d+)/20\]', line) for line in result.stdout.splitlines()]
+    assert [int(found.group(1)) for found in printed if found] == [9, 19]  # printed where read
+
+
+def test_a_non_finite_loss_never_updates_the_weights_and_stops_at_the_next_read_naming_its_step():
+    """Step 3's loss is infinite while its gradients are finite (a -inf logit of a wrong class has none): the step
+    is skipped on the device, the steps after it run until the read at step 5, which stops naming step 3."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    data = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randint(0, 3, (24,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, **engine.optimizer_options('adamw'))
+    weights, calls = [], [0]
+
+    def loss(model, x, y):
+        calls[0] += 1
+        weights.append(model.weight.detach().clone())
+        out = model(x)
+        if calls[0] == 4:  # step 3
+            return {'loss': torch.nn.functional.cross_entropy(out, y) + float('inf') * (out.detach().sum() * 0 + 1)}
+        return {'loss': torch.nn.functional.cross_entropy(out, y)}
+
+    with pytest.raises(FloatingPointError, match=r'^loss is inf at epoch 0, step 3 of 6; training stopped'):
+        engine.train_one_epoch(model, loss, loader, optimizer, engine.grad_scaler(CPU, None), CPU, 0, print_freq=5)
+    assert calls[0] == 5  # the read after step 4 (the 5th) found it
+    assert torch.equal(weights[3], weights[4])  # step 3 changed nothing
+    assert not torch.equal(weights[2], weights[3]) and not torch.equal(weights[4], model.weight)  # the others did
+
+
+def test_an_ema_on_the_host_blends_off_the_training_thread_exactly_as_timm_would():
+    """--model-ema-force-cpu beside a CUDA model: an update queues one non-blocking copy and returns; a worker
+    thread blends it in. The EMA is bit-identical to timm's ModelEmaV3 kept on the CPU, BatchNorm buffers included."""
+    import threading
+
+    from timm.utils import ModelEmaV3
+
+    from model_ema import HostModelEma
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    kwargs = dict(decay=0.9, use_warmup=True, device=CPU)
+    host, timm_ema = HostModelEma(model, **kwargs), ModelEmaV3(model, **kwargs)
+    blending, copies = [], []
+    lerp, copy_ = torch._foreach_lerp_, torch.Tensor.copy_
+
+    def spied_lerp(*args, **kw):
+        blending.append(threading.get_ident())
+        return lerp(*args, **kw)
+
+    def spied_copy(tensor, source, non_blocking=False):
+        copies.append((threading.get_ident(), non_blocking))
+        return copy_(tensor, source, non_blocking)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(6):
+        model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+        optimizer.step()
+        timm_ema.update(model, step=step)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, '_foreach_lerp_', spied_lerp)
+            patch.setattr(torch.Tensor, 'copy_', spied_copy)
+            host.update(model, step=step)
+        if step % 2:
+            assert_state_dicts_equal(ema_state(host), ema_state(timm_ema))
+    assert blending and threading.get_ident() not in blending
+    ours = [non_blocking for thread, non_blocking in copies if thread == threading.get_ident()]
+    assert ours and all(ours)  # every copy from the model, on the training thread, asks not to block
+
+
+def ema_state(model_ema) -> dict:
+    from model_ema import ema_weights
+    return ema_weights(model_ema).state_dict()

@@ -21,8 +21,9 @@ from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, 
 pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def run_hooked(output_dir, **hooks):
-    return run_main(['main.py', *RANDOM, '--output_dir', output_dir], script='tests/fault_injection.py', **hooks)
+def run_hooked(output_dir, *extra, **hooks):
+    return run_main(['main.py', *RANDOM, *extra, '--output_dir', output_dir], script='tests/fault_injection.py',
+                    **hooks)
 
 
 @pytest.fixture(scope='module')
@@ -57,26 +58,28 @@ def test_killed_before_its_log_line_the_epoch_is_logged_once(uninterrupted, tmp_
 
 
 def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
-    # The signal comes during step 40 (epoch 1's step 8, 32 steps per epoch); the next step notices it.
-    stopped = run_hooked(tmp_path, SIGNAL_AT='0:40:SIGTERM')
+    # The signal comes during step 40 (epoch 1's step 8, 32 steps per epoch); the run stops at the next read of
+    # the steps' losses, after step 12 (--print-freq 4, which changes no number of the run).
+    stopped = run_hooked(tmp_path, '--print-freq', '4', SIGNAL_AT='0:40:SIGTERM')
     line = assert_one_line_error(stopped.returncode, stopped.stdout, stopped.stderr, 3, 'stopped: SIGTERM',
-                                 'during epoch 1', 'after 10 of its 32 steps', 'resumes there')
+                                 'during epoch 1', 'after 12 of its 32 steps', 'resumes there')
     assert str(tmp_path / 'checkpoint.pth') in line
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
-    assert saved['epoch'] == 0 and saved['progress']['steps'] == 10 and saved['progress']['global_step'] == 42
+    assert saved['epoch'] == 0 and saved['progress']['steps'] == 12 and saved['progress']['global_step'] == 44
     assert [entry['epoch'] for entry in read_log(tmp_path)] == [0]
 
     restarted = run_here(main, RANDOM + ['--output_dir', tmp_path])
     assert restarted.returncode == 0, restarted.stderr
-    assert 'Resumed from' in restarted.stdout and 'step 10 of epoch 1' in restarted.stdout
+    assert 'Resumed from' in restarted.stdout and 'step 12 of epoch 1' in restarted.stdout
     assert_same_run(uninterrupted, tmp_path)
 
 
 def test_killed_during_a_save_the_temporary_file_is_removed(uninterrupted, tmp_path):
-    killed = run_hooked(tmp_path, KILL_AT='torch:save:3')
+    killed = run_hooked(tmp_path, KILL_AT='torch:save:2')  # epoch 1's (one serialisation per epoch)
     assert killed.returncode == -signal.SIGKILL
     left = [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
-    assert len(left) == 1 and left[0].startswith('.checkpoint.pth.')  # epoch 0's, after best.pth and best_ema.pth
+    assert len(left) == 1 and left[0].startswith(('.best.pth.', '.checkpoint.pth.'))  # best.pth first if it improved
+    assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 0  # whole, epoch 0's
 
     restarted = run_here(main, RANDOM + ['--output_dir', tmp_path])
     assert restarted.returncode == 0, restarted.stderr
