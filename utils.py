@@ -281,6 +281,12 @@ def collate_or_error(collate_fn):
 # Metric logging
 # ----------------------------------------------------------------------------------------------------
 
+def format_metrics(stats: dict) -> str:
+    """'acc1 99.722, acc5 100.000, loss 0.034'; a metric that does not apply is null, as in the JSON files."""
+    return ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {"null" if v is None else v}'
+                     for k, v in stats.items())
+
+
 class DataWait:
     """When the main process began waiting for the batch it waits for now (time.monotonic()), or None while it
     does anything else: how a stop signal tells a run stuck on its data from a busy one (trainer.StopSignals)."""
