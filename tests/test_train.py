@@ -299,6 +299,7 @@ def test_the_small_data_finetuning_recipe(digits_run, tmp_path):
     assert log[-1]['train_loss'] < log[0]['train_loss'] and log[-1]['test_acc1'] > 50
     config = yaml.safe_load((tmp_path / 'out' / 'config.yaml').read_text())
     assert (config['mixup'], config['cutmix'], config['aa'], config['reprob']) == (0.0, 0.0, 'none', 0.0)
+@pytest.mark.slow
 def test_an_epoch_is_serialised_once_under_all_its_names(tmp_path, monkeypatch):
     """best.pth, best_ema.pth, backup0.pth and checkpoint.pth of epoch 0: one torch.save (rank 0 alone does it while
     the other processes wait), the other names hard links to that file."""
@@ -325,6 +326,7 @@ def test_where_the_file_system_has_no_hard_links_the_names_are_whole_copies(tmp_
     assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 3
 
 
+@pytest.mark.slow
 def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path, monkeypatch):
     """The loaded checkpoint (weights, EMA, optimizer state: ~1.5 GB per process for RAVLT-L) is not kept for the
     whole run: once loaded into the model and optimizer, nothing holds it."""
@@ -352,6 +354,7 @@ def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path
     assert held[1:] == [True]
 
 
+@pytest.mark.slow
 def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws(tmp_path, monkeypatch):
     """Workers are kept across epochs (not started again for each), and each sample's augmentation is still a
     function of (seed, epoch, rank, position): two workers train exactly as none."""

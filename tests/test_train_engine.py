@@ -181,7 +181,7 @@ class HostReads:
         return load
 
 
-@pytest.mark.parametrize('extra', [[], ['--clip-grad', '1.0', '--amp', 'bf16']])
+@pytest.mark.parametrize('extra', [[], pytest.param(['--clip-grad', '1.0', '--amp', 'bf16'], marks=pytest.mark.slow)])
 def test_twenty_training_steps_read_the_device_twice_at_print_freq_10(monkeypatch, tmp_path, extra):
     """The training step reads nothing on the host: the losses (and a stop request) are read every --print-freq
     steps in one go; fused AdamW and the loss scaler skip a non-finite step on the device. Counted over one epoch
@@ -263,6 +263,7 @@ def test_an_ema_on_the_host_blends_off_the_training_thread_exactly_as_timm_would
             patch.setattr(torch, '_foreach_lerp_', spied_lerp)
             patch.setattr(torch.Tensor, 'copy_', spied_copy)
             host.update(model, step=step)
+            host.synchronize()  # the blend, on the worker thread, while the spies are in place
         if step % 2:
             assert_state_dicts_equal(ema_state(host), ema_state(timm_ema))
     assert blending and threading.get_ident() not in blending
