@@ -14,6 +14,7 @@ or srun every worker does this itself.
 GLIBC_TUNABLES for malloc, an LD_PRELOAD of jemalloc or tcmalloc) are used as they are. This module imports
 nothing heavy: it runs before the libraries load.
 """
+
 import os
 import sys
 from typing import Mapping, Optional
@@ -46,8 +47,9 @@ def kept(env: Mapping[str, str]) -> bool:
 def switched_on(env: Mapping[str, str]) -> bool:
     value = env.get(SWITCH, '1')
     if value not in ('0', '1'):
-        raise ValueError(f'{SWITCH} must be 1 (keep freed memory in the process, the default) or 0 (glibc\'s '
-                         f'defaults), got {value!r}')
+        raise ValueError(
+            f"{SWITCH} must be 1 (keep freed memory in the process, the default) or 0 (glibc's defaults), got {value!r}"
+        )
     return value == '1'
 
 
@@ -94,10 +96,12 @@ def describe(env: Optional[Mapping[str, str]] = None, glibc: Optional[bool] = No
     if own:
         return 'as set: ' + ' '.join(f'{k}={v}' for k, v in sorted(own.items())) + thp
     if not glibc:
-        return 'the C library\'s defaults (not glibc)' + thp
+        return "the C library's defaults (not glibc)" + thp
     if kept(env):
-        return (f'glibc, freed memory kept in the process ({" ".join(f"{k}={v}" for k, v in KEEP_HEAP.items())}; '
-                f'{SWITCH}=0 for the defaults){thp}')
+        return (
+            f'glibc, freed memory kept in the process ({" ".join(f"{k}={v}" for k, v in KEEP_HEAP.items())}; '
+            f'{SWITCH}=0 for the defaults){thp}'
+        )
     if env.get(SWITCH) == '0':
         return f'glibc defaults ({SWITCH}=0){thp}'
     return 'glibc defaults (freed memory is kept when an entry point is run as a command)' + thp

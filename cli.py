@@ -5,6 +5,7 @@ Precedence of a flag's value: the command line, then `--config FILE` (whose `_ba
 then, for the flags that describe the model (see `Run`), the checkpoint being resumed or evaluated, then the
 parser's default.
 """
+
 import argparse
 import copy
 import difflib
@@ -19,37 +20,57 @@ import yaml
 
 import models
 from distributed import cleanup_distributed, end_process, is_main_process, peer_failure
-from errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Preempted, RunFailure, UsageError,
-                    first_line, is_out_of_memory, killed_worker, report_line)
+from errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    Preempted,
+    RunFailure,
+    UsageError,
+    first_line,
+    is_out_of_memory,
+    killed_worker,
+    report_line,
+)
 from utils import AMP_DTYPES
-
 
 # ----------------------------------------------------------------------------------------------------
 # Value types: argparse calls them on the command line, `read_config` on YAML values.
 # ----------------------------------------------------------------------------------------------------
 
+
 def _number(kind, text, low=None, high=None, low_open=False, high_open=False):
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {text!r}') \
-            from None
+        raise argparse.ArgumentTypeError(
+            f'expected {"an integer" if kind is int else "a number"}, got {text!r}'
+        ) from None
     if value in (float('inf'), float('-inf')):
         raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
-    if value != value or (low is not None and (value < low or (low_open and value == low))) or \
-            (high is not None and (value > high or (high_open and value == high))):
+    if (
+        value != value
+        or (low is not None and (value < low or (low_open and value == low)))
+        or (high is not None and (value > high or (high_open and value == high)))
+    ):
         lower = '' if low is None else f'{"(" if low_open else "["}{low}'
         upper = '' if high is None else f'{high}{")" if high_open else "]"}'
-        wanted = f'in {lower}, {upper}' if low is not None and high is not None else \
-            (f'{"above" if low_open else "at least"} {low}' if low is not None else f'at most {high}')
+        wanted = (
+            f'in {lower}, {upper}'
+            if low is not None and high is not None
+            else (f'{"above" if low_open else "at least"} {low}' if low is not None else f'at most {high}')
+        )
         raise argparse.ArgumentTypeError(f'must be {wanted}, got {text}')
     return value
 
 
 def number_type(kind=float, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: an int or float within [low, high] (open ends where asked)."""
+
     def convert(text):
         return _number(kind, text, low, high, low_open, high_open)
+
     convert.kind = kind
     convert.__name__ = kind.__name__
     return convert
@@ -66,17 +87,18 @@ def json_object(text: str) -> dict:
     return value
 
 
-COUNT = number_type(int, 1)            # 1, 2, ...
+COUNT = number_type(int, 1)  # 1, 2, ...
 NON_NEGATIVE_INT = number_type(int, 0)
 NON_NEGATIVE = number_type(float, 0)
 POSITIVE = number_type(float, 0, low_open=True)
-FRACTION = number_type(float, 0, 1)    # a probability, a rate
-MAX_DIST_TIMEOUT = 10 ** 6  # minutes (about two years): far above any wait, far below what a timedelta holds
+FRACTION = number_type(float, 0, 1)  # a probability, a rate
+MAX_DIST_TIMEOUT = 10**6  # minutes (about two years): far above any wait, far below what a timedelta holds
 
 
 # ----------------------------------------------------------------------------------------------------
 # The parser and config files
 # ----------------------------------------------------------------------------------------------------
+
 
 def did_you_mean(name: str, names) -> str:
     """'; did you mean X?' for the closest of `names` to a mistyped `name`, or ''."""
@@ -105,8 +127,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ''
-        if not action.option_strings or action.required or action.default is argparse.SUPPRESS or \
-                'default' in text.lower():
+        if (
+            not action.option_strings
+            or action.required
+            or action.default is argparse.SUPPRESS
+            or 'default' in text.lower()
+        ):
             return text
         return f'{text} (default: {_default_text(action).replace("%", "%%")})'.lstrip()
 
@@ -120,9 +146,13 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault('formatter_class', HelpFormatter)
         super().__init__(*args, allow_abbrev=False, **kwargs)
         if with_config:
-            self.add_argument('--config', default='', help='YAML file of flag values (keys are flag names without '
-                              'dashes, e.g. batch-size; `_base_: FILE` inherits another); the command line '
-                              'overrides it')
+            self.add_argument(
+                '--config',
+                default='',
+                help='YAML file of flag values (keys are flag names without '
+                'dashes, e.g. batch-size; `_base_: FILE` inherits another); the command line '
+                'overrides it',
+            )
 
     def error(self, message):
         raise UsageError(f'{message} (see python {os.path.basename(sys.argv[0])} --help)')
@@ -146,8 +176,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def long_options(self) -> dict:
         """Every long flag name without dashes -> its action."""
-        return {opt[2:]: action for action in self._actions for opt in action.option_strings
-                if opt.startswith('--') and action.dest not in ('help', 'config')}
+        return {
+            opt[2:]: action
+            for action in self._actions
+            for opt in action.option_strings
+            if opt.startswith('--') and action.dest not in ('help', 'config')
+        }
 
     def parse(self, argv=None) -> argparse.Namespace:
         """The flags: the command line over `--config FILE` over the defaults; `args.given` names those the
@@ -178,8 +212,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def evaluation_config(self, args) -> dict:
         """`to_config` without the flags of training groups: what an evaluation reads."""
-        training = {action.dest for group in self._action_groups if getattr(group, 'training_only', False)
-                    for action in group._group_actions}
+        training = {
+            action.dest
+            for group in self._action_groups
+            if getattr(group, 'training_only', False)
+            for action in group._group_actions
+        }
         options = self.long_options()
         return {name: value for name, value in self.to_config(args).items() if options[name].dest not in training}
 
@@ -204,6 +242,7 @@ def _config_value(action, key: str, value, where: str, dest_value: bool = False)
     rounding of 2.7 to 2, no `true` taken for 1, no empty value for a flag that has a default. `where` says
     where the value comes from ('config FILE'); `dest_value`: the value of the destination itself (a
     checkpoint's), not of the flag named `key` (which for --no-x flags is the opposite)."""
+
     def invalid(reason):
         return UsageError(f'{key}: {_brief(value)} in {where} is not valid ({reason})')
 
@@ -227,11 +266,17 @@ def _config_value(action, key: str, value, where: str, dest_value: bool = False)
     kind = getattr(convert, 'kind', None)
 
     def one(item):
-        if kind is not None and (isinstance(item, bool) or (kind is int and not isinstance(item, int)) or
-                                 (kind is float and not isinstance(item, (int, float, str)))):
+        if kind is not None and (
+            isinstance(item, bool)
+            or (kind is int and not isinstance(item, int))
+            or (kind is float and not isinstance(item, (int, float, str)))
+        ):
             raise invalid(f'expected {"an integer" if kind is int else "a number"}')
-        if kind is None and convert is not json_object and (isinstance(item, bool) or
-                                                             not isinstance(item, (str, int, float))):
+        if (
+            kind is None
+            and convert is not json_object
+            and (isinstance(item, bool) or not isinstance(item, (str, int, float)))
+        ):
             raise invalid('expected a single value')
         if convert is None:
             if dest_value and not isinstance(item, str):  # saved from a parsed flag: always text
@@ -254,7 +299,7 @@ def _config_value(action, key: str, value, where: str, dest_value: bool = False)
 def _brief(value, limit: int = 80) -> str:
     """repr(value) for an error line, cut to `limit` characters."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + '...'
+    return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 # A config file of flags holds tens of values; aliases (&a ... *a) may make a small file expand to billions.
@@ -292,8 +337,10 @@ def _load_yaml(stream, path: str):
         if node is None:
             return None
         if _expanded_size(node, {}, set()) > MAX_CONFIG_VALUES:
-            raise UsageError(f'config {path} expands to more than {MAX_CONFIG_VALUES} values (through YAML aliases '
-                             '&name / *name, or a recursive one): write the values out')
+            raise UsageError(
+                f'config {path} expands to more than {MAX_CONFIG_VALUES} values (through YAML aliases '
+                '&name / *name, or a recursive one): write the values out'
+            )
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -323,16 +370,17 @@ def read_config(path: str, parser: Optional[ArgumentParser], _seen=()) -> dict:
     if base is not None:
         if not isinstance(base, str):
             raise UsageError(f'_base_ in config {path} must be a file name')
-        values.update(read_config(os.path.join(os.path.dirname(path), base), parser,
-                                  (*_seen, os.path.abspath(path))))
+        values.update(read_config(os.path.join(os.path.dirname(path), base), parser, (*_seen, os.path.abspath(path))))
     if parser is None:
         return {**values, **{str(k): v for k, v in data.items()}}
     options = parser.long_options()
     for key, value in data.items():
         action = options.get(str(key))
         if action is None:
-            raise UsageError(f'unknown key {_brief(key)} in config {path}: keys are flag names without dashes'
-                             f'{did_you_mean(str(key), options)}')
+            raise UsageError(
+                f'unknown key {_brief(key)} in config {path}: keys are flag names without dashes'
+                f'{did_you_mean(str(key), options)}'
+            )
         values[action.dest] = _config_value(action, str(key), value, f'config {path}')
     return values
 
@@ -340,47 +388,86 @@ def read_config(path: str, parser: Optional[ArgumentParser], _seen=()) -> dict:
 def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, num_workers: int, print_freq: int):
     """The flags every entry point shares (run.Run reads them). Returns the group of training flags, which
     the entry point extends."""
-    parser.add_argument('--model', default=model, metavar='MODEL',
-                        help='RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L (or ravlt_t ...)')
-    parser.add_argument('--model-kwargs', default=None, type=json_object, metavar='JSON',
-                        help='extra model arguments as a JSON object, e.g. \'{"embed_dims": [32, 64, 128, 256], '
-                        '"depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]}\' (a mapping in a config file)')
+    parser.add_argument(
+        '--model', default=model, metavar='MODEL', help='RAVLT_T, RAVLT_S, RAVLT_B, RAVLT_L (or ravlt_t ...)'
+    )
+    parser.add_argument(
+        '--model-kwargs',
+        default=None,
+        type=json_object,
+        metavar='JSON',
+        help='extra model arguments as a JSON object, e.g. \'{"embed_dims": [32, 64, 128, 256], '
+        '"depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8]}\' (a mapping in a config file)',
+    )
     training = parser.add_training_group('training')
     rates = ', '.join(f'{name.upper()} {config["drop_path_rate"]}' for name, config in models.RAVLT_CONFIGS.items())
-    training.add_argument('--drop-path', type=FRACTION, default=None, metavar='RATE',
-                          help=f"stochastic depth rate (default: the variant's own: {rates})")
+    training.add_argument(
+        '--drop-path',
+        type=FRACTION,
+        default=None,
+        metavar='RATE',
+        help=f"stochastic depth rate (default: the variant's own: {rates})",
+    )
     parser.add_argument('--batch-size', default=batch_size, type=COUNT, help='images per process and step')
     parser.add_argument('--data-path', default='', help='data folder')
-    parser.add_argument('--resume', default='', help='resume from this checkpoint (default: OUTPUT_DIR/'
-                        'checkpoint.pth if it exists); with --eval, evaluate it. The model flags it was trained '
-                        'with apply unless given again')
+    parser.add_argument(
+        '--resume',
+        default='',
+        help='resume from this checkpoint (default: OUTPUT_DIR/'
+        'checkpoint.pth if it exists); with --eval, evaluate it. The model flags it was trained '
+        'with apply unless given again',
+    )
     parser.add_argument('--eval', action='store_true', help='evaluate only')
-    parser.add_argument('--output_dir', '--output-dir', default='', help='where to write checkpoints and logs '
-                        '(empty: write nothing)')
+    parser.add_argument(
+        '--output_dir', '--output-dir', default='', help='where to write checkpoints and logs (empty: write nothing)'
+    )
     parser.add_argument('--device', default=None, choices=['cpu', 'cuda'], help='default: cuda if available')
-    parser.add_argument('--amp', default=None, choices=list(AMP_DTYPES),
-                        help='autocast precision (default: fp16 on CUDA, as the authors, none on the CPU)')
-    parser.add_argument('--compile', action='store_true',
-                        help='torch.compile the model (Inductor) for the training steps and the evaluations (its '
-                        'inference form); the first steps compile (minutes; cached for later runs). Needs a C++ '
-                        'compiler on the CPU, triton on CUDA. Checkpoints are the same as without it')
+    parser.add_argument(
+        '--amp',
+        default=None,
+        choices=list(AMP_DTYPES),
+        help='autocast precision (default: fp16 on CUDA, as the authors, none on the CPU)',
+    )
+    parser.add_argument(
+        '--compile',
+        action='store_true',
+        help='torch.compile the model (Inductor) for the training steps and the evaluations (its '
+        'inference form); the first steps compile (minutes; cached for later runs). Needs a C++ '
+        'compiler on the CPU, triton on CUDA. Checkpoints are the same as without it',
+    )
     parser.add_argument('--seed', default=0, type=NON_NEGATIVE_INT)
-    parser.add_argument('--num_workers', '--num-workers', default=None, type=NON_NEGATIVE_INT,
-                        help=f'data loading processes per training process (default: {num_workers}, or the CPU '
-                        'cores per process if fewer)')
+    parser.add_argument(
+        '--num_workers',
+        '--num-workers',
+        default=None,
+        type=NON_NEGATIVE_INT,
+        help=f'data loading processes per training process (default: {num_workers}, or the CPU '
+        'cores per process if fewer)',
+    )
     parser.add_argument('--print-freq', default=print_freq, type=COUNT, metavar='N', help='print every N steps')
-    parser.add_argument('--dist-timeout', default=60, type=number_type(float, 0, MAX_DIST_TIMEOUT, low_open=True),
-                        metavar='MINUTES',
-                        help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
-                        'and writes checkpoints meanwhile) before the run fails')
-    parser.add_argument('--dist-backend', default=None, choices=['nccl', 'gloo'],
-                        help='process group backend (default: nccl on CUDA, gloo on the CPU; gloo also takes CUDA '
-                        'tensors, e.g. for several processes on one GPU)')
-    parser.add_argument('--deterministic', action='store_true',
-                        help='deterministic algorithms (torch.use_deterministic_algorithms, cuDNN without '
-                        'benchmarking, a fixed cuBLAS workspace): a resumed CUDA run ends bit-identical to one '
-                        'never stopped, at some speed (the CPU always is); an operation without a deterministic '
-                        'kernel stops the run')
+    parser.add_argument(
+        '--dist-timeout',
+        default=60,
+        type=number_type(float, 0, MAX_DIST_TIMEOUT, low_open=True),
+        metavar='MINUTES',
+        help='how long a process waits for the others in a collective (rank 0 alone scores COCO '
+        'and writes checkpoints meanwhile) before the run fails',
+    )
+    parser.add_argument(
+        '--dist-backend',
+        default=None,
+        choices=['nccl', 'gloo'],
+        help='process group backend (default: nccl on CUDA, gloo on the CPU; gloo also takes CUDA '
+        'tensors, e.g. for several processes on one GPU)',
+    )
+    parser.add_argument(
+        '--deterministic',
+        action='store_true',
+        help='deterministic algorithms (torch.use_deterministic_algorithms, cuDNN without '
+        'benchmarking, a fixed cuBLAS workspace): a resumed CUDA run ends bit-identical to one '
+        'never stopped, at some speed (the CPU always is); an operation without a deterministic '
+        'kernel stops the run',
+    )
     parser.set_defaults(default_num_workers=num_workers)
     return training
 
@@ -388,6 +475,7 @@ def add_run_arguments(parser: ArgumentParser, *, model: str, batch_size: int, nu
 # ----------------------------------------------------------------------------------------------------
 # The error policy
 # ----------------------------------------------------------------------------------------------------
+
 
 def _report(message: str, code: int, everyone: bool = True, alone: bool = True) -> int:
     """End this process with one line on stderr (only where `everyone`). `alone`: this process failed by itself
@@ -410,38 +498,48 @@ def run_cli(main_fn, argv):
         try:
             main_fn(argv)
         except UsageError as e:
-            code = _report(f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process(),
-                           alone=not e.everywhere)
+            code = _report(
+                f'error: {e}', EXIT_USAGE, everyone=not e.everywhere or is_main_process(), alone=not e.everywhere
+            )
         except Preempted as e:
-            code = _report(f'stopped: {e}', EXIT_PREEMPTED, everyone=not e.everywhere or is_main_process(),
-                           alone=not e.everywhere)
+            code = _report(
+                f'stopped: {e}', EXIT_PREEMPTED, everyone=not e.everywhere or is_main_process(), alone=not e.everywhere
+            )
         except (FloatingPointError, RunFailure) as e:
             code = _report(f'error: {e}', EXIT_FAILURE)
         except MemoryError as e:
             code = _report(_out_of_memory_line(e), EXIT_FAILURE)
         except KeyboardInterrupt:
-            code = _report('error: interrupted; the checkpoints on disk are whole (the last one written is the '
-                           'resume point)', EXIT_INTERRUPTED)
+            code = _report(
+                'error: interrupted; the checkpoints on disk are whole (the last one written is the resume point)',
+                EXIT_INTERRUPTED,
+            )
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
                 raise
             where = f' ({e.filename})' if e.filename else ''
-            code = _report(f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are '
-                           'whole', EXIT_FAILURE)
+            code = _report(
+                f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints already on disk are whole', EXIT_FAILURE
+            )
         except RuntimeError as e:
             worker = killed_worker(e)
             if is_out_of_memory(e):
                 code = _report(_out_of_memory_line(e), EXIT_FAILURE)
             elif NONDETERMINISTIC in str(e):
-                code = _report(f'error: --deterministic: {str(e).split(NONDETERMINISTIC)[0].strip()} has no '
-                               'deterministic implementation on this device; run without --deterministic',
-                               EXIT_USAGE)
+                code = _report(
+                    f'error: --deterministic: {str(e).split(NONDETERMINISTIC)[0].strip()} has no '
+                    'deterministic implementation on this device; run without --deterministic',
+                    EXIT_USAGE,
+                )
             elif worker is not None:
-                cause = ("most likely the kernel's out-of-memory killer: lower --num_workers or --batch-size"
-                         if 'Killed' in worker else 'killed or crashed; if memory is short, lower --num_workers '
-                         'or --batch-size')
-                code = _report(f'error: a data-loading worker {worker} ({cause}); the checkpoints on disk are '
-                               'whole', EXIT_FAILURE)
+                cause = (
+                    "most likely the kernel's out-of-memory killer: lower --num_workers or --batch-size"
+                    if 'Killed' in worker
+                    else 'killed or crashed; if memory is short, lower --num_workers or --batch-size'
+                )
+                code = _report(
+                    f'error: a data-loading worker {worker} ({cause}); the checkpoints on disk are whole', EXIT_FAILURE
+                )
             elif not _lost_contact(e):
                 raise
             else:
@@ -451,8 +549,11 @@ def run_cli(main_fn, argv):
                     label, _, text = line.partition(': ')
                     code = _report(f'{label}: rank {rank}: {text}', code, everyone=is_main_process(), alone=False)
                 else:
-                    code = _report(f'error: lost contact with another process ({first_line(e)}); see the other '
-                                   'processes\' messages', EXIT_FAILURE)
+                    code = _report(
+                        f'error: lost contact with another process ({first_line(e)}); see the other '
+                        "processes' messages",
+                        EXIT_FAILURE,
+                    )
     except SystemExit:
         raise
     except BaseException as e:  # a bug: its traceback follows; the other processes end too
@@ -467,8 +568,10 @@ def run_cli(main_fn, argv):
 def _out_of_memory_line(error: BaseException) -> str:
     detail = ' '.join(str(error).split())
     detail = detail if len(detail) <= 200 else detail[:197] + '...'
-    return (f'error: out of memory ({detail or type(error).__name__}); lower --batch-size, the input size or '
-            '--num_workers (or use --amp bf16/fp16); the checkpoints on disk are whole')
+    return (
+        f'error: out of memory ({detail or type(error).__name__}); lower --batch-size, the input size or '
+        '--num_workers (or use --amp bf16/fp16); the checkpoints on disk are whole'
+    )
 
 
 # What torch says of an operation without a deterministic kernel under torch.use_deterministic_algorithms(True).
@@ -481,20 +584,33 @@ def _lost_contact(error: RuntimeError) -> bool:
         return True
     text = str(error)
     return int(os.environ.get('WORLD_SIZE', 1)) > 1 and any(
-        marker in text for marker in ('Connection closed by peer', 'Connection reset by peer', 'gloo', 'NCCL',
-                                      'Timed out', 'timed out'))
+        marker in text
+        for marker in (
+            'Connection closed by peer',
+            'Connection reset by peer',
+            'gloo',
+            'NCCL',
+            'Timed out',
+            'timed out',
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Detection and segmentation: one recipe per --task, under the command line and the config
 # ----------------------------------------------------------------------------------------------------
 
+
 def add_dense_arguments(parser: ArgumentParser, training, tasks):
     """--task, --pretrained and the flags each task's recipe sets (into the `training` group); left at None
     they take the recipe's value."""
     parser.add_argument('--task', default=tasks[0], choices=list(tasks))
-    training.add_argument('--pretrained', default='', help="backbone weights: an ImageNet checkpoint (ours or the "
-                          "authors') or the authors' mmdet / mmseg checkpoint (its backbone part)")
+    training.add_argument(
+        '--pretrained',
+        default='',
+        help='backbone weights: an ImageNet checkpoint (ours or the '
+        "authors') or the authors' mmdet / mmseg checkpoint (its backbone part)",
+    )
     training.add_argument('--lr', type=POSITIVE, default=None, help='learning rate (not scaled with the batch)')
     training.add_argument('--weight-decay', type=NON_NEGATIVE, default=None)
     training.add_argument('--warmup-iters', type=NON_NEGATIVE_INT, default=None, help='linear warm-up steps')
@@ -507,9 +623,12 @@ def show_recipe_defaults(parser: ArgumentParser, recipes: dict):
         values = {task: recipe[action.dest] for task, recipe in recipes.items() if action.dest in recipe}
         if values and action.default is None:
             shown = {task: ' '.join(map(str, v)) if isinstance(v, list) else str(v) for task, v in values.items()}
-            text = next(iter(shown.values())) if len(set(shown.values())) == 1 else \
-                ', '.join(f'{v} for {task}' for task, v in shown.items())
-            action.help = f'{action.help or ""} (default: {text}, the --task recipe\'s)'.lstrip()
+            text = (
+                next(iter(shown.values()))
+                if len(set(shown.values())) == 1
+                else ', '.join(f'{v} for {task}' for task, v in shown.items())
+            )
+            action.help = f"{action.help or ''} (default: {text}, the --task recipe's)".lstrip()
 
 
 def apply_recipe(args, recipes: dict):

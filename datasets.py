@@ -1,5 +1,6 @@
 """Data sets and their transforms: ImageNet class folders (IMNET), CIFAR-100 (CIFAR), random images
 (FAKE) and scikit-learn's handwritten digits (DIGITS, shipped inside the package)."""
+
 import os
 import stat
 
@@ -42,9 +43,11 @@ class Digits(torch.utils.data.Dataset):
     def __init__(self, train: bool, transform=None):
         from sklearn.datasets import load_digits  # the demo's data: scikit-learn is the `demo` extra
         from sklearn.model_selection import train_test_split
+
         digits = load_digits()
-        indices = train_test_split(range(len(digits.target)), test_size=DIGITS_VAL_SIZE,
-                                   stratify=digits.target, random_state=0)[0 if train else 1]
+        indices = train_test_split(
+            range(len(digits.target)), test_size=DIGITS_VAL_SIZE, stratify=digits.target, random_state=0
+        )[0 if train else 1]
         self.images = torch.tensor(digits.images[indices], dtype=torch.float32) / 16.0
         self.targets = torch.tensor(digits.target[indices]).tolist()
         self.classes = [str(c) for c in range(10)]
@@ -63,8 +66,12 @@ class Digits(torch.utils.data.Dataset):
         return image, self.targets[index]
 
 
-FILE_KINDS = ((stat.S_ISFIFO, 'a FIFO'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
-              (stat.S_ISBLK, 'a block device'))
+FILE_KINDS = (
+    (stat.S_ISFIFO, 'a FIFO'),
+    (stat.S_ISSOCK, 'a socket'),
+    (stat.S_ISCHR, 'a character device'),
+    (stat.S_ISBLK, 'a block device'),
+)
 
 
 def file_kind(mode: int) -> str:
@@ -96,8 +103,10 @@ def load_rgb_image(path: str) -> Image.Image:
             values = np.asarray(image, dtype=np.float64)
             low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
             if not (0.0 <= low and high <= 1.0):
-                raise ValueError(f'a floating-point image with values from {low:g} to {high:g}, not from 0 to 1: '
-                                 'convert it to 8 or 16 bits per channel')
+                raise ValueError(
+                    f'a floating-point image with values from {low:g} to {high:g}, not from 0 to 1: '
+                    'convert it to 8 or 16 bits per channel'
+                )
             image = Image.fromarray(np.rint(values * 255.0).astype(np.uint8), 'L')
         elif image.mode in ('I', 'I;32', 'I;32B', 'I;32L'):
             raise ValueError(f'a 32-bit integer image (mode {image.mode}): convert it to 8 or 16 bits per channel')
@@ -114,8 +123,10 @@ def _class_samples(class_dir: str, class_index: int, seen: dict) -> list:
         folder = pending.pop()
         real = os.path.realpath(folder)
         if real in seen:
-            raise UsageError(f'{folder} is {seen[real]} again (a symbolic link loop, or two links to one folder): '
-                             'its images would count twice; remove the link')
+            raise UsageError(
+                f'{folder} is {seen[real]} again (a symbolic link loop, or two links to one folder): '
+                'its images would count twice; remove the link'
+            )
         seen[real] = folder
         files = []
         try:
@@ -126,8 +137,10 @@ def _class_samples(class_dir: str, class_index: int, seen: dict) -> list:
                     elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
                         if not entry.is_file() and os.path.exists(entry.path):
                             kind = file_kind(os.stat(entry.path).st_mode)
-                            raise UsageError(f'{entry.path} is {kind}, not a regular file: only regular files are '
-                                             'images; remove it from the data folder')
+                            raise UsageError(
+                                f'{entry.path} is {kind}, not a regular file: only regular files are '
+                                'images; remove it from the data folder'
+                            )
                         files.append(entry.name)
         except OSError as e:
             raise UsageError(f'cannot read the folder {folder} ({e.strerror.lower()})') from None
@@ -151,8 +164,10 @@ class ImageFolder(datasets.ImageFolder):
             if not found:
                 empty.append(name)
         if empty and not allow_empty:
-            raise UsageError(f'{directory}: found no images for the classes {", ".join(empty[:5])}'
-                             f'{" ..." if len(empty) > 5 else ""} (image files end in {", ".join(IMG_EXTENSIONS)})')
+            raise UsageError(
+                f'{directory}: found no images for the classes {", ".join(empty[:5])}'
+                f'{" ..." if len(empty) > 5 else ""} (image files end in {", ".join(IMG_EXTENSIONS)})'
+            )
         return samples
 
     def sample_path(self, index: int) -> str:
@@ -163,13 +178,17 @@ def _image_folder(root: str, transform):
     """An ImageFolder whose layout problems become one-line UsageErrors saying how to fix them."""
     split = os.path.basename(root)
     if not os.path.isdir(root):
-        raise UsageError(f'{os.path.dirname(root)} has no {split}/ folder: --data-set IMNET expects '
-                         f'DATA/train/<class>/<images> and DATA/val/<class>/<images>')
+        raise UsageError(
+            f'{os.path.dirname(root)} has no {split}/ folder: --data-set IMNET expects '
+            f'DATA/train/<class>/<images> and DATA/val/<class>/<images>'
+        )
     entries = os.listdir(root)
     if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
-        raise UsageError(f'{root} has no class folders ({len(entries)} file(s) directly in it): put its images '
-                         'into one folder per class named as in train/ (for ImageNet val, e.g. with the '
-                         'widely used valprep.sh)')
+        raise UsageError(
+            f'{root} has no class folders ({len(entries)} file(s) directly in it): put its images '
+            'into one folder per class named as in train/ (for ImageNet val, e.g. with the '
+            'widely used valprep.sh)'
+        )
     try:
         return ImageFolder(root, transform=transform)
     except FileNotFoundError as e:
@@ -183,8 +202,13 @@ def build_dataset(is_train: bool, args):
         return Digits(is_train, transform), 10
     if args.data_set == 'FAKE':
         # Different offsets give train and val different images.
-        return datasets.FakeData(FAKE_SIZES[is_train], (3, args.input_size, args.input_size), 1000, transform,
-                                 random_offset=0 if is_train else FAKE_SIZES[True]), 1000
+        return datasets.FakeData(
+            FAKE_SIZES[is_train],
+            (3, args.input_size, args.input_size),
+            1000,
+            transform,
+            random_offset=0 if is_train else FAKE_SIZES[True],
+        ), 1000
     if not args.data_path:
         raise UsageError(f'--data-set {args.data_set} needs --data-path')
     if not os.path.isdir(args.data_path):
@@ -193,12 +217,16 @@ def build_dataset(is_train: bool, args):
         try:
             return datasets.CIFAR100(args.data_path, train=is_train, transform=transform, download=False), 100
         except RuntimeError:
-            raise UsageError(f'CIFAR-100 not found under {args.data_path}: extract '
-                             'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz there '
-                             '(giving DATA/cifar-100-python/train, test, meta)') from None
+            raise UsageError(
+                f'CIFAR-100 not found under {args.data_path}: extract '
+                'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz there '
+                '(giving DATA/cifar-100-python/train, test, meta)'
+            ) from None
     if not os.listdir(args.data_path):
-        raise UsageError(f'--data-path {args.data_path} is empty: --data-set IMNET expects '
-                         'DATA/train/<class>/<images> and DATA/val/<class>/<images>')
+        raise UsageError(
+            f'--data-path {args.data_path} is empty: --data-set IMNET expects '
+            'DATA/train/<class>/<images> and DATA/val/<class>/<images>'
+        )
     dataset = _image_folder(os.path.join(args.data_path, 'train' if is_train else 'val'), transform)
     return dataset, len(dataset.classes)
 
@@ -210,15 +238,25 @@ def build_transform(is_train: bool, args):
     32 px and below), bicubic. DIGITS uses a light crop-and-upscale of its 8x8 images instead."""
     size = args.input_size
     if args.data_set == 'DIGITS':
-        resize = (transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15)) if is_train
-                  else transforms.Resize(size))
+        resize = (
+            transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15))
+            if is_train
+            else transforms.Resize(size)
+        )
         return transforms.Compose([resize, transforms.Normalize([0.5] * 3, [0.5] * 3)])
     if is_train:
         use_zero_bit_posterize()
-        transform = create_transform(size, is_training=True, hflip=args.hflip, color_jitter=args.color_jitter,
-                                     auto_augment=args.aa if args.aa and args.aa != 'none' else None,
-                                     interpolation=args.train_interpolation, re_prob=args.reprob,
-                                     re_mode=args.remode, re_count=args.recount)
+        transform = create_transform(
+            size,
+            is_training=True,
+            hflip=args.hflip,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa and args.aa != 'none' else None,
+            interpolation=args.train_interpolation,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+        )
         if size <= 32:
             transform.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
         return transform

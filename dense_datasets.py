@@ -5,6 +5,7 @@ COCO layout:   DATA/annotations/instances_{split}.json and DATA/{split}/<images>
 ADE20K layout: DATA/images/{split}/<name>.jpg and DATA/annotations/{split}/<name>.png  (split: training,
                validation), label 0 = "other" (ignored), 1..150 = the classes
 """
+
 import contextlib
 import io
 import os
@@ -31,8 +32,10 @@ def check_img_scale(img_scale):
     2048 512); the reverse order is refused rather than guessed."""
     long, short = img_scale
     if long < short:
-        raise UsageError(f'--img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for ADE20K), got {long} '
-                         f'{short}: did you mean {short} {long}?')
+        raise UsageError(
+            f'--img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for ADE20K), got {long} '
+            f'{short}: did you mean {short} {long}?'
+        )
     return long, short
 
 
@@ -45,16 +48,21 @@ def collate_lists(batch):
 # COCO
 # ----------------------------------------------------------------------------------------------------
 
+
 def coco_paths(data_path: str, split: str):
     """(image folder, annotation file) of a COCO split, checked to exist."""
     images = os.path.join(data_path, split)
     annotations = os.path.join(data_path, 'annotations', f'instances_{split}.json')
     if not os.path.isfile(annotations):
-        raise UsageError(f'annotation file {annotations} not found: the COCO layout is DATA/annotations/'
-                         f'instances_{split}.json with images in DATA/{split}/ (set --data-path and the split)')
+        raise UsageError(
+            f'annotation file {annotations} not found: the COCO layout is DATA/annotations/'
+            f'instances_{split}.json with images in DATA/{split}/ (set --data-path and the split)'
+        )
     if not os.path.isdir(images):
-        raise UsageError(f'image folder {images} not found: the COCO layout is DATA/annotations/'
-                         f'instances_{split}.json with images in DATA/{split}/')
+        raise UsageError(
+            f'image folder {images} not found: the COCO layout is DATA/annotations/'
+            f'instances_{split}.json with images in DATA/{split}/'
+        )
     return images, annotations
 
 
@@ -89,16 +97,21 @@ class CocoInstances(torch.utils.data.Dataset):
         used = {a['category_id'] for a in self.coco.dataset.get('annotations', [])}
         undefined = sorted(used - set(self.category_ids))
         if undefined:
-            raise UsageError(f'{annotation_file}: annotations use category ids that its categories do not define '
-                             f'({", ".join(map(str, undefined[:5]))}): add them to categories or drop those '
-                             'annotations')
+            raise UsageError(
+                f'{annotation_file}: annotations use category ids that its categories do not define '
+                f'({", ".join(map(str, undefined[:5]))}): add them to categories or drop those '
+                'annotations'
+            )
         self.category_names = [self.coco.cats[c]['name'] for c in self.category_ids]
         self.first_label = first_label
         self.train = train
         self.indices = list(range(len(self.coco_dataset.ids)))
         if train:
-            self.indices = [i for i in self.indices if any(
-                not a.get('iscrowd', 0) for a in self.coco.imgToAnns[self.coco_dataset.ids[i]])]
+            self.indices = [
+                i
+                for i in self.indices
+                if any(not a.get('iscrowd', 0) for a in self.coco.imgToAnns[self.coco_dataset.ids[i]])
+            ]
             keys = {'image_id', 'boxes', 'labels', 'iscrowd'} | ({'masks'} if with_masks else set())
             self.wrapped = wrap_dataset_for_transforms_v2(self.coco_dataset, target_keys=keys)
             self.label_of = torch.zeros(max(self.category_ids) + 1, dtype=torch.int64)
@@ -135,8 +148,7 @@ class CocoInstances(torch.utils.data.Dataset):
                 target[key] = tv_tensors.wrap(target[key][keep], like=target[key])
         target['labels'] = self.label_of[target['labels'][keep]]
         image, target = self.transform(image, target)
-        return image, {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v
-                       for k, v in target.items()}
+        return image, {k: v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
 def build_detection_transform(train: bool):
@@ -154,14 +166,17 @@ def build_detection_transform(train: bool):
 
 def check_same_categories(train: CocoInstances, val: CocoInstances):
     if train.category_ids != val.category_ids:
-        raise UsageError(f'the train and val annotation files define different categories ({train.num_classes} '
-                         f'vs {val.num_classes} classes, ids {train.category_ids[:5]}... vs {val.category_ids[:5]}...)'
-                         ': they must define the same ones')
+        raise UsageError(
+            f'the train and val annotation files define different categories ({train.num_classes} '
+            f'vs {val.num_classes} classes, ids {train.category_ids[:5]}... vs {val.category_ids[:5]}...)'
+            ': they must define the same ones'
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
 # ADE20K
 # ----------------------------------------------------------------------------------------------------
+
 
 class RescaleToFit(v2.Transform):
     """Resize keeping the aspect ratio so that the long side is at most `ratio * scale[0]` and the short
@@ -219,14 +234,24 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
     """An ADE20K-format split as (image, mask). Masks hold labels 0..num_classes-1 and IGNORE_INDEX:
     with `reduce_zero_label` (ADE20K), file label 0 becomes IGNORE_INDEX and the others shift down by 1."""
 
-    def __init__(self, data_path: str, split: str, train: bool, num_classes: int,
-                 img_scale=(2048, 512), crop_size: int = 512, reduce_zero_label: bool = True):
+    def __init__(
+        self,
+        data_path: str,
+        split: str,
+        train: bool,
+        num_classes: int,
+        img_scale=(2048, 512),
+        crop_size: int = 512,
+        reduce_zero_label: bool = True,
+    ):
         image_dir = os.path.join(data_path, 'images', split)
         label_dir = os.path.join(data_path, 'annotations', split)
         for folder in (image_dir, label_dir):
             if not os.path.isdir(folder):
-                raise UsageError(f'{folder} not found: the ADE20K layout is DATA/images/{split}/<name>.jpg with '
-                                 f'labels in DATA/annotations/{split}/<name>.png (set --data-path and the split)')
+                raise UsageError(
+                    f'{folder} not found: the ADE20K layout is DATA/images/{split}/<name>.jpg with '
+                    f'labels in DATA/annotations/{split}/<name>.png (set --data-path and the split)'
+                )
         names = sorted(os.path.splitext(f)[0] for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not names:
             raise UsageError(f'{image_dir} holds no images (.jpg, .jpeg, .png)')
@@ -255,8 +280,10 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         labels = np.unique(mask)
         labels = labels[labels != IGNORE_INDEX]
         if len(labels) and labels.max() >= self.num_classes:
-            raise UsageError(f'{self.labels[index]} holds label {labels.max() + int(self.reduce_zero_label)} but '
-                             f'--num-classes is {self.num_classes}: set --num-classes to the data set\'s class count')
+            raise UsageError(
+                f'{self.labels[index]} holds label {labels.max() + int(self.reduce_zero_label)} but '
+                f"--num-classes is {self.num_classes}: set --num-classes to the data set's class count"
+            )
         return torch.from_numpy(mask)
 
     def sample_path(self, index: int) -> str:
@@ -266,8 +293,10 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         image = tv_tensors.Image(TF.pil_to_tensor(load_rgb_image(self.images[index])))
         mask = tv_tensors.Mask(self.load_mask(index))
         if mask.shape != image.shape[-2:]:
-            raise UsageError(f'{self.labels[index]} is {mask.shape[1]}x{mask.shape[0]} but its image is '
-                             f'{image.shape[-1]}x{image.shape[-2]}: a label map must have its image\'s size')
+            raise UsageError(
+                f'{self.labels[index]} is {mask.shape[1]}x{mask.shape[0]} but its image is '
+                f"{image.shape[-1]}x{image.shape[-2]}: a label map must have its image's size"
+            )
         if self.train:
             image, mask = self.transform(image, mask)
         else:

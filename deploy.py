@@ -4,6 +4,7 @@ The graph comes from `torch.onnx.export(..., dynamo=True)` (torch.export, then O
 (float32, N x 3 x H x W) has a dynamic batch and a dynamic height and width, each a multiple of STRIDE; its
 output is `logits`. onnx, onnxruntime and onnxscript are the optional `onnx` extra, imported only here.
 """
+
 import warnings
 
 import torch
@@ -19,8 +20,10 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise UsageError('ONNX export needs the optional packages onnx, onnxruntime and onnxscript: '
-                         'pip install "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.2"') from None
+        raise UsageError(
+            'ONNX export needs the optional packages onnx, onnxruntime and onnxscript: '
+            'pip install "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.2"'
+        ) from None
     return onnxruntime
 
 
@@ -35,12 +38,19 @@ def export(model: torch.nn.Module, path: str, example_size=(224, 224)):
         warnings.simplefilter('ignore')  # the exporter's deprecation and tracing notes
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, verbose=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch, 2: STRIDE * height, 3: STRIDE * width},))
+                model,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch, 2: STRIDE * height, 3: STRIDE * width},),
+            )
         except Exception as e:  # the exporter raises many types; the first line says which operator or guard
-            raise UsageError(f'torch.onnx.export failed for {type(model).__name__} with a dynamic batch, height '
-                             f'and width: {first_line(e)}') from None
+            raise UsageError(
+                f'torch.onnx.export failed for {type(model).__name__} with a dynamic batch, height '
+                f'and width: {first_line(e)}'
+            ) from None
     program.save(path, external_data=False)  # one self-contained file (every variant is far below 2 GB)
 
 
@@ -66,13 +76,16 @@ def relative_difference(model: torch.nn.Module, session, size, batch: int, seed:
         with torch.no_grad():
             expected = model(x).double()
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise UsageError(f'the PyTorch model rejects a {size[0]}x{size[1]} input ({first_line(e)}); choose '
-                         '--check-sizes it takes') from None
+        raise UsageError(
+            f'the PyTorch model rejects a {size[0]}x{size[1]} input ({first_line(e)}); choose --check-sizes it takes'
+        ) from None
     try:
         got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]).double()
     except Exception as e:  # onnxruntime's errors have no common base class
         raise UsageError(f'ONNX Runtime fails on a {batch}x3x{size[0]}x{size[1]} input: {first_line(e)}') from None
     if got.shape != expected.shape:
-        raise UsageError(f'ONNX Runtime gives logits of shape {tuple(got.shape)} for input {tuple(x.shape)}, '
-                         f'PyTorch {tuple(expected.shape)}')
+        raise UsageError(
+            f'ONNX Runtime gives logits of shape {tuple(got.shape)} for input {tuple(x.shape)}, '
+            f'PyTorch {tuple(expected.shape)}'
+        )
     return ((got - expected).norm() / expected.norm()).item()

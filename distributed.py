@@ -2,6 +2,7 @@
 watch that ends every process when one fails alone.
 
 Every collective here is a no-op with one process, so the same code runs with one process or many."""
+
 import builtins
 import datetime
 import os
@@ -37,10 +38,17 @@ def launch_environment(env=None) -> dict:
         return {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0'}
     address = env.get('MASTER_ADDR') or first_slurm_host(env.get('SLURM_STEP_NODELIST', env.get('SLURM_NODELIST', '')))
     if not address:
-        raise UsageError('under srun, set MASTER_ADDR to the first node of the job (e.g. export MASTER_ADDR=$(scontrol '
-                         'show hostnames "$SLURM_JOB_NODELIST" | head -n 1)), or launch with torchrun')
-    return {'RANK': env['SLURM_PROCID'], 'WORLD_SIZE': str(tasks), 'LOCAL_RANK': env.get('SLURM_LOCALID', '0'),
-            'MASTER_ADDR': address, 'MASTER_PORT': env.get('MASTER_PORT', '29500')}
+        raise UsageError(
+            'under srun, set MASTER_ADDR to the first node of the job (e.g. export MASTER_ADDR=$(scontrol '
+            'show hostnames "$SLURM_JOB_NODELIST" | head -n 1)), or launch with torchrun'
+        )
+    return {
+        'RANK': env['SLURM_PROCID'],
+        'WORLD_SIZE': str(tasks),
+        'LOCAL_RANK': env.get('SLURM_LOCALID', '0'),
+        'MASTER_ADDR': address,
+        'MASTER_PORT': env.get('MASTER_PORT', '29500'),
+    }
 
 
 def cuda_device_index(local_rank: int, count: int) -> int:
@@ -50,9 +58,11 @@ def cuda_device_index(local_rank: int, count: int) -> int:
         return local_rank
     if count == 1:
         return 0
-    raise UsageError(f'local rank {local_rank} but this process sees {count} GPUs: start one process per GPU '
-                     '(torchrun --nproc_per_node, srun --ntasks-per-node), or let each process see one GPU '
-                     '(srun --gpus-per-task=1)')
+    raise UsageError(
+        f'local rank {local_rank} but this process sees {count} GPUs: start one process per GPU '
+        '(torchrun --nproc_per_node, srun --ntasks-per-node), or let each process see one GPU '
+        '(srun --gpus-per-task=1)'
+    )
 
 
 def init_distributed(args):
@@ -78,17 +88,25 @@ def init_distributed(args):
         raise UsageError('--dist-backend nccl needs CUDA tensors: use --device cuda, or gloo on the CPU')
     args.dist_backend = backend
     if args.distributed:
-        dist.init_process_group(backend=backend, init_method='env://',
-                                world_size=args.world_size, rank=args.rank,
-                                timeout=datetime.timedelta(minutes=args.dist_timeout),
-                                device_id=args.device if backend == 'nccl' else None)
+        dist.init_process_group(
+            backend=backend,
+            init_method='env://',
+            world_size=args.world_size,
+            rank=args.rank,
+            timeout=datetime.timedelta(minutes=args.dist_timeout),
+            device_id=args.device if backend == 'nccl' else None,
+        )
         watch_peers(args.rank, args.world_size)
         silence_unless_main()
-        if int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) and \
-                os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-            print('warning: with torchrun --max-restarts, also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted '
-                  "workers can otherwise read the killed workers' addresses from torchrun's store and hang "
-                  '(pytorch/pytorch#135712)')
+        if (
+            int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0))
+            and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+        ):
+            print(
+                'warning: with torchrun --max-restarts, also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted '
+                "workers can otherwise read the killed workers' addresses from torchrun's store and hang "
+                '(pytorch/pytorch#135712)'
+            )
 
 
 def is_distributed() -> bool:
@@ -211,6 +229,7 @@ def broadcast_buffers(*modules: torch.nn.Module):
 # When one process fails alone
 # ----------------------------------------------------------------------------------------------------
 
+
 class PeerWatch:
     """Ends this process within seconds of another one failing alone (an unreadable image, out of memory, a full
     disk on rank 0), with that process's exit code; rank 0 reports its line. Without it the others would wait in
@@ -222,10 +241,19 @@ class PeerWatch:
     it every `poll_seconds`. Losing the store (its host died) ends this process too. At the end every process
     counts itself out, and rank 0, which holds the store under srun, waits (at most `leave_seconds`) until all
     have, so that none loses the store while it still reads it."""
+
     FAILURE, LEFT = 'failure', 'left'
 
-    def __init__(self, rank: int, world_size: int, address: str, port: int, prefix: str,
-                 poll_seconds: float = 1.0, leave_seconds: float = 10.0):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        address: str,
+        port: int,
+        prefix: str,
+        poll_seconds: float = 1.0,
+        leave_seconds: float = 10.0,
+    ):
         self.rank, self.world_size = rank, world_size
         self.poll_seconds, self.leave_seconds = poll_seconds, leave_seconds
         client = dist.TCPStore(address, port, is_master=False, timeout=datetime.timedelta(seconds=30))
@@ -249,8 +277,12 @@ class PeerWatch:
             except RuntimeError:  # the store's host is gone (DistNetworkError)
                 if self.stopped.is_set():
                     return
-                failure = (None, EXIT_FAILURE, 'error: lost contact with the other processes (the rendezvous store, '
-                           'on rank 0 or the launcher, is gone: see their output)')
+                failure = (
+                    None,
+                    EXIT_FAILURE,
+                    'error: lost contact with the other processes (the rendezvous store, '
+                    'on rank 0 or the launcher, is gone: see their output)',
+                )
             if failure is None or failure[0] == self.rank:
                 continue
             if not self.ending.acquire(blocking=False):
@@ -297,8 +329,9 @@ def watch_peers(rank: int, world_size: int):
     global _peer_watch
     if 'MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ:
         attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')  # torchrun's store outlives a restart
-        _peer_watch = PeerWatch(rank, world_size, os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']),
-                                f'ravlt/peers/{attempt}')
+        _peer_watch = PeerWatch(
+            rank, world_size, os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), f'ravlt/peers/{attempt}'
+        )
 
 
 def peer_failure() -> Optional[Tuple[int, int, str]]:

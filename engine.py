@@ -1,4 +1,5 @@
 """The loops: one training epoch of any task (the task gives its loss), and classification evaluation."""
+
 import inspect
 import math
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def evaluation_batches(batches: Iterable):
 
 
 # A loss scale that never grows: float32 and bf16 need no scaling, and x 1 is exact (see grad_scaler).
-NEVER = 2 ** 62
+NEVER = 2**62
 
 
 def grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
@@ -68,6 +69,7 @@ def optimizer_options(opt: str) -> dict:
     """Keyword arguments for timm's create_optimizer_v2: the fused kernel where the optimizer class has one (torch's
     AdamW, Adam, SGD): one launch per step, and the scaler's skip of a non-finite step stays on the device."""
     from timm.optim import get_optimizer_info
+
     try:
         opt_class = get_optimizer_info(opt.lower().split('_')[-1]).opt_class
     except ValueError:
@@ -75,8 +77,13 @@ def optimizer_options(opt: str) -> dict:
     return {'fused': True} if 'fused' in inspect.signature(opt_class).parameters else {}
 
 
-def optimizer_step(losses: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   max_norm: Optional[float] = None, parameters=None) -> torch.Tensor:
+def optimizer_step(
+    losses: Dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    max_norm: Optional[float] = None,
+    parameters=None,
+) -> torch.Tensor:
     """Backward of the summed `losses` and one optimizer step, without reading anything on the host.
 
     Returns the step's record, float64 [loss, part, ...] on the device. A non-finite loss never updates the
@@ -99,11 +106,11 @@ def optimizer_step(losses: Dict[str, torch.Tensor], optimizer: torch.optim.Optim
 
 @dataclass
 class EpochResult:
-    stats: dict          # the epoch's mean of each logged value
-    totals: dict         # MetricLogger.totals(): what a mid-epoch resume continues from
-    steps: int           # steps of this epoch done so far (those before a resume included)
-    global_step: int     # steps of the whole run done so far
-    stopped: bool        # a process was asked to stop (a signal): the epoch is unfinished
+    stats: dict  # the epoch's mean of each logged value
+    totals: dict  # MetricLogger.totals(): what a mid-epoch resume continues from
+    steps: int  # steps of this epoch done so far (those before a resume included)
+    global_step: int  # steps of the whole run done so far
+    stopped: bool  # a process was asked to stop (a signal): the epoch is unfinished
 
 
 class StepRecords:
@@ -130,21 +137,38 @@ class StepRecords:
         totals = distributed.all_reduce_sum(torch.cat([records.flatten(), stop]))
         world, width = distributed.get_world_size(), records.shape[1]
         for i, lr in enumerate(self.lrs):
-            values = [v / world for v in totals[i * width:(i + 1) * width]]
+            values = [v / world for v in totals[i * width : (i + 1) * width]]
             if not math.isfinite(values[0]):
-                raise FloatingPointError(f'loss is {values[0]} at {self.where(self.first + i)}; training stopped, the '
-                                         'checkpoints on disk are from the last completed epoch')
+                raise FloatingPointError(
+                    f'loss is {values[0]} at {self.where(self.first + i)}; training stopped, the '
+                    'checkpoints on disk are from the last completed epoch'
+                )
             metric_logger.update(**dict(zip(self.names, values)), lr=lr)
         self.records, self.lrs, self.stop = [], [], False
         return totals[-1] > 0
 
 
-def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iterable,
-                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
-                    epoch: int, *, amp_dtype: Optional[torch.dtype] = None, lr_scheduler=None, seed: int = 0,
-                    first_step: int = 0, global_step: int = 0, last_step: Optional[int] = None,
-                    max_norm: Optional[float] = None, model_ema=None, totals: Optional[dict] = None,
-                    stop_requested: Callable[[], bool] = lambda: False, print_freq: int = 10) -> EpochResult:
+def train_one_epoch(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    epoch: int,
+    *,
+    amp_dtype: Optional[torch.dtype] = None,
+    lr_scheduler=None,
+    seed: int = 0,
+    first_step: int = 0,
+    global_step: int = 0,
+    last_step: Optional[int] = None,
+    max_norm: Optional[float] = None,
+    model_ema=None,
+    totals: Optional[dict] = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    print_freq: int = 10,
+) -> EpochResult:
     """Train on the epoch's batches from step `first_step` (after a mid-epoch resume, the loader skips the
     batches before it) and before the run's step `last_step`.
 
@@ -161,8 +185,9 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
     metric_logger.restore(totals or {})
     steps_per_epoch = first_step + len(data_loader)
     rank, step, stopped, pending = distributed.get_rank(), first_step, False, None
-    for batch in metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start=first_step,
-                                         total=steps_per_epoch):
+    for batch in metric_logger.log_every(
+        data_loader, print_freq, f'Epoch: [{epoch}]', start=first_step, total=steps_per_epoch
+    ):
         if last_step is not None and global_step >= last_step:
             break
         samples, targets = check_batch(batch)
@@ -173,8 +198,10 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
         with autocast(device, amp_dtype):
             losses = loss_fn(model, samples, targets)
         if pending is None:
-            pending = StepRecords(['loss'] + ([] if list(losses) == ['loss'] else list(losses)),
-                                  lambda i: f'epoch {epoch}, step {i} of {steps_per_epoch}')
+            pending = StepRecords(
+                ['loss'] + ([] if list(losses) == ['loss'] else list(losses)),
+                lambda i: f'epoch {epoch}, step {i} of {steps_per_epoch}',
+            )
         record = optimizer_step(losses, optimizer, scaler, max_norm, model.parameters())
         if model_ema is not None:
             model_ema.update(unwrap_model(model), step=global_step)
@@ -192,8 +219,13 @@ def train_one_epoch(model: torch.nn.Module, loss_fn: Callable, data_loader: Iter
 
 
 @torch.no_grad()
-def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None,
-             sharded: bool = False, print_freq: int = 10) -> dict:
+def evaluate(
+    data_loader: Iterable,
+    model: torch.nn.Module,
+    amp_dtype: Optional[torch.dtype] = None,
+    sharded: bool = False,
+    print_freq: int = 10,
+) -> dict:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader's images, computed where the model
     is (an EMA kept on the CPU is evaluated there).
 
@@ -218,5 +250,8 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, amp_dtype: Optional[
     if sharded:
         count, correct1, correct5, loss_sum = distributed.all_reduce_sum([count, correct1, correct5, loss_sum])
     denominator = max(count, 1)
-    return {'acc1': 100.0 * correct1 / denominator, 'acc5': 100.0 * correct5 / denominator,
-            'loss': loss_sum / denominator}
+    return {
+        'acc1': 100.0 * correct1 / denominator,
+        'acc5': 100.0 * correct5 / denominator,
+        'loss': loss_sum / denominator,
+    }

@@ -1,5 +1,6 @@
 """What main_det.py and main_seg.py share: the optimizer as the authors' mmcv configs build it, and COCO and
 mIoU evaluation (the training epoch is engine.train_one_epoch, shared with classification)."""
+
 import contextlib
 import io
 from typing import Callable, Dict, Iterable, List, Optional
@@ -36,8 +37,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, norm_no_decay: boo
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, norm_no_decay: bool) -> torch.optim.Optimizer:
     """The dense recipes' AdamW over `param_groups`."""
-    return create_optimizer_v2(param_groups(model, weight_decay, norm_no_decay), 'adamw', lr=lr,
-                               weight_decay=weight_decay, **optimizer_options('adamw'))
+    return create_optimizer_v2(
+        param_groups(model, weight_decay, norm_no_decay),
+        'adamw',
+        lr=lr,
+        weight_decay=weight_decay,
+        **optimizer_options('adamw'),
+    )
 
 
 def layout_probe(model: torch.nn.Module):
@@ -50,9 +56,10 @@ def coco_results(output: dict, image_id: int, category_of: Callable[[int], int])
     """One image's detections as COCO result entries (box XYWH; mask as RLE when the output has masks)."""
     boxes = output['boxes'].float().cpu()
     boxes[:, 2:] -= boxes[:, :2]
-    results = [{'image_id': image_id, 'category_id': category_of(int(label)), 'bbox': box,
-                'score': float(score)}
-               for box, label, score in zip(boxes.tolist(), output['labels'].tolist(), output['scores'].tolist())]
+    results = [
+        {'image_id': image_id, 'category_id': category_of(int(label)), 'bbox': box, 'score': float(score)}
+        for box, label, score in zip(boxes.tolist(), output['labels'].tolist(), output['scores'].tolist())
+    ]
     if 'masks' in output:
         masks = (output['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
         for result, mask in zip(results, masks):
@@ -65,8 +72,11 @@ def coco_results(output: dict, image_id: int, category_of: Callable[[int], int])
 def _no_detections(coco_gt: COCO) -> COCO:
     """An empty result set (pycocotools' loadRes refuses an empty list): every image scored with nothing."""
     empty = COCO()
-    empty.dataset = {'images': coco_gt.dataset['images'], 'categories': coco_gt.dataset['categories'],
-                     'annotations': []}
+    empty.dataset = {
+        'images': coco_gt.dataset['images'],
+        'categories': coco_gt.dataset['categories'],
+        'annotations': [],
+    }
     empty.createIndex()
     return empty
 
@@ -85,14 +95,21 @@ def coco_metrics(coco_gt: COCO, results: List[dict], iou_types) -> Dict[str, Opt
             coco_eval.evaluate()
             coco_eval.accumulate()
             coco_eval.summarize()
-        stats.update({f'{iou_type}_{n}': None if v < 0 else 100.0 * float(v)
-                      for n, v in zip(COCO_METRICS, coco_eval.stats[:6])})
+        stats.update(
+            {f'{iou_type}_{n}': None if v < 0 else 100.0 * float(v) for n, v in zip(COCO_METRICS, coco_eval.stats[:6])}
+        )
     return stats
 
 
 @torch.no_grad()
-def evaluate_coco(model: torch.nn.Module, data_loader: Iterable, dataset, iou_types,
-                  amp_dtype: Optional[torch.dtype] = None, print_freq: int = 50) -> Dict[str, Optional[float]]:
+def evaluate_coco(
+    model: torch.nn.Module,
+    data_loader: Iterable,
+    dataset,
+    iou_types,
+    amp_dtype: Optional[torch.dtype] = None,
+    print_freq: int = 50,
+) -> Dict[str, Optional[float]]:
     """COCO AP of a torchvision detector on `data_loader` (a share per process when distributed), where the
     model is. The results are gathered to rank 0, which scores them while the others wait for its numbers."""
     model.eval()
@@ -104,8 +121,11 @@ def evaluate_coco(model: torch.nn.Module, data_loader: Iterable, dataset, iou_ty
         for output, target in zip(outputs, targets):
             results += coco_results(output, target['image_id'], dataset.category_of)
     gathered = distributed.gather_objects(results)
-    stats = coco_metrics(dataset.coco, [r for part in gathered for r in part], iou_types) \
-        if distributed.is_main_process() else None
+    stats = (
+        coco_metrics(dataset.coco, [r for part in gathered for r in part], iou_types)
+        if distributed.is_main_process()
+        else None
+    )
     return distributed.broadcast_object(stats)
 
 
@@ -116,13 +136,22 @@ def miou_metrics(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> Dict[s
     tn = torch.zeros_like(tp)
     iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction=None, zero_division=nan)
     recall = smp.metrics.recall(tp, fp, fn, tn, reduction=None, zero_division=nan)
-    return {'mIoU': 100.0 * float(iou.nanmean()), 'mAcc': 100.0 * float(recall.nanmean()),
-            'aAcc': 100.0 * float(tp.sum() / (tp + fn).sum().clamp(min=1))}
+    return {
+        'mIoU': 100.0 * float(iou.nanmean()),
+        'mAcc': 100.0 * float(recall.nanmean()),
+        'aAcc': 100.0 * float(tp.sum() / (tp + fn).sum().clamp(min=1)),
+    }
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: torch.nn.Module, data_loader: Iterable, num_classes: int, ignore_index: int,
-                          amp_dtype: Optional[torch.dtype] = None, print_freq: int = 50) -> Dict[str, float]:
+def evaluate_segmentation(
+    model: torch.nn.Module,
+    data_loader: Iterable,
+    num_classes: int,
+    ignore_index: int,
+    amp_dtype: Optional[torch.dtype] = None,
+    print_freq: int = 50,
+) -> Dict[str, float]:
     """mIoU of whole-image inference, where the model is: logits resized to each label map's own size; pixel
     counts from segmentation_models_pytorch's get_stats, summed over images and processes."""
     model.eval()
@@ -133,8 +162,9 @@ def evaluate_segmentation(model: torch.nn.Module, data_loader: Iterable, num_cla
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode='bilinear', align_corners=False)
-        tp, fp, fn, _ = smp.metrics.get_stats(logits.argmax(1), masks.long(), mode='multiclass',
-                                              ignore_index=ignore_index, num_classes=num_classes)
+        tp, fp, fn, _ = smp.metrics.get_stats(
+            logits.argmax(1), masks.long(), mode='multiclass', ignore_index=ignore_index, num_classes=num_classes
+        )
         counts += torch.stack([tp.sum(0), fp.sum(0), fn.sum(0)]).double().cpu()
     counts = torch.tensor(distributed.all_reduce_sum(counts.flatten().tolist()), dtype=torch.float64).view(3, -1)
     return miou_metrics(*counts)

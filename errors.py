@@ -1,5 +1,6 @@
 """The exceptions every part of a run raises on purpose, the exit codes `cli.run_cli` turns them into, and the
 one-line report on stderr."""
+
 import os
 import re
 import sys
@@ -47,7 +48,8 @@ OUT_OF_MEMORY_MARKERS = ("can't allocate memory", 'not enough memory', 'out of m
 def is_out_of_memory(error: BaseException) -> bool:
     """Memory ran out: MemoryError, torch.OutOfMemoryError, or the plain RuntimeError of the CPU allocator."""
     return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError) and any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS))
+        isinstance(error, RuntimeError) and any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS)
+    )
 
 
 def killed_worker(error: BaseException):

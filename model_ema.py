@@ -1,5 +1,6 @@
 """The EMA of the weights: timm's ModelEmaV3, and, for an EMA kept in host memory beside a model on a GPU
 (--model-ema-force-cpu), `HostModelEma`, whose update never makes the GPU wait."""
+
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import List, Optional
 
@@ -58,7 +59,7 @@ class HostModelEma(ModelEmaV3):
             else:
                 ema_v.copy_(model_v)
         if ema_values:
-            self._foreach_lerp_(ema_values, model_values, weight=1. - decay)
+            self._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
 
     def synchronize(self):
         """Wait until every update so far is blended in."""

@@ -4,6 +4,7 @@ reparameterize_model) that every evaluation runs, and torch.compile.
 
 Every entry point and script builds its model here, so a name, its keyword arguments and the weights of any
 checkpoint kind (checkpoints.py) meet in one place, with one-line errors."""
+
 import argparse
 import copy
 import json
@@ -15,8 +16,8 @@ import torch
 
 import checkpoints
 import models
-from cli import FRACTION
 import utils
+from cli import FRACTION
 from errors import UsageError
 
 # The methods timm.utils.reparameterize_model calls on a module to fold it for inference.
@@ -36,15 +37,21 @@ def check_model_kwargs(model_kwargs: Optional[dict]):
     if not isinstance(kwargs, dict):
         raise UsageError(f'--model-kwargs {_brief(kwargs)} is not a mapping of argument names to values')
     if kwargs.get('pretrained'):
-        raise UsageError('--model-kwargs: pretrained is not taken (no weights are downloaded): give the weights as a '
-                         'file (main.py --finetune or --resume, --pretrained for main_det.py / main_seg.py, '
-                         '--checkpoint for the scripts)')
+        raise UsageError(
+            '--model-kwargs: pretrained is not taken (no weights are downloaded): give the weights as a '
+            'file (main.py --finetune or --resume, --pretrained for main_det.py / main_seg.py, '
+            '--checkpoint for the scripts)'
+        )
     if kwargs.get('features_only'):
-        raise UsageError('--model-kwargs: features_only builds a feature extractor, not the classifier this runs: '
-                         'leave it out (main_det.py / main_seg.py build the dense models)')
+        raise UsageError(
+            '--model-kwargs: features_only builds a feature extractor, not the classifier this runs: '
+            'leave it out (main_det.py / main_seg.py build the dense models)'
+        )
     if 'in_chans' in kwargs and kwargs['in_chans'] != 3:
-        raise UsageError(f'--model-kwargs: in_chans {_brief(kwargs["in_chans"])}: the data are RGB images (3 '
-                         'channels) everywhere here; leave in_chans out')
+        raise UsageError(
+            f'--model-kwargs: in_chans {_brief(kwargs["in_chans"])}: the data are RGB images (3 '
+            'channels) everywhere here; leave in_chans out'
+        )
     for key, (flag, check) in KWARG_RANGES.items():
         if key in kwargs:
             try:
@@ -56,7 +63,7 @@ def check_model_kwargs(model_kwargs: Optional[dict]):
 def _brief(value, limit: int = 200) -> str:
     """JSON of a value for an error line, cut to `limit` characters."""
     text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 3] + '...'
+    return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 def create_model(name: str, model_kwargs: Optional[dict] = None, **kwargs) -> torch.nn.Module:
@@ -64,8 +71,10 @@ def create_model(name: str, model_kwargs: Optional[dict] = None, **kwargs) -> to
     with a one-line UsageError for an unknown model or arguments it does not take."""
     resolved = models.resolve_model_name(name)
     if not timm.is_model(resolved):
-        raise UsageError(f'unknown model {name!r}: choose RAVLT_T, RAVLT_S, RAVLT_B or RAVLT_L (any timm model name '
-                         'also works, see timm.list_models())')
+        raise UsageError(
+            f'unknown model {name!r}: choose RAVLT_T, RAVLT_S, RAVLT_B or RAVLT_L (any timm model name '
+            'also works, see timm.list_models())'
+        )
     check_model_kwargs(model_kwargs)
     try:
         return timm.create_model(resolved, **dict(model_kwargs or {}, **kwargs))
@@ -73,11 +82,19 @@ def create_model(name: str, model_kwargs: Optional[dict] = None, **kwargs) -> to
         raise UsageError(f'cannot build {resolved} with --model-kwargs {_brief(model_kwargs)}: {e}') from None
 
 
-def create_dense_model(task: str, name: str, num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None,
-                       drop_path: Optional[float] = None, pretrained: str = '', **detector_kwargs) -> torch.nn.Module:
+def create_dense_model(
+    task: str,
+    name: str,
+    num_classes: Optional[int] = None,
+    model_kwargs: Optional[dict] = None,
+    drop_path: Optional[float] = None,
+    pretrained: str = '',
+    **detector_kwargs,
+) -> torch.nn.Module:
     """A detector or segmenter (models.dense) on a RAVLT backbone, with the backbone weights of `pretrained`
     (any checkpoint holding RAVLT weights) when given."""
     from models.dense import build_dense_model  # torchvision's detectors, segmentation_models_pytorch
+
     check_model_kwargs(model_kwargs)
     backbone_kwargs = dict(model_kwargs or {})
     if drop_path is not None:
@@ -85,26 +102,39 @@ def create_dense_model(task: str, name: str, num_classes: Optional[int] = None, 
     try:
         model = build_dense_model(task, name, num_classes, backbone_kwargs, **detector_kwargs)
     except BUILD_ERRORS as e:
-        raise UsageError(f'cannot build {task} with --model {name} and --model-kwargs '
-                         f'{_brief(model_kwargs)}: {e}') from None
+        raise UsageError(
+            f'cannot build {task} with --model {name} and --model-kwargs {_brief(model_kwargs)}: {e}'
+        ) from None
     if pretrained:
         missing, unexpected = checkpoints.load_backbone_weights(
-            model, checkpoints.load_checkpoint(pretrained), f'--pretrained {pretrained}', name)
-        print(f'Backbone weights from {pretrained}: {len(missing)} missing {missing}, '
-              f'{len(unexpected)} unexpected {unexpected}')
+            model, checkpoints.load_checkpoint(pretrained), f'--pretrained {pretrained}', name
+        )
+        print(
+            f'Backbone weights from {pretrained}: {len(missing)} missing {missing}, '
+            f'{len(unexpected)} unexpected {unexpected}'
+        )
     return model
 
 
 def checkpoint_classes(state_dict: dict, model: torch.nn.Module) -> Optional[int]:
     """The class count of the classifier in `state_dict` (weights of `model`'s kind), or None without one."""
-    head = next((k for k in sorted(checkpoints.classifier_keys(model)) if k.endswith('weight') and k in state_dict),
-                None)
+    head = next(
+        (k for k in sorted(checkpoints.classifier_keys(model)) if k.endswith('weight') and k in state_dict), None
+    )
     return None if head is None else state_dict[head].shape[0]
 
 
-def model_from_checkpoint(checkpoint: dict, source: str, model_name: Optional[str] = None,
-                          model_kwargs: Optional[dict] = None, ema: bool = False, default_name: str = 'RAVLT_S',
-                          num_classes: Optional[int] = None, parser=None, **kwargs) -> Tuple[torch.nn.Module, str]:
+def model_from_checkpoint(
+    checkpoint: dict,
+    source: str,
+    model_name: Optional[str] = None,
+    model_kwargs: Optional[dict] = None,
+    ema: bool = False,
+    default_name: str = 'RAVLT_S',
+    num_classes: Optional[int] = None,
+    parser=None,
+    **kwargs,
+) -> Tuple[torch.nn.Module, str]:
     """(classifier with the weights of `checkpoint`, its model name). The model and its keyword arguments are
     the checkpoint's own (its training flags, checked by `parser`'s --model and --model-kwargs, else the
     published variant its weights fit, else `default_name`) unless given; the class count is its classifier's,
@@ -149,6 +179,7 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     within float32 rounding, and resumes as it does."""
     check_compiler(device)
     import torch._inductor.config
+
     torch._inductor.config.fallback_random = True
     return torch.compile(model)
 
@@ -158,17 +189,23 @@ def check_compiler(device: torch.device):
     a GPU it supports) for CUDA."""
     if device.type == 'cuda':
         from torch.utils._triton import has_triton
+
         if not has_triton():
-            raise UsageError('--compile on CUDA needs triton (pip install triton) and a GPU of compute capability 7.0 '
-                             'or newer; or leave --compile out')
+            raise UsageError(
+                '--compile on CUDA needs triton (pip install triton) and a GPU of compute capability 7.0 '
+                'or newer; or leave --compile out'
+            )
         return
     from torch._inductor import config, cpp_builder, exc
+
     try:
         cpp_builder.get_cpp_compiler()
     except exc.InvalidCxxCompiler:
         tried = ', '.join(c for c in config.cpp.cxx if c)
-        raise UsageError(f'--compile on the CPU needs a C++ compiler and none works here (tried {tried}): install g++ '
-                         '(or set CXX to a compiler); or leave --compile out') from None
+        raise UsageError(
+            f'--compile on the CPU needs a C++ compiler and none works here (tried {tried}): install g++ '
+            '(or set CXX to a compiler); or leave --compile out'
+        ) from None
 
 
 def channels_last_convs(model: torch.nn.Module):
@@ -200,8 +237,11 @@ def match_gradient_layouts(module: torch.nn.Module, example: torch.Tensor, amp_d
         sum(t.float().sum() for t in _floating_tensors(output)).backward()
         for param in params:
             grad = param.grad
-            if grad is not None and grad.stride() != param.stride() and \
-                    all(g == p for g, p, n in zip(grad.stride(), param.stride(), param.shape) if n != 1):
+            if (
+                grad is not None
+                and grad.stride() != param.stride()
+                and all(g == p for g, p, n in zip(grad.stride(), param.stride(), param.shape) if n != 1)
+            ):
                 param.data = param.data.as_strided(param.shape, grad.stride())
     finally:
         module.train(training)

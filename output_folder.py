@@ -2,6 +2,7 @@
 drops it when the process dies, killed or not; where the file system has no locks, a warning), and its files:
 config.yaml, log.txt (one JSON line per epoch), TensorBoard events, eval_results.json; checkpoints.py writes the
 checkpoints into it."""
+
 import errno
 import fcntl
 import json
@@ -35,8 +36,9 @@ class OutputFolder:
         if not os.path.isdir(parent):
             raise UsageError(f'--output_dir {path} lies under a file, not a folder')
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f'cannot write to --output_dir {path} (permission denied in {parent}): choose a '
-                             'writable folder')
+            raise UsageError(
+                f'cannot write to --output_dir {path} (permission denied in {parent}): choose a writable folder'
+            )
 
     def create(self):
         """Make the folder if it is new, hold its lock, and remove the temporary files of an interrupted save."""
@@ -49,8 +51,9 @@ class OutputFolder:
         except NotADirectoryError:
             raise UsageError(f'--output_dir {self.path} lies under a file, not a folder') from None
         except OSError as e:
-            raise UsageError(f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable '
-                             'folder') from None
+            raise UsageError(
+                f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable folder'
+            ) from None
         self._check_writable()
         if self._lock is None:
             self._take_lock()
@@ -63,8 +66,9 @@ class OutputFolder:
         try:
             tempfile.TemporaryFile(dir=self.path).close()
         except OSError as e:
-            raise UsageError(f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable '
-                             'folder') from None
+            raise UsageError(
+                f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable folder'
+            ) from None
 
     def _take_lock(self):
         self._lock = os.open(self.path, os.O_RDONLY)
@@ -73,16 +77,19 @@ class OutputFolder:
         except BlockingIOError:
             os.close(self._lock)
             self._lock = None
-            raise UsageError(f'another run is using --output_dir {self.path} right now: wait for it to end or '
-                             'choose another folder') from None
+            raise UsageError(
+                f'another run is using --output_dir {self.path} right now: wait for it to end or choose another folder'
+            ) from None
         except OSError as e:
             if e.errno not in NO_LOCKS:
                 os.close(self._lock)
                 self._lock = None
                 raise
-            print(f'warning: --output_dir {self.path} is on a file system without file locks ({e.strerror}): the run '
-                  'goes on unlocked, so make sure no other run uses this folder at the same time (or choose a '
-                  'folder on a local or lock-capable file system)')
+            print(
+                f'warning: --output_dir {self.path} is on a file system without file locks ({e.strerror}): the run '
+                'goes on unlocked, so make sure no other run uses this folder at the same time (or choose a '
+                'folder on a local or lock-capable file system)'
+            )
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -126,6 +133,7 @@ class OutputFolder:
     def _add_scalars(self, entry: dict):
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(self.path)
         for key, value in entry.items():
             if key not in ('epoch', 'step', 'n_parameters') and isinstance(value, (int, float)):

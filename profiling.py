@@ -26,6 +26,7 @@ prints). The method:
 Model names: ours (RAVLT_S, ravlt_s), timm's, or `authors:RAVLT_S`, the authors' implementation loaded from
 their file with the weights of our model built from the same seed, so both compute the same function.
 """
+
 import contextlib
 import ctypes
 import gc
@@ -52,8 +53,8 @@ from fvcore.nn.jit_handles import get_shape
 
 import allocator
 import models
-from errors import UsageError, first_line
 from deploy import INPUT_NAME, create_session, export, import_onnxruntime
+from errors import UsageError, first_line
 from model_factory import compile_model, create_model
 from utils import AMP_DTYPES, autocast
 
@@ -70,6 +71,7 @@ ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'scaled_dot_product
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
 
+
 def sdpa_flop_jit(inputs, outputs) -> int:
     """q.k^T and attn.v of scaled_dot_product_attention: B*h*Lq*Lk*(E + Ev) multiply-adds."""
     q, k, v = (get_shape(t) for t in inputs[:3])
@@ -84,14 +86,19 @@ def count_flops(model: torch.nn.Module, inputs) -> dict:
     """fvcore FLOPs (multiply-adds) of model(inputs): in total, of the attention products (ATTENTION_OPS) and per
     operator (fvcore names, `aten::` dropped)."""
     model.eval()
-    analysis = (FlopCountAnalysis(model, inputs)
-                .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
-                .unsupported_ops_warnings(False)
-                .uncalled_modules_warnings(False))
+    analysis = (
+        FlopCountAnalysis(model, inputs)
+        .set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
+        .unsupported_ops_warnings(False)
+        .uncalled_modules_warnings(False)
+    )
     with torch.no_grad():
         by_operator = dict(analysis.by_operator())
-        return {'total': analysis.total(), 'attention': sum(v for k, v in by_operator.items() if k in ATTENTION_OPS),
-                'by_operator': by_operator}
+        return {
+            'total': analysis.total(),
+            'attention': sum(v for k, v in by_operator.items() if k in ATTENTION_OPS),
+            'by_operator': by_operator,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,6 +117,7 @@ def progress(message: str):
 @dataclass(eq=False)
 class Contender:
     """One model in one mode on one backend; `label` names it in the table (the model name by default)."""
+
     name: str
     mode: str = 'eval'
     backend: str = 'eager'
@@ -127,6 +135,7 @@ class Contender:
 @dataclass
 class Settings:
     """How every contender of one measurement runs."""
+
     batch_size: int = 16
     input_size: tuple = (224, 224)  # height, width
     device: str = 'cpu'
@@ -155,10 +164,12 @@ class Settings:
 
     def describe(self) -> str:
         # CPU speed depends on how the C allocator hands out memory (allocator.py), so it is shown.
-        return (f'device {self.device} ({torch.get_num_threads()} threads), batch {self.batch_size}, input '
-                f'{self.input_size[0]}x{self.input_size[1]} (HxW), amp {self.amp}, channels-last '
-                f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps, '
-                f'C allocator: {allocator.describe()}')
+        return (
+            f'device {self.device} ({torch.get_num_threads()} threads), batch {self.batch_size}, input '
+            f'{self.input_size[0]}x{self.input_size[1]} (HxW), amp {self.amp}, channels-last '
+            f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps, '
+            f'C allocator: {allocator.describe()}'
+        )
 
 
 def load_authors_module(path: str, extra_paths):
@@ -167,8 +178,9 @@ def load_authors_module(path: str, extra_paths):
         raise UsageError(f"--authors-file {path!r} does not exist; point it at the authors' classfication/RALA.py")
     spec = importlib.util.spec_from_file_location(AUTHORS_MODULE, path)
     if spec is None or not path.endswith('.py'):
-        raise UsageError(f"--authors-file {path!r} is not a Python file (.py); point it at the authors' "
-                         'classfication/RALA.py')
+        raise UsageError(
+            f"--authors-file {path!r} is not a Python file (.py); point it at the authors' classfication/RALA.py"
+        )
     sys.path[:0] = [os.path.abspath(p) for p in extra_paths]
     module = importlib.util.module_from_spec(spec)
     # As an import does: timm's register_model looks its caller's module up in sys.modules while it executes.
@@ -180,27 +192,34 @@ def load_authors_module(path: str, extra_paths):
     except ImportError as e:
         del sys.modules[AUTHORS_MODULE]
         if isinstance(e, ModuleNotFoundError):
-            raise UsageError(f"the authors' file needs the package {e.name!r}: pip install {e.name} "
-                             f"(or give its folder with --authors-path-extra)") from None
-        raise UsageError(f"the authors' file does not import with this timm ({e}); edit its import lines to "
-                         f"today's paths (e.g. timm.layers instead of timm.models.layers)") from None
+            raise UsageError(
+                f"the authors' file needs the package {e.name!r}: pip install {e.name} "
+                f'(or give its folder with --authors-path-extra)'
+            ) from None
+        raise UsageError(
+            f"the authors' file does not import with this timm ({e}); edit its import lines to "
+            f"today's paths (e.g. timm.layers instead of timm.models.layers)"
+        ) from None
     except Exception as e:  # the file's own code failed: whatever it raised, say so in one line
-        raise UsageError(f"--authors-file {path!r} fails to run ({first_line(e)}); point it at the authors' "
-                         'classfication/RALA.py') from None
+        raise UsageError(
+            f"--authors-file {path!r} fails to run ({first_line(e)}); point it at the authors' classfication/RALA.py"
+        ) from None
     return module
 
 
 def build_model(name: str, seed: int, model_kwargs=None, authors_module=None) -> torch.nn.Module:
     """Our model, a timm model, or the authors' model carrying our model's weights (same seed)."""
     if name.startswith(AUTHORS_PREFIX):
-        variant = name[len(AUTHORS_PREFIX):].upper()
+        variant = name[len(AUTHORS_PREFIX) :].upper()
         if authors_module is None:
             raise UsageError(f'{name} needs --authors-file PATH/TO/RALA.py')
         if model_kwargs:
             raise UsageError(f"{name}: the authors' models take no --model-kwargs")
         if not hasattr(authors_module, variant) or variant.lower() not in models.RAVLT_CONFIGS:
-            raise UsageError(f"the authors' file has no model {variant!r}; use one of "
-                             f"{', '.join(AUTHORS_PREFIX + n.upper() for n in models.RAVLT_CONFIGS)}")
+            raise UsageError(
+                f"the authors' file has no model {variant!r}; use one of "
+                f'{", ".join(AUTHORS_PREFIX + n.upper() for n in models.RAVLT_CONFIGS)}'
+            )
         model = getattr(authors_module, variant)()
         torch.manual_seed(seed)
         model.load_state_dict(create_model(variant).state_dict(), strict=True)
@@ -218,6 +237,7 @@ def forward_macs(contender: Contender, settings: Settings, authors_module=None) 
 # ----------------------------------------------------------------------------------------------------
 # Runners: one step of a contender
 # ----------------------------------------------------------------------------------------------------
+
 
 class TorchRunner:
     """A model in eager mode or under torch.compile: its input, autocast and step function."""
@@ -283,7 +303,7 @@ class MatmulRunner:
         dtype = AMP_DTYPES[settings.amp] or torch.float32
         self.a, self.b = (torch.randn(self.n, self.n, device=self.device, dtype=dtype) for _ in range(2))
         self.c = torch.empty_like(self.a)
-        self.flops = 2 * self.n ** 3
+        self.flops = 2 * self.n**3
         self.contender = Contender(f'matmul {self.n}x{self.n} {str(dtype).split(".")[1]}', mode='-', backend='-')
 
     def step(self):
@@ -324,6 +344,7 @@ def first_step(runner):
 # ----------------------------------------------------------------------------------------------------
 # Peak memory
 # ----------------------------------------------------------------------------------------------------
+
 
 def read_status_kib(field_name: str) -> int:
     with open('/proc/self/status') as f:
@@ -370,7 +391,7 @@ class CudaMeter:
 
     def peak_mib(self) -> float:
         torch.cuda.synchronize(self.device)
-        return (torch.cuda.max_memory_allocated(self.device) - self.before) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
 
 
 def peak_memory_mib(runner, meter) -> float:
@@ -400,8 +421,7 @@ def memory_child(job: str):
     settings, contender = Settings(**job['settings']), Contender(**job['contender'])
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    authors = (load_authors_module(settings.authors_file, settings.authors_path_extra)
-               if settings.authors_file else None)
+    authors = load_authors_module(settings.authors_file, settings.authors_path_extra) if settings.authors_file else None
     runner = make_runner(contender, settings, authors, job['onnx_file'], arena=False)
     meter = CudaMeter(runner.device) if runner.device.type == 'cuda' else RssMeter()
     print(json.dumps({'peak_mib': peak_memory_mib(runner, meter)}))
@@ -410,6 +430,7 @@ def memory_child(job: str):
 # ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
+
 
 def time_runners(runners, warmup: int, iters: int):
     """Warm up each runner, then time them in turns; returns {runner: [seconds per step]}."""
@@ -424,7 +445,7 @@ def time_runners(runners, warmup: int, iters: int):
         progress(f'timing: round {i + 1}/{iters} of {len(runners)} contenders')
         # Every other round in reverse order: a step's speed depends on what ran just before it (the
         # allocator's state, the caches), and alternating shares that effect out evenly.
-        for runner in (runners if i % 2 == 0 else runners[::-1]):
+        for runner in runners if i % 2 == 0 else runners[::-1]:
             runner.sync()
             start = time.perf_counter()
             runner.step()
@@ -437,8 +458,12 @@ def summarize(contender: Contender, seconds, batch_size: int) -> dict:
     row = {'model': contender.label, 'backend': contender.backend, 'mode': contender.mode}
     if seconds:
         q1, median, q3 = statistics.quantiles(seconds, n=4, method='inclusive') if len(seconds) > 1 else seconds * 3
-        row.update(img_per_s=batch_size / median, img_per_s_p25=batch_size / q3,
-                   img_per_s_p75=batch_size / q1, ms_per_step=median * 1e3)
+        row.update(
+            img_per_s=batch_size / median,
+            img_per_s_p25=batch_size / q3,
+            img_per_s_p75=batch_size / q1,
+            ms_per_step=median * 1e3,
+        )
     return row
 
 
@@ -466,16 +491,18 @@ def benchmark(contenders, settings: Settings, authors_module=None, matmul: bool 
     """Time (and with settings.memory, measure the memory of) the contenders side by side; returns their rows,
     and the matrix product's row last when `matmul`."""
     with tempfile.TemporaryDirectory(prefix='ravlt_onnx_') as folder:
-        onnx_files = {c: export_for_onnxruntime(c, settings, authors_module, folder)
-                      for c in contenders if c.backend == 'onnxruntime'}
+        onnx_files = {
+            c: export_for_onnxruntime(c, settings, authors_module, folder)
+            for c in contenders
+            if c.backend == 'onnxruntime'
+        }
         runners = []
         for c in contenders:
             progress(f'{c.title}: building')
             runners.append(make_runner(c, settings, authors_module, onnx_files.get(c)))
         reference = MatmulRunner(settings) if matmul else None
         timed = runners + ([reference] if reference else [])
-        times = (time_runners(timed, settings.warmup, settings.iters) if settings.iters > 0
-                 else {r: [] for r in timed})
+        times = time_runners(timed, settings.warmup, settings.iters) if settings.iters > 0 else {r: [] for r in timed}
         rows = [summarize(r.contender, times[r], settings.batch_size) for r in runners]
         matmul_seconds = times.get(reference, [])
         del runners, timed, times  # the memory runs below start fresh processes: free this one's models first

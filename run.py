@@ -7,6 +7,7 @@ resumed at an epoch boundary or after a signal mid-epoch ends bit-identical to o
 see docs/training.md for CUDA), and resuming with another process count works. One run at a time per
 output folder. Parts: distributed.py (processes), output_folder.py (the folder), checkpoints.py (what is
 saved and resumed), trainer.py (the epoch loop), model_factory.py (models and their inference form)."""
+
 import datetime
 import json
 import os
@@ -29,35 +30,49 @@ from output_folder import OutputFolder
 from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup, print_evaluation
 
 # Flags whose change does not change the training.
-IGNORED_CHANGES = {'resume', 'eval', 'output_dir', 'num_workers', 'print_freq', 'dist_timeout', 'device', 'data_path',
-                   'finetune', 'pretrained', 'start_epoch', 'dist_backend', 'deterministic'}
+IGNORED_CHANGES = {
+    'resume',
+    'eval',
+    'output_dir',
+    'num_workers',
+    'print_freq',
+    'dist_timeout',
+    'device',
+    'data_path',
+    'finetune',
+    'pretrained',
+    'start_epoch',
+    'dist_backend',
+    'deterministic',
+}
 
 
 @dataclass
 class Task:
     """What a task gives the run."""
+
     model: torch.nn.Module
     dataset_val: torch.utils.data.Dataset
-    evaluate: Callable              # (model, data loader) -> {metric: value}, the same on every process
-    meta: dict                      # kept in checkpoints and checked on resume (task, classes ...)
+    evaluate: Callable  # (model, data loader) -> {metric: value}, the same on every process
+    meta: dict  # kept in checkpoints and checked on resume (task, classes ...)
     val_batch_size: int
-    shard_val: bool = True          # each process evaluates a disjoint share (else each the whole set)
+    shard_val: bool = True  # each process evaluates a disjoint share (else each the whole set)
     collate_fn: Optional[Callable] = None
     dataset_train: Optional[torch.utils.data.Dataset] = None
-    train_sampler: Optional[Callable] = None   # (dataset, world size, rank) -> sampler; default: shuffled shards
-    loss: Optional[Callable] = None            # (model, samples, targets) -> {name: loss}
+    train_sampler: Optional[Callable] = None  # (dataset, world size, rank) -> sampler; default: shuffled shards
+    loss: Optional[Callable] = None  # (model, samples, targets) -> {name: loss}
     make_optimizer: Optional[Callable] = None  # (model) -> optimizer
-    make_schedule: Optional[Callable] = None   # (optimizer, steps per epoch) -> (timm scheduler, total steps)
+    make_schedule: Optional[Callable] = None  # (optimizer, steps per epoch) -> (timm scheduler, total steps)
     schedule_in_epochs: bool = True  # False: the schedule counts steps whatever the process count (segmentation)
     evaluate_after: Callable = lambda steps_before, steps_after, total: True  # whether an epoch ends in evaluation
-    ema: Optional[dict] = None      # ModelEmaV3 arguments, or None for no EMA
+    ema: Optional[dict] = None  # ModelEmaV3 arguments, or None for no EMA
     fixed_input_size: bool = False  # every batch has the same size: cuDNN may benchmark its kernels once
     layout_probe: Optional[Callable] = None  # (model) -> (module, input) for match_gradient_layouts
     best_metric: Optional[str] = None  # keep best.pth (and best_ema.pth) by this metric
     max_norm: Optional[float] = None
-    backup_every: int = 0           # keep backup{epoch}.pth every this many epochs
+    backup_every: int = 0  # keep backup{epoch}.pth every this many epochs
     log_extra: dict = field(default_factory=dict)
-    length_flag: str = '--epochs'   # the flag that sets how long training runs
+    length_flag: str = '--epochs'  # the flag that sets how long training runs
     warmup_flag: str = '--warmup-epochs'
 
 
@@ -73,7 +88,6 @@ def run_task(parser, args, model_flags, build_task: Callable, check_flags: Optio
                 raise UsageError(str(e), everywhere=True) from None
         task = build_task(args, run)
         return run.evaluate(task) if args.eval else run.train(task)
-
 
 
 class Run:
@@ -137,8 +151,11 @@ class Run:
             try:
                 self.checkpoint = checkpoints.load_checkpoint(path)
             except UsageError as e:
-                error = str(e) if self.world_size == 1 else f'{e} (every process reads it: on several nodes the ' \
-                    'output folder must be shared)'
+                error = (
+                    str(e)
+                    if self.world_size == 1
+                    else f'{e} (every process reads it: on several nodes the output folder must be shared)'
+                )
                 if own and path == own and os.path.isfile(path):
                     error += _other_resume_points(args.output_dir)
             distributed.agree(error)
@@ -177,39 +194,52 @@ class Run:
 
     def take_flags(self, checkpoint: dict, dests, source: str):
         """The flags `dests` (destinations) that the user did not give take `checkpoint`'s values; says which."""
-        saved = checkpoints.flags_of(checkpoint, self.resume_path, self.parser,
-                                     check=[d for d in dests if d not in self.args.given])
+        saved = checkpoints.flags_of(
+            checkpoint, self.resume_path, self.parser, check=[d for d in dests if d not in self.args.given]
+        )
         report_taken(source, {dest: saved[dest] for dest in dests if dest in saved}, self.args)
 
     # ---------------------------------------------------------------- data
 
     def _loader(self, dataset, batch_size, sampler, collate_fn, drop_last):
         return torch.utils.data.DataLoader(
-            utils.SeededDataset(dataset), sampler=utils.SeededSampler(sampler, self.args.seed, self.rank),
-            batch_size=batch_size, num_workers=self.args.num_workers, drop_last=drop_last,
+            utils.SeededDataset(dataset),
+            sampler=utils.SeededSampler(sampler, self.args.seed, self.rank),
+            batch_size=batch_size,
+            num_workers=self.args.num_workers,
+            drop_last=drop_last,
             persistent_workers=self.args.num_workers > 0,  # kept across epochs; each sample's seed travels with it
             pin_memory=getattr(self.args, 'pin_mem', True) and self.device.type == 'cuda',
-            collate_fn=utils.collate_or_error(collate_fn or torch.utils.data.default_collate))
+            collate_fn=utils.collate_or_error(collate_fn or torch.utils.data.default_collate),
+        )
 
     def val_loader(self, task: Task):
         dataset = task.dataset_val
         if task.shard_val and self.world_size > 1:
             # A strided share per process, without the padding a DistributedSampler adds: no image counted twice.
             dataset = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), self.world_size))
-        return self._loader(dataset, task.val_batch_size, torch.utils.data.SequentialSampler(dataset),
-                            task.collate_fn, drop_last=False)
+        return self._loader(
+            dataset, task.val_batch_size, torch.utils.data.SequentialSampler(dataset), task.collate_fn, drop_last=False
+        )
 
     def train_loader(self, task: Task):
         if task.train_sampler is not None:
             sampler = task.train_sampler(task.dataset_train, self.world_size, self.rank)
         else:
-            sampler = torch.utils.data.DistributedSampler(task.dataset_train, num_replicas=self.world_size,
-                                                          rank=self.rank, shuffle=True, seed=self.args.seed,
-                                                          drop_last=True)
+            sampler = torch.utils.data.DistributedSampler(
+                task.dataset_train,
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=True,
+                seed=self.args.seed,
+                drop_last=True,
+            )
         loader = self._loader(task.dataset_train, self.args.batch_size, sampler, task.collate_fn, drop_last=True)
         if len(loader) == 0:
-            raise UsageError(f'the training set ({len(task.dataset_train)} images, {len(sampler)} per process and '
-                             f'epoch) is smaller than one batch of {self.args.batch_size}: lower --batch-size')
+            raise UsageError(
+                f'the training set ({len(task.dataset_train)} images, {len(sampler)} per process and '
+                f'epoch) is smaller than one batch of {self.args.batch_size}: lower --batch-size'
+            )
         return loader
 
     # ---------------------------------------------------------------- model
@@ -218,15 +248,19 @@ class Run:
         saved = self.checkpoint.get('meta')
         saved = saved if isinstance(saved, dict) else {}
         if task.meta.get('task') != 'classification' and 'task' not in saved:
-            raise UsageError(f'{self.resume_path} is not a main_det.py / main_seg.py checkpoint: backbone weights (an '
-                             "ImageNet checkpoint, ours or the authors', or the authors' mmdet / mmseg one) go to "
-                             '--pretrained')
+            raise UsageError(
+                f'{self.resume_path} is not a main_det.py / main_seg.py checkpoint: backbone weights (an '
+                "ImageNet checkpoint, ours or the authors', or the authors' mmdet / mmseg one) go to "
+                '--pretrained'
+            )
         for key, value in task.meta.items():
             theirs = saved.get(key)
             if key in saved and theirs != value:
                 if key == 'classes':
-                    raise UsageError(f'{self.resume_path} was trained on {len(theirs)} classes, this data set has '
-                                     f'{len(value)}: their class lists must match')
+                    raise UsageError(
+                        f'{self.resume_path} was trained on {len(theirs)} classes, this data set has '
+                        f'{len(value)}: their class lists must match'
+                    )
                 raise UsageError(f'{self.resume_path} has {key} {theirs!r}, this run {value!r}')
 
     def _load_weights(self, task: Task, model, model_ema):
@@ -251,8 +285,10 @@ class Run:
         if train and self.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif train and self.world_size > 1:
-            print('SyncBatchNorm needs NCCL: with gloo each process keeps its own BatchNorm statistics (rank 0\'s '
-                  'are copied to all before each evaluation)')
+            print(
+                "SyncBatchNorm needs NCCL: with gloo each process keeps its own BatchNorm statistics (rank 0's "
+                'are copied to all before each evaluation)'
+            )
         model.to(self.device)
         channels_last_convs(model)
         if train and task.layout_probe is not None:
@@ -267,7 +303,8 @@ class Run:
         ddp = model
         if self.world_size > 1:
             ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None
+            )
         if self.args.compile:  # DDP inside: torch.compile splits the graph at DDP's buckets (gradients overlap)
             ddp = compile_model(ddp, self.device)
         return ddp, model, model_ema
@@ -292,22 +329,28 @@ class Run:
             print('No checkpoint given (--resume): evaluating the weights the model was built with')
         broken = utils.non_finite_tensors(model)
         if broken:
-            raise FloatingPointError(f'the weights hold NaN or infinite values ({len(broken)} tensors, e.g. '
-                                     f'{broken[0]}): nothing to evaluate')
+            raise FloatingPointError(
+                f'the weights hold NaN or infinite values ({len(broken)} tensors, e.g. '
+                f'{broken[0]}): nothing to evaluate'
+            )
         self.create_output()
         loader = self.val_loader(task)
         stats = task.evaluate(for_inference(model, inplace=True), loader)
         print_evaluation('Weights', stats, len(task.dataset_val))
         results = dict(stats)
         if task.ema is not None:  # the EMA's numbers: null when the checkpoint has no EMA
-            ema_stats = dict.fromkeys(stats) if model_ema is None else \
-                task.evaluate(self.inference_form(model_ema.module, inplace=True), loader)
+            ema_stats = (
+                dict.fromkeys(stats)
+                if model_ema is None
+                else task.evaluate(self.inference_form(model_ema.module, inplace=True), loader)
+            )
             if model_ema is not None:
                 print_evaluation('EMA weights', ema_stats, len(task.dataset_val))
             results.update({f'ema_{k}': v for k, v in ema_stats.items()})
         if not all(v is None or v == v and abs(v) != float('inf') for v in results.values()):
-            raise FloatingPointError(f'the evaluation gave non-finite values ({utils.format_metrics(results)}): the '
-                                     'weights are not usable')
+            raise FloatingPointError(
+                f'the evaluation gave non-finite values ({utils.format_metrics(results)}): the weights are not usable'
+            )
         if self.output is not None:
             self.output.write_text('eval_results.json', json.dumps(results, indent=2) + '\n')
             print(f'Results written to {self.output.file("eval_results.json")}')
@@ -345,15 +388,33 @@ class Run:
             self.output.restore_log(state.start_epoch - 1, state.last_log if self.own_checkpoint else None)
         warmup = getattr(lr_scheduler, 'warmup_t', 0)
         if warmup and warmup >= (num_epochs if lr_scheduler.t_in_epochs else total_steps):
-            print(f'warning: the warm-up ({warmup} {"epochs" if lr_scheduler.t_in_epochs else "steps"}) covers the '
-                  f'whole run: the learning rate never reaches its set value (lower {task.warmup_flag})')
-        trainer = Trainer(self, task, TrainingSetup(model, model_without_ddp, model_ema, optimizer, lr_scheduler,
-                                                    scaler, loader_train, loader_val, total_steps), state)
+            print(
+                f'warning: the warm-up ({warmup} {"epochs" if lr_scheduler.t_in_epochs else "steps"}) covers the '
+                f'whole run: the learning rate never reaches its set value (lower {task.warmup_flag})'
+            )
+        trainer = Trainer(
+            self,
+            task,
+            TrainingSetup(
+                model,
+                model_without_ddp,
+                model_ema,
+                optimizer,
+                lr_scheduler,
+                scaler,
+                loader_train,
+                loader_val,
+                total_steps,
+            ),
+            state,
+        )
         print(f'number of params: {trainer.n_parameters}')
         start_time, stop = time.time(), StopSignals()  # before the announcement: a signal after it is handled
-        print(f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from epoch '
-              f'{state.start_epoch}: total batch {args.batch_size * self.world_size}, '
-              f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}')
+        print(
+            f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from epoch '
+            f'{state.start_epoch}: total batch {args.batch_size * self.world_size}, '
+            f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}'
+        )
         try:
             stats = trainer.train(num_epochs, stop)
         finally:
@@ -365,33 +426,60 @@ class Run:
         """A finished run started again: nothing to train; its last evaluation's metrics."""
         flag = task.length_flag
         value = getattr(self.args, flag.lstrip('-').replace('-', '_'))
-        print(f'The run is complete: {self.resume_path} (epoch {state.start_epoch - 1}, step {state.global_step}) '
-              f'ends {flag} {value}; give {flag} above {value} to continue it')
+        print(
+            f'The run is complete: {self.resume_path} (epoch {state.start_epoch - 1}, step {state.global_step}) '
+            f'ends {flag} {value}; give {flag} above {value} to continue it'
+        )
         last = state.last_log or {}
-        return {k[len('test_'):]: v for k, v in last.items() if k.startswith('test_') and not k.startswith('test_ema_')}
+        return {
+            k[len('test_') :]: v for k, v in last.items() if k.startswith('test_') and not k.startswith('test_ema_')
+        }
 
     def _resume(self, task: Task, optimizer, scaler, steps_per_epoch: int) -> checkpoints.TrainingState:
         saved_opt, opt = checkpoints.flags_of(self.checkpoint).get('opt'), getattr(self.args, 'opt', None)
-        if 'epoch' in self.checkpoint and isinstance(saved_opt, str) and opt is not None and \
-                saved_opt.lower() != opt.lower():
-            raise UsageError(f'{self.resume_path} was trained with --opt {saved_opt}, whose state --opt {opt} cannot '
-                             f'continue: resume with --opt {saved_opt}, or start from its weights with --finetune')
+        if (
+            'epoch' in self.checkpoint
+            and isinstance(saved_opt, str)
+            and opt is not None
+            and saved_opt.lower() != opt.lower()
+        ):
+            raise UsageError(
+                f'{self.resume_path} was trained with --opt {saved_opt}, whose state --opt {opt} cannot '
+                f'continue: resume with --opt {saved_opt}, or start from its weights with --finetune'
+            )
         state = checkpoints.restore_training(
-            self.checkpoint, self.resume_path, optimizer=optimizer, scaler=scaler, best_metric=task.best_metric,
-            world_size=self.world_size, batch_size=self.args.batch_size, steps_per_epoch=steps_per_epoch,
-            schedule_in_epochs=task.schedule_in_epochs, amp=self.args.amp,
-            start_option='--finetune' if hasattr(self.args, 'finetune') else '--pretrained')
+            self.checkpoint,
+            self.resume_path,
+            optimizer=optimizer,
+            scaler=scaler,
+            best_metric=task.best_metric,
+            world_size=self.world_size,
+            batch_size=self.args.batch_size,
+            steps_per_epoch=steps_per_epoch,
+            schedule_in_epochs=task.schedule_in_epochs,
+            amp=self.args.amp,
+            start_option='--finetune' if hasattr(self.args, 'finetune') else '--pretrained',
+        )
         ours = isinstance(self.checkpoint.get('args'), dict)  # the authors' flags mean other things
         now = {k.replace('-', '_'): v for k, v in self.config.items()}
-        changed = {k: (v, now[k]) for k, v in (checkpoints.flags_of(self.checkpoint) if ours else {}).items()
-                   if k in now and k not in IGNORED_CHANGES and v != now[k]}
+        changed = {
+            k: (v, now[k])
+            for k, v in (checkpoints.flags_of(self.checkpoint) if ours else {}).items()
+            if k in now and k not in IGNORED_CHANGES and v != now[k]
+        }
         if changed:
-            print('Changed since the checkpoint, applied: ' +
-                  ', '.join(f'--{k.replace("_", "-")} {json.dumps(a)} -> {json.dumps(b)}'
-                            for k, (a, b) in changed.items()))
+            print(
+                'Changed since the checkpoint, applied: '
+                + ', '.join(
+                    f'--{k.replace("_", "-")} {json.dumps(a)} -> {json.dumps(b)}' for k, (a, b) in changed.items()
+                )
+            )
         epoch = self.checkpoint['epoch']
-        print(f'Resumed from {self.resume_path} (epoch {epoch}' +
-              (f', step {state.first_step} of epoch {state.start_epoch}' if state.first_step else '') + ')')
+        print(
+            f'Resumed from {self.resume_path} (epoch {epoch}'
+            + (f', step {state.first_step} of epoch {state.start_epoch}' if state.first_step else '')
+            + ')'
+        )
         return state
 
 
@@ -404,8 +492,10 @@ def report_taken(source: str, values: dict, args):
             setattr(args, dest, value)
             taken[dest] = value
     if taken:
-        print(f'From {source} (give a flag to override): ' +
-              ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items()))
+        print(
+            f'From {source} (give a flag to override): '
+            + ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items())
+        )
 
 
 def _other_resume_points(folder: str) -> str:
@@ -414,6 +504,7 @@ def _other_resume_points(folder: str) -> str:
     if not others:
         return ''
     first = others[0].split(' (')[0]
-    return (f'; whole checkpoints in {folder} to resume from: {", ".join(others)} (e.g. --resume '
-            f'{os.path.join(folder, first)})')
-
+    return (
+        f'; whole checkpoints in {folder} to resume from: {", ".join(others)} (e.g. --resume '
+        f'{os.path.join(folder, first)})'
+    )

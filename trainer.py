@@ -5,6 +5,7 @@ Guarantees (tested with one and with two processes): `checkpoint.pth`, the resum
 replaced by a whole file with finite weights (and a finite evaluation loss); `log.txt` and the TensorBoard
 events hold each epoch exactly once after any kill; SIGTERM / SIGUSR1 stop every process after the same step
 and write a resumable checkpoint."""
+
 import contextlib
 import os
 import signal
@@ -91,11 +92,12 @@ class StopSignals:
 @dataclass
 class TrainingSetup:
     """What the run builds for training."""
-    model: torch.nn.Module              # what the steps run (DistributedDataParallel with several processes)
+
+    model: torch.nn.Module  # what the steps run (DistributedDataParallel with several processes)
     model_without_ddp: torch.nn.Module
     model_ema: Optional[torch.nn.Module]  # timm's ModelEmaV3, or None
     optimizer: torch.optim.Optimizer
-    lr_scheduler: object                # a timm scheduler
+    lr_scheduler: object  # a timm scheduler
     scaler: torch.amp.GradScaler
     loader_train: torch.utils.data.DataLoader
     loader_val: torch.utils.data.DataLoader
@@ -118,9 +120,12 @@ class Trainer:
         try:
             return self._train(num_epochs, stop)
         except StuckOnData:
-            raise Preempted(f'{stop.received} received during epoch {self.epoch}, but no batch came for '
-                            f'{stop.wait:.0f} s after it (a data file that blocks? a hung file system?): stopped where '
-                            f'it was, this epoch unsaved; {self._resume_point()}', everywhere=False) from None
+            raise Preempted(
+                f'{stop.received} received during epoch {self.epoch}, but no batch came for '
+                f'{stop.wait:.0f} s after it (a data file that blocks? a hung file system?): stopped where '
+                f'it was, this epoch unsaved; {self._resume_point()}',
+                everywhere=False,
+            ) from None
 
     def _train(self, num_epochs: int, stop: StopSignals) -> dict:
         state, setup, sampler = self.state, self.setup, self.setup.loader_train.sampler
@@ -136,22 +141,39 @@ class Trainer:
                 setup.lr_scheduler.step(epoch)
                 steps_before -= state.first_step
                 result = engine.train_one_epoch(
-                    setup.model, self.task.loss, setup.loader_train, setup.optimizer, setup.scaler, self.run.device,
-                    epoch, amp_dtype=self.run.amp_dtype, lr_scheduler=setup.lr_scheduler, seed=self.args.seed,
-                    first_step=state.first_step, global_step=state.global_step, last_step=setup.total_steps,
-                    max_norm=self.task.max_norm, model_ema=setup.model_ema, totals=state.totals,
-                    stop_requested=stop, print_freq=self.args.print_freq)
+                    setup.model,
+                    self.task.loss,
+                    setup.loader_train,
+                    setup.optimizer,
+                    setup.scaler,
+                    self.run.device,
+                    epoch,
+                    amp_dtype=self.run.amp_dtype,
+                    lr_scheduler=setup.lr_scheduler,
+                    seed=self.args.seed,
+                    first_step=state.first_step,
+                    global_step=state.global_step,
+                    last_step=setup.total_steps,
+                    max_norm=self.task.max_norm,
+                    model_ema=setup.model_ema,
+                    totals=state.totals,
+                    stop_requested=stop,
+                    print_freq=self.args.print_freq,
+                )
                 state.global_step, state.first_step, state.totals = result.global_step, 0, None
                 if result.stopped:
                     stop.acknowledge()
                 if result.stopped and result.steps < self.steps_per_epoch and result.global_step < setup.total_steps:
                     self._save_progress(epoch, result)
-                    raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after '
-                                    f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}')
+                    raise Preempted(
+                        f'{self._signal(stop)} received during epoch {epoch}; stopped after '
+                        f'{result.steps} of its {self.steps_per_epoch} steps{self._resumes_there()}'
+                    )
             self._end_epoch(epoch, result, steps_before)
             if epoch + 1 < num_epochs and distributed.all_reduce_sum([float(stop())])[0]:  # signal during evaluation
-                raise Preempted(f'{self._signal(stop)} received during epoch {epoch}; stopped after it'
-                                f'{self._resumes_there()}')
+                raise Preempted(
+                    f'{self._signal(stop)} received during epoch {epoch}; stopped after it{self._resumes_there()}'
+                )
         return self.stats
 
     @staticmethod
@@ -166,10 +188,19 @@ class Trainer:
     def _checkpoint(self, epoch: int, **extra) -> dict:
         setup = self.setup
         return checkpoints.training_checkpoint(
-            model=setup.model_without_ddp, model_ema=setup.model_ema, optimizer=setup.optimizer,
-            lr_scheduler=setup.lr_scheduler, scaler=setup.scaler, epoch=epoch, state=self.state,
-            flags=self.run.config, meta=self.task.meta, world_size=self.run.world_size,
-            best_metric=self.task.best_metric, **extra)
+            model=setup.model_without_ddp,
+            model_ema=setup.model_ema,
+            optimizer=setup.optimizer,
+            lr_scheduler=setup.lr_scheduler,
+            scaler=setup.scaler,
+            epoch=epoch,
+            state=self.state,
+            flags=self.run.config,
+            meta=self.task.meta,
+            world_size=self.run.world_size,
+            best_metric=self.task.best_metric,
+            **extra,
+        )
 
     def _save(self, checkpoint: dict, *names: str):
         """One serialisation, under every name (the last written last: the resume point)."""
@@ -186,8 +217,9 @@ class Trainer:
             yield
         except OSError as e:
             path = e.filename or self.run.output.file(name)
-            raise RunFailure(f'cannot write {path} ({(e.strerror or str(e)).lower()}); '
-                             f'{self._resume_point_on_disk()}') from None
+            raise RunFailure(
+                f'cannot write {path} ({(e.strerror or str(e)).lower()}); {self._resume_point_on_disk()}'
+            ) from None
 
     def _resume_point_on_disk(self) -> str:
         folder = self.args.output_dir
@@ -216,12 +248,18 @@ class Trainer:
         weights = [setup.model_without_ddp, *([ema_weights(setup.model_ema)] if setup.model_ema else [])]
         broken = utils.non_finite_tensors(*weights)
         if broken:
-            raise FloatingPointError(f'epoch {epoch} ended with NaN or infinite weights ({len(broken)} tensors, e.g. '
-                                     f'{broken[0]}): not saved; {self._resume_point()}')
+            raise FloatingPointError(
+                f'epoch {epoch} ended with NaN or infinite weights ({len(broken)} tensors, e.g. '
+                f'{broken[0]}): not saved; {self._resume_point()}'
+            )
         if self.run.world_size > 1 and not self.run.sync_batchnorm:  # rank 0's statistics
             distributed.broadcast_buffers(*weights)
-        entry = {'epoch': epoch, 'step': self.state.global_step, 'n_parameters': self.n_parameters,
-                 **{f'train_{k}': v for k, v in result.stats.items()}}
+        entry = {
+            'epoch': epoch,
+            'step': self.state.global_step,
+            'n_parameters': self.n_parameters,
+            **{f'train_{k}': v for k, v in result.stats.items()},
+        }
         improved = []
         if task.evaluate_after(steps_before, self.state.global_step, setup.total_steps):
             try:
@@ -230,26 +268,33 @@ class Trainer:
                 evaluations = {'test': task.evaluate(inference_form(setup.model_without_ddp), setup.loader_val)}
                 print_evaluation('Weights', evaluations['test'], len(task.dataset_val))
                 if setup.model_ema is not None:
-                    evaluations['test_ema'] = task.evaluate(inference_form(ema_weights(setup.model_ema)),
-                                                            setup.loader_val)
+                    evaluations['test_ema'] = task.evaluate(
+                        inference_form(ema_weights(setup.model_ema)), setup.loader_val
+                    )
                     print_evaluation('EMA weights', evaluations['test_ema'], len(task.dataset_val))
             except UsageError as e:  # unreadable validation data: keep the trained epoch, evaluate it next time
                 pending = {'stats': result.stats, 'steps_before': steps_before}
                 self._save(self._checkpoint(epoch, pending_eval=pending), RESUME_FILE)
-                raise UsageError(f'{e} (the trained epoch {epoch} is saved; the next start evaluates it first)',
-                                 everywhere=e.everywhere) from None
+                raise UsageError(
+                    f'{e} (the trained epoch {epoch} is saved; the next start evaluates it first)',
+                    everywhere=e.everywhere,
+                ) from None
             loss = evaluations['test'].get('loss')
             if loss is not None and not (loss == loss and abs(loss) != float('inf')):
-                raise FloatingPointError(f'epoch {epoch} gives an evaluation loss of {loss}: not saved; '
-                                         f'{self._resume_point()}')
+                raise FloatingPointError(
+                    f'epoch {epoch} gives an evaluation loss of {loss}: not saved; {self._resume_point()}'
+                )
             self.stats = evaluations['test']
             for prefix, stats in evaluations.items():
                 entry.update({f'{prefix}_{k}': v for k, v in stats.items()})
-                key = task.best_metric and task.best_metric + prefix[len('test'):]
-                if key and stats.get(task.best_metric) is not None and \
-                        stats[task.best_metric] > self.state.best.get(key, float('-inf')):
+                key = task.best_metric and task.best_metric + prefix[len('test') :]
+                if (
+                    key
+                    and stats.get(task.best_metric) is not None
+                    and stats[task.best_metric] > self.state.best.get(key, float('-inf'))
+                ):
                     self.state.best[key] = stats[task.best_metric]
-                    improved.append('best' + prefix[len('test'):] + '.pth')
+                    improved.append('best' + prefix[len('test') :] + '.pth')
             best = ', '.join(f'{k} {v:.2f}' for k, v in self.state.best.items())
             if best:
                 print(f'Best: {best}')
@@ -265,5 +310,7 @@ class Trainer:
             return 'nothing is saved without --output_dir'
         if self.state.last_log is None:
             return 'no checkpoint was written yet'
-        return f'the resume point stays {os.path.join(self.args.output_dir, RESUME_FILE)} of epoch ' \
+        return (
+            f'the resume point stays {os.path.join(self.args.output_dir, RESUME_FILE)} of epoch '
             f'{self.state.last_log["epoch"]}'
+        )

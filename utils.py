@@ -1,5 +1,6 @@
 """Small helpers of the run and the loops: files replaced atomically, autocast precision, the data-loading
 wrappers that make every random draw a function of (seed, epoch, rank, position), and metric logging."""
+
 import contextlib
 import datetime
 import errno
@@ -19,10 +20,10 @@ import torch
 
 from errors import UsageError, is_out_of_memory
 
-
 # ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
+
 
 def output_kind(path) -> str:
     """How atomic_file writes `path`: 'replace' (a regular file, or none yet: a temporary file renamed over it)
@@ -42,8 +43,10 @@ def output_kind(path) -> str:
     if stat.S_ISDIR(mode):
         raise UsageError(f'cannot write {path}: it is a folder; give a file name')
     kind = 'a block device' if stat.S_ISBLK(mode) else 'a socket' if stat.S_ISSOCK(mode) else 'not a file'
-    raise UsageError(f'refusing to write {path}: it is {kind} (outputs go to regular files, or to character '
-                     'devices and FIFOs such as /dev/null or a pipe)')
+    raise UsageError(
+        f'refusing to write {path}: it is {kind} (outputs go to regular files, or to character '
+        'devices and FIFOs such as /dev/null or a pipe)'
+    )
 
 
 def check_output_file(path, flag: str):
@@ -127,8 +130,10 @@ def _ctrl_c_deferred():
     that torch.save is never cut off inside its C++ writer (which turns the interrupt into "unexpected pos" or
     aborts). A second Ctrl-C interrupts at once; whatever the write then raises becomes KeyboardInterrupt.
     Only where Python's own SIGINT handler is installed, in the main thread."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     pressed = []
@@ -153,7 +158,7 @@ def _ctrl_c_deferred():
 
 def _disk_is_full(directory: str) -> bool:
     stats = os.statvfs(directory)
-    return stats.f_bavail * stats.f_frsize < 64 * 2 ** 20
+    return stats.f_bavail * stats.f_frsize < 64 * 2**20
 
 
 def remove_stale_temporaries(folder) -> List[str]:
@@ -191,6 +196,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
 # saved and a resumed run, at an epoch boundary or mid-epoch, with any number of data-loading workers,
 # draws exactly the numbers an uninterrupted one draws.
 # ----------------------------------------------------------------------------------------------------
+
 
 def derive_seed(*keys: int) -> int:
     """A 32-bit seed that is a function of the integer keys alone."""
@@ -271,9 +277,11 @@ class SeededDataset(torch.utils.data.Dataset):
 
 def collate_or_error(collate_fn):
     """A collate function that passes a batch's first LoadError on instead of collating."""
+
     def collate(batch):
         error = next((s for s in batch if isinstance(s, LoadError)), None)
         return error if error is not None else collate_fn(batch)
+
     return collate
 
 
@@ -281,15 +289,18 @@ def collate_or_error(collate_fn):
 # Metric logging
 # ----------------------------------------------------------------------------------------------------
 
+
 def format_metrics(stats: dict) -> str:
     """'acc1 99.722, acc5 100.000, loss 0.034'; a metric that does not apply is null, as in the JSON files."""
-    return ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {"null" if v is None else v}'
-                     for k, v in stats.items())
+    return ', '.join(
+        f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {"null" if v is None else v}' for k, v in stats.items()
+    )
 
 
 class DataWait:
     """When the main process began waiting for the batch it waits for now (time.monotonic()), or None while it
     does anything else: how a stop signal tells a run stuck on its data from a busy one (trainer.StopSignals)."""
+
     since: Optional[float] = None
 
 
@@ -346,8 +357,9 @@ class SmoothedValue:
         return self.deque[-1] if self.deque else 0.0
 
     def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
-                               value=self.value)
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
 
 
 class MetricLogger:
@@ -395,10 +407,15 @@ class MetricLogger:
             step_time.update(time.time() - end)
             if (i + 1) % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i - 1)))
-                parts = [f'{header} [{i:>{width}}/{total}]', f'eta: {eta}', str(self),
-                         f'time: {step_time}', f'data: {data_time}']
+                parts = [
+                    f'{header} [{i:>{width}}/{total}]',
+                    f'eta: {eta}',
+                    str(self),
+                    f'time: {step_time}',
+                    f'data: {data_time}',
+                ]
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}MB')
+                    parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB')
                 print(self.delimiter.join(p for p in parts if p), flush=True)
             end = time.time()
         steps = max(step_time.count, 1)

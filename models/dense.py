@@ -10,6 +10,7 @@ The tasks follow the authors' mmdet 2.11 / mmseg 0.13 configs:
     semfpn     Semantic FPN: FPN (4 x 256) and a 128-channel FPN head
     upernet    UperNet: 512-channel UPerHead, auxiliary FCN head on stage 3 (loss weight 0.4)
 """
+
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -26,8 +27,18 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from .ravlt import RAVLT, RAVLT_CONFIGS, ChannelLayerNorm
 
-__all__ = ['RAVLTBackbone', 'SemanticSegmenter', 'build_dense_model', 'dense_backbone', 'FlopsForward', 'DENSE_TASKS', 'DETECTION_TASKS', 'SEGMENTATION_TASKS', 'DENSE_INPUT_SIZE',
-           'DENSE_PUBLISHED']
+__all__ = [
+    'RAVLTBackbone',
+    'SemanticSegmenter',
+    'build_dense_model',
+    'dense_backbone',
+    'FlopsForward',
+    'DENSE_TASKS',
+    'DETECTION_TASKS',
+    'SEGMENTATION_TASKS',
+    'DENSE_INPUT_SIZE',
+    'DENSE_PUBLISHED',
+]
 
 DETECTION_TASKS = ('retinanet', 'maskrcnn')
 SEGMENTATION_TASKS = ('semfpn', 'upernet')
@@ -153,11 +164,13 @@ def build_maskrcnn(body_kwargs: dict, model_name: str, num_classes: int, **kwarg
     levels = ['0', '1', '2', '3']
     kwargs.setdefault('rpn_post_nms_top_n_train', 1000)  # mmdet's rpn_proposal max_per_img
     model = MaskRCNN(
-        BackboneWithFPN(body, LastLevelMaxPool()), num_classes + 1,
+        BackboneWithFPN(body, LastLevelMaxPool()),
+        num_classes + 1,
         # sampling_ratio=0: adaptive sampling points, as mmdet's RoIAlign configs
         box_roi_pool=MultiScaleRoIAlign(levels, 7, sampling_ratio=0),
         mask_roi_pool=MultiScaleRoIAlign(levels, 14, sampling_ratio=0),
-        **kwargs)
+        **kwargs,
+    )
     decode_in_float32(model.backbone, model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor)
     return model
 
@@ -170,7 +183,8 @@ class SemanticFPNDecoder(nn.Module):
         super().__init__()
         self.fpn = FeaturePyramidNetwork(list(in_channels), FPN_CHANNELS)
         self.scale_heads = nn.ModuleList(
-            SegmentationBlock(FPN_CHANNELS, channels, n_upsamples=i) for i in range(len(in_channels)))
+            SegmentationBlock(FPN_CHANNELS, channels, n_upsamples=i) for i in range(len(in_channels))
+        )
         self.merge = MergeBlock('add')
         self.out_channels = channels
 
@@ -179,8 +193,12 @@ class SemanticFPNDecoder(nn.Module):
         outputs = [head(p) for head, p in zip(self.scale_heads, pyramid)]
         # Sizes not divisible by 32 leave the upsampled coarse levels off by a few pixels (as mmseg, resize).
         size = outputs[0].shape[-2:]
-        return self.merge([o if o.shape[-2:] == size else F.interpolate(o, size, mode='bilinear', align_corners=False)
-                           for o in outputs])
+        return self.merge(
+            [
+                o if o.shape[-2:] == size else F.interpolate(o, size, mode='bilinear', align_corners=False)
+                for o in outputs
+            ]
+        )
 
 
 class UPerNetHead(nn.Module):
@@ -193,8 +211,9 @@ class UPerNetHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], channels: int = 512):
         super().__init__()
         # smp decoders take [input, stride 2, stride 4, ...]; transformer-style encoders have no stride 2.
-        self.decoder = UPerNetDecoder([3, 0, *in_channels], encoder_depth=len(in_channels) + 1,
-                                      decoder_channels=channels)
+        self.decoder = UPerNetDecoder(
+            [3, 0, *in_channels], encoder_depth=len(in_channels) + 1, decoder_channels=channels
+        )
         self.decoder.feature_norms = nn.ModuleList(nn.Identity() for _ in in_channels)
         self.out_channels = channels
 
@@ -209,8 +228,15 @@ class SemanticSegmenter(nn.Module):
     the losses {'loss_seg', and 'loss_aux' with an auxiliary head}, cross-entropy ignoring `ignore_index`.
     """
 
-    def __init__(self, backbone: RAVLTBackbone, decoder: nn.Module, num_classes: int,
-                 aux_stage: Optional[int] = None, aux_weight: float = 0.4, ignore_index: int = 255):
+    def __init__(
+        self,
+        backbone: RAVLTBackbone,
+        decoder: nn.Module,
+        num_classes: int,
+        aux_stage: Optional[int] = None,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+    ):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
@@ -221,9 +247,15 @@ class SemanticSegmenter(nn.Module):
         self.aux_stage = aux_stage
         self.aux_weight = aux_weight
         # mmseg's FCNHead (one 3x3 conv-BN-ReLU of 256, dropout, 1x1 classifier), used in training only.
-        self.aux_head = None if aux_stage is None else nn.Sequential(
-            Conv2dReLU(backbone.embed_dims[aux_stage], 256, kernel_size=3, padding=1), nn.Dropout2d(0.1),
-            nn.Conv2d(256, num_classes, 1))
+        self.aux_head = (
+            None
+            if aux_stage is None
+            else nn.Sequential(
+                Conv2dReLU(backbone.embed_dims[aux_stage], 256, kernel_size=3, padding=1),
+                nn.Dropout2d(0.1),
+                nn.Conv2d(256, num_classes, 1),
+            )
+        )
 
     def _loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(logits, size=masks.shape[-2:], mode='bilinear', align_corners=False)
@@ -250,13 +282,17 @@ def build_upernet(body_kwargs: dict, model_name: str, num_classes: int) -> Seman
     return SemanticSegmenter(body, UPerNetHead(body.out_channels), num_classes, aux_stage=2)
 
 
-BUILDERS = {'retinanet': build_retinanet, 'maskrcnn': build_maskrcnn, 'semfpn': build_semfpn,
-            'upernet': build_upernet}
+BUILDERS = {'retinanet': build_retinanet, 'maskrcnn': build_maskrcnn, 'semfpn': build_semfpn, 'upernet': build_upernet}
 DEFAULT_NUM_CLASSES = {'retinanet': 80, 'maskrcnn': 80, 'semfpn': 150, 'upernet': 150}
 
 
-def build_dense_model(task: str, model_name: str, num_classes: Optional[int] = None,
-                      backbone_kwargs: Optional[dict] = None, **detector_kwargs) -> nn.Module:
+def build_dense_model(
+    task: str,
+    model_name: str,
+    num_classes: Optional[int] = None,
+    backbone_kwargs: Optional[dict] = None,
+    **detector_kwargs,
+) -> nn.Module:
     """A RAVLT dense model. `model_name` is a RAVLT variant ('ravlt_t' ... or 'RAVLT_T' ...);
     `num_classes` counts object / stuff classes without background (80 for COCO, 150 for ADE20K);
     `backbone_kwargs` override the variant's RAVLT arguments (e.g. drop_path_rate); `detector_kwargs`
@@ -266,8 +302,9 @@ def build_dense_model(task: str, model_name: str, num_classes: Optional[int] = N
     if detector_kwargs and task not in DETECTION_TASKS:
         raise ValueError(f'{task} takes no detector arguments, got {sorted(detector_kwargs)}')
     name = model_name.lower()
-    return BUILDERS[task](dict(backbone_kwargs or {}), name, num_classes or DEFAULT_NUM_CLASSES[task],
-                          **detector_kwargs)
+    return BUILDERS[task](
+        dict(backbone_kwargs or {}), name, num_classes or DEFAULT_NUM_CLASSES[task], **detector_kwargs
+    )
 
 
 def dense_backbone(model: nn.Module) -> RAVLTBackbone:

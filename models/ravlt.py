@@ -1,4 +1,4 @@
-""" RAVLT: Rank-Augmented Vision Linear Transformer
+"""RAVLT: Rank-Augmented Vision Linear Transformer
 
 A PyTorch implementation of RAVLT and its Rank-Augmented Linear Attention (RALA) from
 `Breaking the Low-Rank Dilemma of Linear Attention` - https://arxiv.org/abs/2411.07635
@@ -27,6 +27,7 @@ layers into their convs and the skip connection of each FFN's depthwise conv int
 computes the same function with fewer passes over memory and fewer large temporaries; its state dict no
 longer has the authors' layout.
 """
+
 import errno
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -34,17 +35,25 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ['RAVLT', 'RankAugmentedLinearAttention', 'SoftmaxAttention', 'GatedLinearAttention',
-           'ReweightedLinearAttention', 'LinearAttention', 'ATTENTION_TYPES', 'RAVLT_CONFIGS', 'PAPER_RESULTS']
+__all__ = [
+    'RAVLT',
+    'RankAugmentedLinearAttention',
+    'SoftmaxAttention',
+    'GatedLinearAttention',
+    'ReweightedLinearAttention',
+    'LinearAttention',
+    'ATTENTION_TYPES',
+    'RAVLT_CONFIGS',
+    'PAPER_RESULTS',
+]
 
 
 class ChannelLayerNorm(nn.Module):
@@ -109,8 +118,9 @@ def elu_plus_one(x: torch.Tensor, exp_form_device: str = 'cpu') -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
-def normalized_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
-                                cos: torch.Tensor) -> torch.Tensor:
+def normalized_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
+) -> torch.Tensor:
     """RoPE(q) (sum_tokens RoPE(k) v^T) / (q . sum_tokens(k) + 1e-6) of positive features q, k whose key
     weights sum to one over the tokens; all token-major (B, N, heads, head_dim)."""
     # Products as einsum: fvcore counts them as the authors' matmuls.
@@ -120,8 +130,9 @@ def normalized_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return torch.einsum('bnhd,bhde->bnhe', apply_rope(q, sin, cos), kv) * z.unsqueeze(-1)
 
 
-def rank_augmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
-                             cos: torch.Tensor, scale: float) -> torch.Tensor:
+def rank_augmented_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale: float
+) -> torch.Tensor:
     """RALA's attention: keys re-weighted by alpha = softmax_tokens(scale * mean(q') . k').
 
     With q' = elu(q) + 1, k' = elu(k) + 1 and k'' = N * alpha * k' (per token):
@@ -134,8 +145,9 @@ def rank_augmented_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return normalized_linear_attention(q, k, v, sin, cos)
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor,
-                     cos: torch.Tensor) -> torch.Tensor:
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
+) -> torch.Tensor:
     """Plain linear attention with RALA's features and RoPE, every key weighted alike (alpha = 1 / N):
     out = RoPE(q') (RoPE(k')^T v / N) / (q' . mean_tokens(k') + 1e-6)."""
     q, k = elu_plus_one(q), elu_plus_one(k)
@@ -151,7 +163,7 @@ class AttentionBase(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
 
     def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
         """Projections first .. first + count - 1 of (q, k, v, o) as (B, count * C, H, W)."""
@@ -172,8 +184,9 @@ class AttentionBase(nn.Module):
         raise NotImplementedError
 
 
-def _projection_slice(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], start: int,
-                      stop: int) -> torch.Tensor:
+def _projection_slice(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], start: int, stop: int
+) -> torch.Tensor:
     """Output channels start .. stop - 1 of a 1x1 conv: separate convs give dense maps, each alive only while
     needed (q and k die inside `attend`, o is made after it)."""
     return F.conv2d(x, weight[start:stop], bias[start:stop] if bias is not None else None)
@@ -289,8 +302,15 @@ class ResidualDepthwiseConv(nn.Conv2d):
     @torch.no_grad()
     def folded(self) -> nn.Conv2d:
         """For inference: the skip joins the kernel's centre tap, one plain conv for both."""
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
-                         groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            padding=self.padding,
+            groups=self.groups,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         conv.weight.copy_(self.weight)
         conv.weight[:, :, self.kernel_size[0] // 2, self.kernel_size[1] // 2] += 1
         conv.bias.copy_(self.bias)
@@ -320,13 +340,20 @@ class RAVLTBlock(nn.Module):
     """A residual conv position encoding (3x3 depthwise), then pre-norm attention and FFN, each with layer scale
     and drop path."""
 
-    def __init__(self, dim: int, num_heads: int, attn_type: str = 'rala', mlp_ratio: float = 3.5,
-                 drop_path: float = 0., layer_scale_init_value: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attn_type: str = 'rala',
+        mlp_ratio: float = 3.5,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float = 1.0,
+    ):
         super().__init__()
         # Registration order reproduces the authors' state-dict order.
         self.norm1 = ChannelLayerNorm(dim)
         self.attn = ATTENTION_TYPES[attn_type](dim, num_heads)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = ChannelLayerNorm(dim)
         self.ffn = ConvFeedForward(dim, int(mlp_ratio * dim))
         self.pos = ResidualDepthwiseConv(dim, 3)  # x + dwconv(x), the conditional position encoding
@@ -365,14 +392,26 @@ class Downsample(nn.Module):
 class RAVLTStage(nn.Module):
     """A stage: its RoPE tables, its blocks, then (except the last stage) a downsampling layer."""
 
-    def __init__(self, dim: int, out_dim: Optional[int], depth: int, num_heads: int, attn_type: str,
-                 mlp_ratio: float, drop_path: Sequence[float], layer_scale_init_value: float):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: Optional[int],
+        depth: int,
+        num_heads: int,
+        attn_type: str,
+        mlp_ratio: float,
+        drop_path: Sequence[float],
+        layer_scale_init_value: float,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         self.RoPE = RotaryEmbedding2d(dim // num_heads)
-        self.blocks = nn.ModuleList([
-            RAVLTBlock(dim, num_heads, attn_type, mlp_ratio, drop_path[i], layer_scale_init_value)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                RAVLTBlock(dim, num_heads, attn_type, mlp_ratio, drop_path[i], layer_scale_init_value)
+                for i in range(depth)
+            ]
+        )
         self.downsample = Downsample(dim, out_dim) if out_dim is not None else nn.Identity()
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -396,10 +435,17 @@ class PatchEmbed(nn.Module):
         super().__init__()
         half = dim // 2
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
-            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
+            nn.Conv2d(in_chans, half, 3, 2, 1),
+            nn.BatchNorm2d(half),
+            nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1),
+            nn.BatchNorm2d(half),
+            nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1),
+            nn.BatchNorm2d(half),
+            nn.GELU(),
+            nn.Conv2d(half, dim, 3, 2, 1),
+            nn.BatchNorm2d(dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -423,16 +469,22 @@ def _per_stage(value, num_stages: int) -> list:
 
 def _check_stages(embed_dims, depths, num_heads, attn_types, mlp_ratio, projection_dim):
     """Stage settings RAVLT can be built from, else a ValueError saying which one is wrong."""
+
     def positive_ints(name, values):
-        if not isinstance(values, (list, tuple)) or not values or \
-                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        if (
+            not isinstance(values, (list, tuple))
+            or not values
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+        ):
             raise ValueError(f'{name} must be a list of positive integers, one per stage, got {values!r}')
 
     for name, values in (('depths', depths), ('embed_dims', embed_dims), ('num_heads', num_heads)):
         positive_ints(name, values)
     if not len(embed_dims) == len(depths) == len(num_heads) == len(attn_types):
-        raise ValueError(f'embed_dims, depths, num_heads and attn_types must have one value per stage, got '
-                         f'{len(embed_dims)}, {len(depths)}, {len(num_heads)} and {len(attn_types)}')
+        raise ValueError(
+            f'embed_dims, depths, num_heads and attn_types must have one value per stage, got '
+            f'{len(embed_dims)}, {len(depths)}, {len(num_heads)} and {len(attn_types)}'
+        )
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float('inf'):
         raise ValueError(f'mlp_ratio must be a positive number, got {mlp_ratio!r}')
     if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
@@ -462,19 +514,19 @@ class RAVLT(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            embed_dims: Sequence[int] = (64, 128, 256, 512),
-            depths: Sequence[int] = (2, 2, 6, 2),
-            num_heads: Sequence[int] = (1, 2, 4, 8),
-            attn_types: Sequence[str] = ('rala', 'rala', 'softmax', 'softmax'),
-            mlp_ratio: float = 3.5,
-            projection_dim: int = 1024,
-            layer_scale_init_value: Union[float, Sequence[float]] = 1.0,
-            drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            global_pool: str = 'avg',
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (1, 2, 4, 8),
+        attn_types: Sequence[str] = ('rala', 'rala', 'softmax', 'softmax'),
+        mlp_ratio: float = 3.5,
+        projection_dim: int = 1024,
+        layer_scale_init_value: Union[float, Sequence[float]] = 1.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = 'avg',
     ):
         super().__init__()
         num_stages = len(depths)
@@ -497,19 +549,22 @@ class RAVLT(nn.Module):
         self.feature_info = []
         for i in range(num_stages):
             first = sum(depths[:i])
-            self.layers.append(RAVLTStage(
-                dim=embed_dims[i],
-                out_dim=embed_dims[i + 1] if i < num_stages - 1 else None,
-                depth=depths[i],
-                num_heads=num_heads[i],
-                attn_type=attn_types[i],
-                mlp_ratio=mlp_ratio,
-                drop_path=dpr[first:first + depths[i]],
-                layer_scale_init_value=layer_scale[i],
-            ))
+            self.layers.append(
+                RAVLTStage(
+                    dim=embed_dims[i],
+                    out_dim=embed_dims[i + 1] if i < num_stages - 1 else None,
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    attn_type=attn_types[i],
+                    mlp_ratio=mlp_ratio,
+                    drop_path=dpr[first : first + depths[i]],
+                    layer_scale_init_value=layer_scale[i],
+                )
+            )
             # Dense features are the stage outputs before the stage's downsampling: its last block's output.
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i,
-                                          module=f'layers.{i}.blocks.{depths[i] - 1}'))
+            self.feature_info.append(
+                dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f'layers.{i}.blocks.{depths[i] - 1}')
+            )
 
         self.proj = nn.Conv2d(embed_dims[-1], projection_dim, 1)
         self.norm = nn.BatchNorm2d(projection_dim)
@@ -521,7 +576,7 @@ class RAVLT(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module):
         if isinstance(m, nn.Conv2d):
-            trunc_normal_(m.weight, std=.02)
+            trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -543,7 +598,9 @@ class RAVLT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r'^patch_embed',
-            blocks=r'^layers\.(\d+)' if coarse else [
+            blocks=r'^layers\.(\d+)'
+            if coarse
+            else [
                 (r'^layers\.(\d+)\.blocks\.(\d+)', None),
                 (r'^layers\.(\d+)\.downsample', (99999,)),  # after its stage's blocks
                 (r'^proj|^norm', (99999,)),
@@ -564,13 +621,13 @@ class RAVLT(nn.Module):
         self._build_head(num_classes, self.global_pool.pool_type if global_pool is None else global_pool)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs before their downsampling (strides 4, 8, 16, 32).
 
@@ -585,7 +642,7 @@ class RAVLT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         intermediates = []
         x = self.patch_embed(x)
-        stages = self.layers[:max_index + 1] if stop_early else self.layers
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x)
             if i in take_indices:
@@ -596,14 +653,14 @@ class RAVLT(nn.Module):
         return self.forward_neck(x), intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages, downsampling and head not needed for the intermediates in `indices`."""
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
+        self.layers = self.layers[: max_index + 1]
         self.layers[-1].downsample = nn.Identity()
         if prune_head:
             self.proj, self.norm = nn.Identity(), nn.Identity()
@@ -629,14 +686,34 @@ class RAVLT(nn.Module):
 
 # The authors' four variants. Factories pass these as defaults; any keyword overrides them.
 RAVLT_CONFIGS = {
-    'ravlt_t': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),
-                    drop_path_rate=0.1, layer_scale_init_value=1.0),
-    'ravlt_s': dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), num_heads=(1, 2, 5, 8),
-                    drop_path_rate=0.15, layer_scale_init_value=1.0),
-    'ravlt_b': dict(embed_dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), num_heads=(1, 2, 6, 8),
-                    drop_path_rate=0.4, layer_scale_init_value=(1.0, 1.0, 1e-6, 1e-6)),
-    'ravlt_l': dict(embed_dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), num_heads=(1, 2, 7, 10),
-                    drop_path_rate=0.55, layer_scale_init_value=1e-6),
+    'ravlt_t': dict(
+        embed_dims=(64, 128, 256, 512),
+        depths=(2, 2, 6, 2),
+        num_heads=(1, 2, 4, 8),
+        drop_path_rate=0.1,
+        layer_scale_init_value=1.0,
+    ),
+    'ravlt_s': dict(
+        embed_dims=(64, 128, 320, 512),
+        depths=(3, 5, 9, 3),
+        num_heads=(1, 2, 5, 8),
+        drop_path_rate=0.15,
+        layer_scale_init_value=1.0,
+    ),
+    'ravlt_b': dict(
+        embed_dims=(96, 192, 384, 512),
+        depths=(4, 6, 12, 6),
+        num_heads=(1, 2, 6, 8),
+        drop_path_rate=0.4,
+        layer_scale_init_value=(1.0, 1.0, 1e-6, 1e-6),
+    ),
+    'ravlt_l': dict(
+        embed_dims=(96, 192, 448, 640),
+        depths=(4, 7, 19, 8),
+        num_heads=(1, 2, 7, 10),
+        drop_path_rate=0.55,
+        layer_scale_init_value=1e-6,
+    ),
 }
 
 
@@ -660,7 +737,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> Dict[str, torch.
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    return {k[len('module.') :] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
 def _check_pretrained_file(variant: str, pretrained_cfg=None, pretrained_cfg_overlay=None):
@@ -668,9 +745,13 @@ def _check_pretrained_file(variant: str, pretrained_cfg=None, pretrained_cfg_ove
     FileNotFoundError without the file's name."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
     if cfg.file and cfg.source in (None, '', 'timm') and cfg.state_dict is None and not os.path.isfile(cfg.file):
-        raise FileNotFoundError(errno.ENOENT, f'pretrained weights file {cfg.file} not found: download '
-                                f'{cfg.hf_hub_filename} from Hugging Face {cfg.hf_hub_id} to that path, or leave out '
-                                'the file to let timm download it', cfg.file)
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f'pretrained weights file {cfg.file} not found: download '
+            f'{cfg.hf_hub_filename} from Hugging Face {cfg.hf_hub_id} to that path, or leave out '
+            'the file to let timm download it',
+            cfg.file,
+        )
 
 
 def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
@@ -678,7 +759,9 @@ def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
     if pretrained:
         _check_pretrained_file(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     return build_model_with_cfg(
-        RAVLT, variant, pretrained,
+        RAVLT,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
@@ -687,24 +770,33 @@ def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
 
 def _cfg(**kwargs) -> dict:
     return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj.0', 'classifier': 'head',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj.0',
+        'classifier': 'head',
         'hf_hub_id': 'aldjalkdf/RAVLT',
         # The authors published the weights without a licence.
-        'license': 'unknown', 'origin_url': 'https://github.com/qhfan/RALA',
-        'paper_ids': 'arXiv:2411.07635', 'paper_name': 'Breaking the Low-Rank Dilemma of Linear Attention',
+        'license': 'unknown',
+        'origin_url': 'https://github.com/qhfan/RALA',
+        'paper_ids': 'arXiv:2411.07635',
+        'paper_name': 'Breaking the Low-Rank Dilemma of Linear Attention',
         **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'ravlt_t.in1k': _cfg(hf_hub_filename='RAVLT_T.pth'),
-    'ravlt_s.in1k': _cfg(hf_hub_filename='RAVLT_S.pth'),
-    'ravlt_b.in1k': _cfg(hf_hub_filename='RAVLT_B.pth'),
-    'ravlt_l.in1k': _cfg(hf_hub_filename='RAVLT_L.pth'),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'ravlt_t.in1k': _cfg(hf_hub_filename='RAVLT_T.pth'),
+        'ravlt_s.in1k': _cfg(hf_hub_filename='RAVLT_S.pth'),
+        'ravlt_b.in1k': _cfg(hf_hub_filename='RAVLT_B.pth'),
+        'ravlt_l.in1k': _cfg(hf_hub_filename='RAVLT_L.pth'),
+    }
+)
 
 
 def _factory(variant: str, pretrained: bool, **kwargs) -> RAVLT:

@@ -16,6 +16,7 @@ augmentations, alpha (the KV buffer's) and LePE plus the gate o (the output's):
     rala_no_gate_lepe   yes    no
     rala                yes    yes
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,8 +24,12 @@ import torch.nn.functional as F
 from .ravlt import ATTENTION_TYPES, RAVLTBlock
 
 # kind: (alpha, LePE and gate)
-LINEAR_KINDS = {'linear': (False, False), 'rala_no_alpha': (False, True), 'rala_no_gate_lepe': (True, False),
-                'rala': (True, True)}
+LINEAR_KINDS = {
+    'linear': (False, False),
+    'rala_no_alpha': (False, True),
+    'rala_no_gate_lepe': (True, False),
+    'rala': (True, True),
+}
 
 
 def rope_tables(angle: torch.Tensor, height: int, width: int):
@@ -56,7 +61,7 @@ def rala(q, k, v, sin, cos, scale: float):
     alpha = torch.softmax(scale * q_mean @ k.transpose(-1, -2), dim=-1)  # (B, h, 1, N)
     k = k * alpha.transpose(-1, -2) * n
     z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-1, -2) + 1e-6)  # (B, h, N, 1)
-    kv = (rope(k, sin, cos).transpose(-1, -2) * n ** -0.5) @ (v * n ** -0.5)  # (B, h, d, d)
+    kv = (rope(k, sin, cos).transpose(-1, -2) * n**-0.5) @ (v * n**-0.5)  # (B, h, d, d)
     return rope(q, sin, cos) @ kv * z, kv
 
 
@@ -96,8 +101,9 @@ def computable_kinds(module: nn.Module) -> list:
     own = kind_of(module)
     if own not in LINEAR_KINDS:
         return [own]
-    return [own] + [kind for kind, (_, gated) in LINEAR_KINDS.items()
-                    if kind != own and (has_gate(module) or not gated)]
+    return [own] + [
+        kind for kind, (_, gated) in LINEAR_KINDS.items() if kind != own and (has_gate(module) or not gated)
+    ]
 
 
 def attention_terms(module: nn.Module, x: torch.Tensor, angle: torch.Tensor, kind: str = '') -> dict:
@@ -106,7 +112,9 @@ def attention_terms(module: nn.Module, x: torch.Tensor, angle: torch.Tensor, kin
     or 'attention_matrix': (B, h, N, N) for softmax, 'output': the output features (B, h, N, d)}."""
     kind = kind or kind_of(module)
     if kind not in computable_kinds(module):
-        raise ValueError(f'{type(module).__name__} cannot be computed as {kind!r}; it can as {computable_kinds(module)}')
+        raise ValueError(
+            f'{type(module).__name__} cannot be computed as {kind!r}; it can as {computable_kinds(module)}'
+        )
     B, C, H, W = x.shape
     h, d = module.num_heads, module.head_dim
 

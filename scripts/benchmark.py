@@ -23,11 +23,13 @@ Our models accept the authors' names (RAVLT_S) and ours (ravlt_s); other names a
 `ravlt_s` (same seed) into it, so both compute the same function. Sizes: `--input-size H [W]` (height then
 width; one number for a square input).
 """
+
 import json
 import sys
 
 if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
     from allocator import keep_freed_memory
+
     keep_freed_memory()
 
 import torch
@@ -40,31 +42,58 @@ from utils import atomic_file, check_output_file
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('RAVLT benchmark', add_help=True)
-    parser.add_argument('--model', nargs='+', default=['RAVLT_T', 'RAVLT_S', 'convnext_tiny'],
-                        help='our names (RAVLT_S, ravlt_s), timm names, or authors:RAVLT_S with --authors-file')
-    parser.add_argument('--model-kwargs', type=json_object, default=None,
-                        help='JSON object passed to timm.create_model for every model but the authors\', '
-                        'e.g. \'{"attn_types": ["rala", "rala", "rala", "rala"]}\'')
+    parser.add_argument(
+        '--model',
+        nargs='+',
+        default=['RAVLT_T', 'RAVLT_S', 'convnext_tiny'],
+        help='our names (RAVLT_S, ravlt_s), timm names, or authors:RAVLT_S with --authors-file',
+    )
+    parser.add_argument(
+        '--model-kwargs',
+        type=json_object,
+        default=None,
+        help="JSON object passed to timm.create_model for every model but the authors', "
+        'e.g. \'{"attn_types": ["rala", "rala", "rala", "rala"]}\'',
+    )
     parser.add_argument('--mode', nargs='+', choices=['eval', 'train'], default=['eval', 'train'])
-    parser.add_argument('--backend', nargs='+', choices=BACKENDS, default=['eager'],
-                        help='eager, compile (torch.compile), onnxruntime (eval only; the onnx extra)')
+    parser.add_argument(
+        '--backend',
+        nargs='+',
+        choices=BACKENDS,
+        default=['eager'],
+        help='eager, compile (torch.compile), onnxruntime (eval only; the onnx extra)',
+    )
     parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--input-size', type=int, nargs='+', default=[224], metavar='H [W]',
-                        help='input height and width (one number for a square input)')
+    parser.add_argument(
+        '--input-size',
+        type=int,
+        nargs='+',
+        default=[224],
+        metavar='H [W]',
+        help='input height and width (one number for a square input)',
+    )
     parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu')
     parser.add_argument('--amp', choices=['none', 'bf16', 'fp16'], default='none', help='autocast dtype')
-    parser.add_argument('--channels-last', action='store_true',
-                        help='channels-last weights and input for the PyTorch backends')
+    parser.add_argument(
+        '--channels-last', action='store_true', help='channels-last weights and input for the PyTorch backends'
+    )
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads and ONNX Runtime threads')
     parser.add_argument('--warmup', type=int, default=3, help='untimed steps per contender')
     parser.add_argument('--iters', type=int, default=10, help='timed steps per contender (0: memory only)')
     parser.add_argument('--memory', action='store_true', help='also measure the peak memory of one step')
-    parser.add_argument('--matmul-rate', action='store_true',
-                        help='time a matrix product alongside and print each model\'s GFLOP/s as a fraction of it')
+    parser.add_argument(
+        '--matmul-rate',
+        action='store_true',
+        help="time a matrix product alongside and print each model's GFLOP/s as a fraction of it",
+    )
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--authors-file', default=None, help="a local copy of the authors' classfication/RALA.py")
-    parser.add_argument('--authors-path-extra', nargs='*', default=[],
-                        help="folders to put on sys.path for the authors' file (e.g. where einops is)")
+    parser.add_argument(
+        '--authors-path-extra',
+        nargs='*',
+        default=[],
+        help="folders to put on sys.path for the authors' file (e.g. where einops is)",
+    )
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
     return parser
 
@@ -76,12 +105,17 @@ def format_table(rows, settings: str) -> str:
     lines = [settings, '', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in rows:
         cells = [r['model'], r['backend'], r['mode']]
-        cells += ([f"{r['img_per_s']:.1f}", f"{r['img_per_s_p25']:.1f}-{r['img_per_s_p75']:.1f}",
-                   f"{r['ms_per_step']:.0f}"] if 'img_per_s' in r else ['-', '-', '-'])
-        cells.append(f"{r['peak_mib']:.0f}" if 'peak_mib' in r else '-')
+        cells += (
+            [f'{r["img_per_s"]:.1f}', f'{r["img_per_s_p25"]:.1f}-{r["img_per_s_p75"]:.1f}', f'{r["ms_per_step"]:.0f}']
+            if 'img_per_s' in r
+            else ['-', '-', '-']
+        )
+        cells.append(f'{r["peak_mib"]:.0f}' if 'peak_mib' in r else '-')
         if rate:
-            cells += [f"{r['gflop_per_s']:.0f}" if 'gflop_per_s' in r else '-',
-                      f"{r['matmul_fraction']:.0%}" if 'matmul_fraction' in r else '-']
+            cells += [
+                f'{r["gflop_per_s"]:.0f}' if 'gflop_per_s' in r else '-',
+                f'{r["matmul_fraction"]:.0%}' if 'matmul_fraction' in r else '-',
+            ]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -99,10 +133,20 @@ def contenders_of(args) -> list:
 
 def settings_of(args) -> Settings:
     size = args.input_size * 2 if len(args.input_size) == 1 else args.input_size  # one number: a square
-    settings = Settings(batch_size=args.batch_size, input_size=size, device=args.device, amp=args.amp,
-                        channels_last=args.channels_last, threads=args.threads, warmup=args.warmup,
-                        iters=args.iters, memory=args.memory, seed=args.seed, authors_file=args.authors_file,
-                        authors_path_extra=args.authors_path_extra)
+    settings = Settings(
+        batch_size=args.batch_size,
+        input_size=size,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+        memory=args.memory,
+        seed=args.seed,
+        authors_file=args.authors_file,
+        authors_path_extra=args.authors_path_extra,
+    )
     settings.check()
     if args.iters == 0 and not args.memory:
         raise UsageError('--iters 0 measures nothing without --memory')
@@ -126,8 +170,16 @@ def main(argv):
     print(format_table(rows, settings.describe()), flush=True)
     if args.json:
         with atomic_file(args.json, 'w') as f:
-            json.dump({'settings': {k: v for k, v in vars(args).items() if k != 'given'}, 'torch': torch.__version__,
-                       'threads': torch.get_num_threads(), 'results': rows}, f, indent=1)
+            json.dump(
+                {
+                    'settings': {k: v for k, v in vars(args).items() if k != 'given'},
+                    'torch': torch.__version__,
+                    'threads': torch.get_num_threads(),
+                    'results': rows,
+                },
+                f,
+                indent=1,
+            )
     return rows
 
 

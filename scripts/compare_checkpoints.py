@@ -4,16 +4,17 @@ EMA weights and the optimizer state equal): e.g. a run stopped and resumed again
     python scripts/compare_checkpoints.py out_a/checkpoint.pth out_b/checkpoint.pth
 
 Prints "bit-identical", exit code 0; or what differs first (and how many tensors differ), exit code 1."""
+
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import checkpoints  # noqa: E402
-from cli import run_cli  # noqa: E402
+import checkpoints
+from cli import run_cli
 
 
 def tensors(checkpoint: dict) -> dict:
@@ -30,8 +31,11 @@ def differences(a: dict, b: dict) -> list:
     found = [f'{key}: {a.get(key)} vs {b.get(key)}' for key in ('epoch', 'step') if a.get(key) != b.get(key)]
     ta, tb = tensors(a), tensors(b)
     found += [f'{name}: only in one' for name in sorted(set(ta) ^ set(tb))]
-    found += [f'{name}: differs (largest difference {(ta[name].double() - tb[name].double()).abs().max():.3g})'
-              for name in ta if name in tb and not torch.equal(ta[name], tb[name])]
+    found += [
+        f'{name}: differs (largest difference {(ta[name].double() - tb[name].double()).abs().max():.3g})'
+        for name in ta
+        if name in tb and not torch.equal(ta[name], tb[name])
+    ]
     return found
 
 

@@ -8,18 +8,20 @@ apply) are gaps. When an epoch was logged twice, the later line counts.
 
     python scripts/plot_logs.py output/run_a [output/run_b ...] [--labels a b] [--output curves.png]
 """
+
 import json
 import sys
 from pathlib import Path
 
 import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cli import ArgumentParser, run_cli  # noqa: E402
-from errors import UsageError  # noqa: E402
-from utils import atomic_file, check_output_file  # noqa: E402
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from cli import ArgumentParser, run_cli
+from errors import UsageError
+from utils import atomic_file, check_output_file
 
 PANELS = [  # (log key, title)
     ('train_loss', 'train loss'),
@@ -102,8 +104,11 @@ def main(args):
     check_output_file(output, '--output')
     plot(logs, labels, output)
     for label, log in zip(labels, logs):
-        found = [f'best {title.split(" (")[0]} {best(log, key):.2f}' for key, title in PANELS[2:]
-                 if best(log, key) is not None]
+        found = [
+            f'best {title.split(" (")[0]} {best(log, key):.2f}'
+            for key, title in PANELS[2:]
+            if best(log, key) is not None
+        ]
         print(f'{label}: {len(log)} epochs' + ''.join(f', {f}' for f in found))
     print(f'wrote {output}')
 

@@ -13,6 +13,7 @@ model code stays untouched. Writes rank.json and rank.png (ranks per block, spec
 
     python scripts/rank_analysis.py --model RAVLT_T [--checkpoint PATH] [--images DIR] --output_dir D
 """
+
 import argparse
 import json
 import os
@@ -20,46 +21,61 @@ import sys
 from pathlib import Path
 
 import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter  # noqa: E402
-import torch  # noqa: E402
-from PIL import UnidentifiedImageError  # noqa: E402
 
-from checkpoints import flags_of, load_checkpoint  # noqa: E402
-from cli import COUNT, POSITIVE, ArgumentParser, json_object, run_cli  # noqa: E402
-from errors import UsageError  # noqa: E402
-from datasets import build_dataset, build_transform, load_rgb_image  # noqa: E402
-from model_factory import create_model, model_from_checkpoint  # noqa: E402
-from models import reference  # noqa: E402
-from models.ravlt import RAVLTStage  # noqa: E402
-from utils import atomic_file, check_output_file  # noqa: E402
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import FormatStrFormatter
+from PIL import UnidentifiedImageError
+
+from checkpoints import flags_of, load_checkpoint
+from cli import COUNT, POSITIVE, ArgumentParser, json_object, run_cli
+from datasets import build_dataset, build_transform, load_rgb_image
+from errors import UsageError
+from model_factory import create_model, model_from_checkpoint
+from models import reference
+from models.ravlt import RAVLTStage
+from utils import atomic_file, check_output_file
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 
 
 def get_args_parser():
     parser = ArgumentParser('rank_analysis.py', description='RAVLT rank analysis', with_config=False)
-    parser.add_argument('--model', default=None,
-                        help="RAVLT_T/S/B/L or a RAVLT timm name (default: the checkpoint's, else RAVLT_T)")
-    parser.add_argument('--model-kwargs', default=None, type=json_object, metavar='JSON',
-                        help="model keyword arguments as in main.py (default: the checkpoint's)")
+    parser.add_argument(
+        '--model', default=None, help="RAVLT_T/S/B/L or a RAVLT timm name (default: the checkpoint's, else RAVLT_T)"
+    )
+    parser.add_argument(
+        '--model-kwargs',
+        default=None,
+        type=json_object,
+        metavar='JSON',
+        help="model keyword arguments as in main.py (default: the checkpoint's)",
+    )
     parser.add_argument('--checkpoint', default='', help='checkpoint or state dict; random init if not given')
     parser.add_argument('--images', default='', help='folder of .jpg/.png images; DIGITS val images if not given')
     parser.add_argument('--num-images', default=4, type=COUNT, help='images to analyse')
-    parser.add_argument('--input-size', default=None, type=COUNT,
-                        help="image size (default: the checkpoint's training size, else the model's, 224)")
-    parser.add_argument('--rtol', default=1e-3, type=POSITIVE,
-                        help='rank = number of singular values above rtol * the largest')
-    parser.add_argument('--spectra-block', default='',
-                        help='block whose spectra are plotted, e.g. layers.0.blocks.1 (default: the first linear-'
-                        'attention block)')
+    parser.add_argument(
+        '--input-size',
+        default=None,
+        type=COUNT,
+        help="image size (default: the checkpoint's training size, else the model's, 224)",
+    )
+    parser.add_argument(
+        '--rtol', default=1e-3, type=POSITIVE, help='rank = number of singular values above rtol * the largest'
+    )
+    parser.add_argument(
+        '--spectra-block',
+        default='',
+        help='block whose spectra are plotted, e.g. layers.0.blocks.1 (default: the first linear-attention block)',
+    )
     parser.add_argument('--seed', default=0, type=int, help='seed of the random init')
     parser.add_argument('--output_dir', '--output-dir', required=True, help='where rank.json and rank.png go')
     return parser
 
 
 # ---- ranks and spectra ----
+
 
 def numerical_rank(singular_values, rtol):
     """Number of singular values (descending, last dim) above rtol times the largest."""
@@ -71,14 +87,22 @@ def summarise(matrices, rtol):
     s = torch.linalg.svdvals(matrices)
     spectrum = s / s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
     rank = numerical_rank(s, rtol)
-    return {'shape': list(matrices.shape[-2:]), 'rank': rank.tolist(), 'mean_rank': rank.double().mean().item(),
-            'spectrum': spectrum.mean(dim=0).tolist()}
+    return {
+        'shape': list(matrices.shape[-2:]),
+        'rank': rank.tolist(),
+        'mean_rank': rank.double().mean().item(),
+        'spectrum': spectrum.mean(dim=0).tolist(),
+    }
 
 
 def attention_modules(model):
     """(block name, attention module, its stage's RoPE angles) of every block of a RAVLT model."""
-    return [(f'{name}.blocks.{i}', block.attn, stage.RoPE.angle) for name, stage in model.named_modules()
-            if isinstance(stage, RAVLTStage) for i, block in enumerate(stage.blocks)]
+    return [
+        (f'{name}.blocks.{i}', block.attn, stage.RoPE.angle)
+        for name, stage in model.named_modules()
+        if isinstance(stage, RAVLTStage)
+        for i, block in enumerate(stage.blocks)
+    ]
 
 
 @torch.no_grad()
@@ -87,8 +111,10 @@ def analyse(model, images, rtol):
     `computed_as`, the summaries of its matrices for each kind its weights feed (reference.computable_kinds)."""
     blocks = attention_modules(model)
     inputs = {}
-    hooks = [attn.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-             for name, attn, _ in blocks]
+    hooks = [
+        attn.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, attn, _ in blocks
+    ]
     try:
         model.forward_features(images)
     finally:
@@ -97,8 +123,14 @@ def analyse(model, images, rtol):
     report = []
     for name, attn, angle in blocks:
         x = inputs[name]
-        entry = {'block': name, 'attention': reference.kind_of(attn), 'tokens': x.shape[2] * x.shape[3],
-                 'heads': attn.num_heads, 'head_dim': attn.head_dim, 'computed_as': {}}
+        entry = {
+            'block': name,
+            'attention': reference.kind_of(attn),
+            'tokens': x.shape[2] * x.shape[3],
+            'heads': attn.num_heads,
+            'head_dim': attn.head_dim,
+            'computed_as': {},
+        }
         for kind in reference.computable_kinds(attn):
             terms = reference.attention_terms(attn, x, angle, kind)
             entry['computed_as'][kind] = {matrix: summarise(t, rtol) for matrix, t in terms.items()}
@@ -108,6 +140,7 @@ def analyse(model, images, rtol):
 
 # ---- weights and images ----
 
+
 def load_model(args, parser):
     """(model, checkpoint or {}): with --checkpoint, its model, --model-kwargs and class count unless given (as
     main.py --eval takes them, checked as `parser` checks the flags); without, --model (default RAVLT_T)
@@ -115,8 +148,9 @@ def load_model(args, parser):
     torch.manual_seed(args.seed)
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else {}
     if checkpoint:
-        model, name = model_from_checkpoint(checkpoint, args.checkpoint, args.model, args.model_kwargs,
-                                            default_name='RAVLT_T', parser=parser)
+        model, name = model_from_checkpoint(
+            checkpoint, args.checkpoint, args.model, args.model_kwargs, default_name='RAVLT_T', parser=parser
+        )
     else:
         name = args.model or 'RAVLT_T'
         model = create_model(name, args.model_kwargs)
@@ -136,10 +170,11 @@ def load_images(args, parser, model, checkpoint):
         return torch.stack(images), f'{len(images)} DIGITS val images'
     if not Path(args.images).is_dir():
         raise UsageError(f'--images {args.images} is not a folder')
-    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:args.num_images]
+    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[: args.num_images]
     if not paths:
-        raise UsageError(f'no .jpg/.png images in {args.images}; pass a folder with images, or leave --images '
-                         'out for DIGITS')
+        raise UsageError(
+            f'no .jpg/.png images in {args.images}; pass a folder with images, or leave --images out for DIGITS'
+        )
     transform = build_transform(False, argparse.Namespace(data_set='IMNET', input_size=size))
     try:
         images = [transform(load_rgb_image(p)) for p in paths]
@@ -178,23 +213,33 @@ def plot(report, path):
     fig, (ax_rank, ax_spec1, ax_spec2) = plt.subplots(1, 3, figsize=(18, 6))
     x = list(range(len(blocks)))
     for kind, matrix, label, style in SERIES:
-        points = [(i, b['computed_as'][kind][matrix]['mean_rank']) for i, b in enumerate(blocks)
-                  if kind in b['computed_as']]
+        points = [
+            (i, b['computed_as'][kind][matrix]['mean_rank']) for i, b in enumerate(blocks) if kind in b['computed_as']
+        ]
         if points:
             ax_rank.plot(*zip(*points), label=label, **style)
-    ax_rank.plot(x, [min(b['tokens'], b['head_dim']) for b in blocks], color='gray', lw=0, marker='_', ms=16,
-                 label='max. rank of output, min(N, d)')
+    ax_rank.plot(
+        x,
+        [min(b['tokens'], b['head_dim']) for b in blocks],
+        color='gray',
+        lw=0,
+        marker='_',
+        ms=16,
+        label='max. rank of output, min(N, d)',
+    )
     ax_rank.set_xticks(x, [b['block'].replace('layers.', '').replace('.blocks.', '.') for b in blocks])
     for i, b in enumerate(blocks):  # a separator and the token count at the start of each stage
         if i == 0 or b['tokens'] != blocks[i - 1]['tokens']:
             ax_rank.axvline(i - 0.5, color='lightgray', lw=0.8)
-            ax_rank.text(i - 0.4, 0.02, f"N={b['tokens']}", transform=ax_rank.get_xaxis_transform(), fontsize=8)
+            ax_rank.text(i - 0.4, 0.02, f'N={b["tokens"]}', transform=ax_rank.get_xaxis_transform(), fontsize=8)
     ax_rank.set_yscale('log', base=2)
     ax_rank.yaxis.set_major_formatter(FormatStrFormatter('%g'))
     ax_rank.set_xlabel('block i.j = layers.i.blocks.j')
     ax_rank.set_ylabel('rank (mean over heads and images)')
-    ax_rank.set_title(f"ranks per block, each computed as the kinds its weights allow (head dim d = "
-                      f"{blocks[0]['head_dim']})", fontsize=10)
+    ax_rank.set_title(
+        f'ranks per block, each computed as the kinds its weights allow (head dim d = {blocks[0]["head_dim"]})',
+        fontsize=10,
+    )
     ax_rank.legend(fontsize=8, ncol=2, loc='upper center', bbox_to_anchor=(0.5, -0.16))
     if chosen['attention'] == 'softmax':
         panels = [('attention_matrix', 'attention matrix'), ('output', 'output features')]
@@ -206,18 +251,26 @@ def plot(report, path):
                 continue
             summary = chosen['computed_as'][kind][matrix]
             for h, spectrum in enumerate(summary['spectrum']):
-                ax.plot(range(1, len(spectrum) + 1), spectrum, color=style['color'], ls=style.get('ls', '-'),
-                        label=None if h else f"{label} ({'x'.join(map(str, summary['shape']))}), "
-                                             f"rank {summary['mean_rank']:.1f}")
-        ax.axhline(report['rtol'], color='gray', lw=0.8, ls=':', label=f"rank tolerance {report['rtol']:g}")
+                ax.plot(
+                    range(1, len(spectrum) + 1),
+                    spectrum,
+                    color=style['color'],
+                    ls=style.get('ls', '-'),
+                    label=None
+                    if h
+                    else f'{label} ({"x".join(map(str, summary["shape"]))}), rank {summary["mean_rank"]:.1f}',
+                )
+        ax.axhline(report['rtol'], color='gray', lw=0.8, ls=':', label=f'rank tolerance {report["rtol"]:g}')
         ax.set_yscale('log')
         ax.set_xlabel('singular value index i')
         ax.set_ylabel('sigma_i / sigma_1 (mean over images)')
-        ax.set_title(f"{chosen['block']} ({chosen['attention']}): {title} spectrum, {chosen['heads']} head(s)")
+        ax.set_title(f'{chosen["block"]} ({chosen["attention"]}): {title} spectrum, {chosen["heads"]} head(s)')
         ax.legend(fontsize=8)
-    fig.suptitle(f"{report['model']} (stages: {stage_kinds(blocks)}), {report['weights']}; {report['images']} at "
-                 f"{report['input_size'][1]}x{report['input_size'][2]}, float64; rank = #singular values > "
-                 f"{report['rtol']:g} x the largest")
+    fig.suptitle(
+        f'{report["model"]} (stages: {stage_kinds(blocks)}), {report["weights"]}; {report["images"]} at '
+        f'{report["input_size"][1]}x{report["input_size"][2]}, float64; rank = #singular values > '
+        f'{report["rtol"]:g} x the largest'
+    )
     fig.tight_layout()
     with atomic_file(path) as f:
         fig.savefig(f, dpi=100, format='png')
@@ -228,8 +281,11 @@ def check_output_dir(path: Path):
     """--output_dir is a folder, or can become one, and rank.json and rank.png can be written into it."""
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir():
-        raise UsageError(f'--output_dir {path} is a file, not a folder' if existing == path else
-                         f'--output_dir {path} lies under a file ({existing})')
+        raise UsageError(
+            f'--output_dir {path} is a file, not a folder'
+            if existing == path
+            else f'--output_dir {path} lies under a file ({existing})'
+        )
     if not os.access(existing, os.W_OK):
         raise UsageError(f'--output_dir {path}: {existing} is not writable')
     if existing == path:
@@ -251,15 +307,24 @@ def main(args, parser=None):
         raise UsageError(f'--spectra-block {spectra_block} is not an attention block; choose from {", ".join(names)}')
     report = {
         'model': model.pretrained_cfg['architecture'],
-        'weights': (f'checkpoint {Path(args.checkpoint).parent.name}/{Path(args.checkpoint).name}' if args.checkpoint
-                    else 'random init (no checkpoint)'),
-        'images': image_source, 'input_size': list(images.shape[1:]), 'dtype': 'float64',
-        'rtol': args.rtol, 'rank_definition': 'number of singular values above rtol * the largest singular value',
-        'layouts': {'kv_buffer': 'd_k x d_v per head, sum over tokens of RoPE(weighted k) v^T',
-                    'output': 'N x d per head, before proj: (out + lepe) * o for kinds with gate and LePE, else out',
-                    'attention_matrix': 'N x N per head',
-                    'computed_as': "the block's own kind (`attention`) and the other kinds its weights allow"},
-        'spectra_block': spectra_block, 'blocks': blocks,
+        'weights': (
+            f'checkpoint {Path(args.checkpoint).parent.name}/{Path(args.checkpoint).name}'
+            if args.checkpoint
+            else 'random init (no checkpoint)'
+        ),
+        'images': image_source,
+        'input_size': list(images.shape[1:]),
+        'dtype': 'float64',
+        'rtol': args.rtol,
+        'rank_definition': 'number of singular values above rtol * the largest singular value',
+        'layouts': {
+            'kv_buffer': 'd_k x d_v per head, sum over tokens of RoPE(weighted k) v^T',
+            'output': 'N x d per head, before proj: (out + lepe) * o for kinds with gate and LePE, else out',
+            'attention_matrix': 'N x N per head',
+            'computed_as': "the block's own kind (`attention`) and the other kinds its weights allow",
+        },
+        'spectra_block': spectra_block,
+        'blocks': blocks,
     }
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -267,9 +332,10 @@ def main(args, parser=None):
         f.write(json.dumps(report, indent=1))
     plot(report, output_dir / 'rank.png')
     for b in blocks:
-        ranks = '  '.join(f"{k}.{m} {b['computed_as'][k][m]['mean_rank']:.1f}" for k, m, _, _ in SERIES
-                          if k in b['computed_as'])
-        print(f"{b['block']:<18} N={b['tokens']:<5} {ranks}")
+        ranks = '  '.join(
+            f'{k}.{m} {b["computed_as"][k][m]["mean_rank"]:.1f}' for k, m, _, _ in SERIES if k in b['computed_as']
+        )
+        print(f'{b["block"]:<18} N={b["tokens"]:<5} {ranks}')
     print(f'wrote {output_dir / "rank.json"} and {output_dir / "rank.png"}')
 
 

@@ -16,6 +16,7 @@ is 1 at every size (`--batch-size`). Models (`--models`, default all but the aut
 linear), authors:RAVLT_S (the authors' code with our weights), convnext_tiny and swin_tiny (timm's
 swin_tiny_patch4_window7_224 built for each input size; its windows are padded where the size needs it).
 """
+
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import sys
 
 if __name__ == '__main__':  # first, before the libraries load: freed memory stays in the process (allocator.py)
     from allocator import keep_freed_memory
+
     keep_freed_memory()
 
 import torch
@@ -47,10 +49,20 @@ QUANTITIES = (('img_per_s', 'img/s', '{:.3g}'), ('peak_mib', 'peak MiB', '{:.0f}
 
 def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('RAVLT resolution scaling', add_help=True)
-    parser.add_argument('--models', nargs='+', default=None, metavar='MODEL',
-                        help=f'any of {", ".join(MODELS)} (default: all; authors:RAVLT_S with --authors-file)')
-    parser.add_argument('--sizes', nargs='+', default=DEFAULT_SIZES, metavar='H[xW]',
-                        help='input sizes, H or HxW (height then width); default ' + ' '.join(DEFAULT_SIZES))
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        default=None,
+        metavar='MODEL',
+        help=f'any of {", ".join(MODELS)} (default: all; authors:RAVLT_S with --authors-file)',
+    )
+    parser.add_argument(
+        '--sizes',
+        nargs='+',
+        default=DEFAULT_SIZES,
+        metavar='H[xW]',
+        help='input sizes, H or HxW (height then width); default ' + ' '.join(DEFAULT_SIZES),
+    )
     parser.add_argument('--mode', choices=['eval', 'train'], default='eval')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
@@ -59,8 +71,12 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument('--memory', action='store_true', help='also measure peak memory (a fresh process each)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--authors-file', default=None, help="a local copy of the authors' classfication/RALA.py")
-    parser.add_argument('--authors-path-extra', nargs='*', default=[],
-                        help="folders to put on sys.path for the authors' file (e.g. where einops is)")
+    parser.add_argument(
+        '--authors-path-extra',
+        nargs='*',
+        default=[],
+        help="folders to put on sys.path for the authors' file (e.g. where einops is)",
+    )
     parser.add_argument('--json', default=None, help='write the results to this JSON file')
     parser.add_argument('--figure', default=None, help='draw the results into this image file (.png, .svg, .pdf)')
     return parser
@@ -81,9 +97,17 @@ def parse_size(text: str) -> tuple:
 
 
 def settings_at(args, size) -> Settings:
-    settings = Settings(batch_size=args.batch_size, input_size=size, threads=args.threads, warmup=args.warmup,
-                        iters=args.iters, memory=args.memory, seed=args.seed, authors_file=args.authors_file,
-                        authors_path_extra=args.authors_path_extra)
+    settings = Settings(
+        batch_size=args.batch_size,
+        input_size=size,
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+        memory=args.memory,
+        seed=args.seed,
+        authors_file=args.authors_file,
+        authors_path_extra=args.authors_path_extra,
+    )
     settings.check()
     return settings
 
@@ -93,8 +117,9 @@ def sweep(labels, sizes, args, authors_module=None, models=MODELS) -> list:
     rows = []
     for size in sizes:
         settings = settings_at(args, size)
-        contenders = [Contender(models[label][0], args.mode, 'eager', models[label][1](*size), label)
-                      for label in labels]
+        contenders = [
+            Contender(models[label][0], args.mode, 'eager', models[label][1](*size), label) for label in labels
+        ]
         progress(f'size {size[0]}x{size[1]}: {", ".join(labels)}')
         for row, contender in zip(benchmark(contenders, settings, authors_module), contenders):
             progress(f'{contender.label} at {size[0]}x{size[1]}: counting FLOPs')
@@ -110,8 +135,12 @@ def format_tables(rows, labels, sizes) -> str:
     for key, title, fmt in QUANTITIES:
         if not any(key in r for r in rows):
             continue
-        out += [f'{title}:', '', '| model | ' + ' | '.join(f'{h}x{w}' for h, w in sizes) + ' |',
-                '|---|' + '---|' * len(sizes)]
+        out += [
+            f'{title}:',
+            '',
+            '| model | ' + ' | '.join(f'{h}x{w}' for h, w in sizes) + ' |',
+            '|---|' + '---|' * len(sizes),
+        ]
         for label in labels:
             cells = [by_key.get((label, size), {}).get(key) for size in sizes]
             out.append(f'| {label} | ' + ' | '.join('-' if v is None else fmt.format(v) for v in cells) + ' |')
@@ -121,21 +150,25 @@ def format_tables(rows, labels, sizes) -> str:
 
 def draw(rows, labels, path: str, title: str):
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+
     shown = [(k, t) for k, t, _ in QUANTITIES if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.2))
     for ax, (key, name) in zip(axes if len(shown) > 1 else [axes], shown):
         for i, label in enumerate(labels):
-            points = sorted((r['input_size'][0] * r['input_size'][1] / 1e6, r[key], r['input_size'])
-                            for r in rows if r['model'] == label and key in r)
+            points = sorted(
+                (r['input_size'][0] * r['input_size'][1] / 1e6, r[key], r['input_size'])
+                for r in rows
+                if r['model'] == label and key in r
+            )
             square = [p for p in points if p[2][0] == p[2][1]]
             other = [p for p in points if p[2][0] != p[2][1]]  # e.g. 800x1280: beside, not on, the square curve
             color = f'C{i}'
             style = '--' if label.startswith('authors:') else '-'
-            ax.plot([p[0] for p in square], [p[1] for p in square], style, color=color, marker='o', ms=3,
-                    label=label)
+            ax.plot([p[0] for p in square], [p[1] for p in square], style, color=color, marker='o', ms=3, label=label)
             ax.plot([p[0] for p in other], [p[1] for p in other], 'x', color=color, ms=7)
         ax.set_xscale('log')
         ax.set_yscale('log')
@@ -176,13 +209,18 @@ def main(argv):
         torch.set_num_threads(args.threads)
     authors = load_authors_module(args.authors_file, args.authors_path_extra) if args.authors_file else None
     rows = sweep(labels, sizes, args, authors)
-    line = (f'{args.mode}, batch {args.batch_size}, float32, {torch.get_num_threads()} threads, '
-            f'{args.warmup} warm-up + {args.iters} timed steps per model and size, torch {torch.__version__}')
+    line = (
+        f'{args.mode}, batch {args.batch_size}, float32, {torch.get_num_threads()} threads, '
+        f'{args.warmup} warm-up + {args.iters} timed steps per model and size, torch {torch.__version__}'
+    )
     print(line + '\n\n' + format_tables(rows, labels, sizes), flush=True)
     if args.json:
         with atomic_file(args.json, 'w') as f:
-            json.dump({'settings': {k: v for k, v in vars(args).items() if k != 'given'}, 'line': line,
-                       'results': rows}, f, indent=1)
+            json.dump(
+                {'settings': {k: v for k, v in vars(args).items() if k != 'given'}, 'line': line, 'results': rows},
+                f,
+                indent=1,
+            )
     if args.figure:
         draw(rows, labels, args.figure, line)
         print(f'figure: {args.figure}')

@@ -8,20 +8,68 @@ The lists are torch's (aten/src/ATen/autocast_mode.cpp, CUDA), for the functions
         model(x)
     policy.products  # [(function name, (dtype of each floating tensor operand before the cast), ...]
 """
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 Tensor = torch.Tensor
-LOW_PRECISION = {torch.conv2d, torch.conv_transpose2d, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm,
-                 Tensor.mm, torch.bmm, Tensor.bmm, torch.einsum, F.linear, F.scaled_dot_product_attention,
-                 torch.baddbmm, torch.addmm}
-FLOAT32 = {torch.exp, Tensor.exp, torch.expm1, Tensor.expm1, torch.log, Tensor.log, torch.reciprocal,
-           Tensor.reciprocal, torch.rsqrt, Tensor.rsqrt, torch.pow, Tensor.pow, Tensor.__pow__, F.layer_norm,
-           F.group_norm, F.softplus, F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss,
-           F.binary_cross_entropy_with_logits, torch.cdist, torch.logsumexp, Tensor.logsumexp}
-FLOAT32_UNLESS_GIVEN = {torch.softmax, Tensor.softmax, F.softmax, F.log_softmax, Tensor.log_softmax, torch.sum,
-                        Tensor.sum, torch.cumsum, Tensor.cumsum, torch.prod, Tensor.prod}
+LOW_PRECISION = {
+    torch.conv2d,
+    torch.conv_transpose2d,
+    torch.matmul,
+    Tensor.matmul,
+    Tensor.__matmul__,
+    torch.mm,
+    Tensor.mm,
+    torch.bmm,
+    Tensor.bmm,
+    torch.einsum,
+    F.linear,
+    F.scaled_dot_product_attention,
+    torch.baddbmm,
+    torch.addmm,
+}
+FLOAT32 = {
+    torch.exp,
+    Tensor.exp,
+    torch.expm1,
+    Tensor.expm1,
+    torch.log,
+    Tensor.log,
+    torch.reciprocal,
+    Tensor.reciprocal,
+    torch.rsqrt,
+    Tensor.rsqrt,
+    torch.pow,
+    Tensor.pow,
+    Tensor.__pow__,
+    F.layer_norm,
+    F.group_norm,
+    F.softplus,
+    F.cross_entropy,
+    F.nll_loss,
+    F.mse_loss,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.binary_cross_entropy_with_logits,
+    torch.cdist,
+    torch.logsumexp,
+    Tensor.logsumexp,
+}
+FLOAT32_UNLESS_GIVEN = {
+    torch.softmax,
+    Tensor.softmax,
+    F.softmax,
+    F.log_softmax,
+    Tensor.log_softmax,
+    torch.sum,
+    Tensor.sum,
+    torch.cumsum,
+    Tensor.cumsum,
+    torch.prod,
+    Tensor.prod,
+}
 RECIPROCAL_OF = {Tensor.__rtruediv__, Tensor.__rdiv__}  # `1 / x`: reciprocal (float32-listed), then a multiply
 
 

@@ -20,6 +20,7 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
                      blocks, or a hung file system
     DATA_WAIT_AFTER_STOP=S  how long a stopped run waits for a batch (trainer.DATA_WAIT_AFTER_STOP)
 """
+
 import errno
 import importlib
 import json
@@ -49,8 +50,9 @@ def spy(directory):
         result = train_one_epoch(model, loss_fn, data_loader, *args, **kwargs)
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
         indices = [index for index, _ in data_loader.sampler]
-        torch.save({'indices': indices, 'params': params},
-                   os.path.join(directory, f'train_rank{RANK}_epoch{args[3]}.pt'))
+        torch.save(
+            {'indices': indices, 'params': params}, os.path.join(directory, f'train_rank{RANK}_epoch{args[3]}.pt')
+        )
         return result
 
     def spied_evaluate(data_loader, *args, **kwargs):
@@ -82,9 +84,11 @@ def faults_at(path, steps):
                     json.dump({'faults': faults, 'pid': os.getpid(), 'allocator': allocator.describe()}, f)
                 sys.stdout.flush()
                 os._exit(0)
+
         model.register_forward_pre_hook(before)
         model.register_forward_hook(after)
         return evaluate(data_loader, model, *args, **kwargs)
+
     engine.evaluate = counted
 
 
@@ -96,12 +100,15 @@ def signal_at(rank, step, name):
             os.kill(os.getpid(), getattr(signal, name))
         calls[0] += 1
         return optimizer_step(*args, **kwargs)
+
     engine.optimizer_step = hooked
 
 
 def preempt_at(step, name):
     import torch.distributed as dist
+
     from train_helpers import descendants
+
     optimizer_step, calls = engine.optimizer_step, [0]
 
     def hooked(*args, **kwargs):
@@ -114,6 +121,7 @@ def preempt_at(step, name):
             dist.barrier()
         calls[0] += 1
         return optimizer_step(*args, **kwargs)
+
     engine.optimizer_step = hooked
 
 
@@ -129,6 +137,7 @@ def kill_at(module, function, count):
         if calls[0] == int(count):
             os.kill(os.getpid(), signal.SIGKILL)
         return original(*args, **kwargs)
+
     setattr(owner, attribute, hooked)
 
 
@@ -138,13 +147,17 @@ def fail_at(rank, error, stay=''):
     if stay == 'stay':
         cli.cleanup_distributed = lambda: time.sleep(3600)  # after its one line: alive, silent
     if error == 'enospc':
+
         def full(obj, *paths):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths[-1]))
+
         checkpoints.save_checkpoint = full
         return
     if error == 'load':
+
         def unreadable(path, *args, **kwargs):
             raise cli.UsageError(f'checkpoint {path} does not exist')
+
         checkpoints.load_checkpoint = unreadable
         return
 
@@ -152,6 +165,7 @@ def fail_at(rank, error, stay=''):
         if error == 'oom':
             raise torch.OutOfMemoryError('CUDA out of memory (injected)')
         raise cli.UsageError('cannot read /data/train/n01440764/a.JPEG (injected)')
+
     engine.optimizer_step = failing
 
 
@@ -164,6 +178,7 @@ def stall_at(count):
             while True:
                 time.sleep(3600)
         return load(self, item)
+
     utils.SeededDataset.__getitem__ = stalled
 
 

@@ -1,12 +1,13 @@
 """'hash fill v1': deterministic weights and inputs for comparing with the authors' golden outputs
 (the recipe is described in tests/fixtures/README.md)."""
+
 import math
 import zlib
 
 import numpy as np
 import torch
 
-M = np.uint64(2 ** 32 - 1)
+M = np.uint64(2**32 - 1)
 
 
 def hash32(x: np.ndarray) -> np.ndarray:
@@ -23,7 +24,7 @@ def unit(name: str, n: int) -> np.ndarray:
     """n values with mean 0 and variance 1, determined by `name`."""
     i = np.arange(n, dtype=np.uint64)
     h = hash32((i * np.uint64(0x9E3779B1) + np.uint64(zlib.crc32(name.encode('utf-8')))) & M)
-    return (2.0 * h.astype(np.float64) / 2 ** 32 - 1.0) * math.sqrt(3.0)
+    return (2.0 * h.astype(np.float64) / 2**32 - 1.0) * math.sqrt(3.0)
 
 
 def fill_value(key: str, shape) -> torch.Tensor:

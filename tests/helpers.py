@@ -1,5 +1,6 @@
 """What several test files share: the repository's root, the four RAVLT variants, a tiny RAVLT and the relative
 error of two tensors. (A module of its own: pytest advises against importing conftest.py.)"""
+
 import os
 
 import timm

@@ -2,6 +2,7 @@
 glibc's variables set, in the same process (PID, interpreter options, arguments), so that an eager RAVLT-S
 eval step through `main.py --eval` no longer faults in its temporaries; `RAVLT_KEEP_HEAP=0` turns it off, and
 the user's own allocator settings are left alone. Under torchrun and srun: tests/test_train_distributed.py."""
+
 import json
 import subprocess
 import sys
@@ -12,8 +13,22 @@ import allocator
 from train_helpers import ROOT, command_env
 
 KEPT = 'glibc, freed memory kept in the process (MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736'
-EVAL_RAVLT_S = ['main.py', '--eval', '--model', 'RAVLT_S', '--data-set', 'FAKE', '--input-size', '224',
-                '--batch-size', '16', '--device', 'cpu', '--num_workers', '0']
+EVAL_RAVLT_S = [
+    'main.py',
+    '--eval',
+    '--model',
+    'RAVLT_S',
+    '--data-set',
+    'FAKE',
+    '--input-size',
+    '224',
+    '--batch-size',
+    '16',
+    '--device',
+    'cpu',
+    '--num_workers',
+    '0',
+]
 
 
 def clean_env(**extra) -> dict:
@@ -27,7 +42,7 @@ def clean_env(**extra) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not allocator.is_glibc(), reason='the setting is glibc\'s')
+@pytest.mark.skipif(not allocator.is_glibc(), reason="the setting is glibc's")
 def test_eval_steps_of_main_py_reuse_freed_memory_and_the_switch_turns_it_off(tmp_path):
     """Minor page faults of each forward pass of RAVLT-S (batch 16, 224²) in `main.py --eval`, counted inside
     the process; with glibc's defaults every step faults in its large temporaries again (about 140,000)."""
@@ -36,8 +51,14 @@ def test_eval_steps_of_main_py_reuse_freed_memory_and_the_switch_turns_it_off(tm
     for name, extra in (('kept', {}), ('defaults', {allocator.SWITCH: '0'})):
         faults_file = tmp_path / f'{name}.json'
         env = clean_env(FAULTS_AT=f'{faults_file}:{steps}', **extra)
-        process = subprocess.Popen([sys.executable, 'tests/fault_injection.py', *EVAL_RAVLT_S], cwd=ROOT, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, 'tests/fault_injection.py', *EVAL_RAVLT_S],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         runs[name] = process, faults_file
     results = {}
     for name, (process, faults_file) in runs.items():
@@ -54,13 +75,21 @@ def test_eval_steps_of_main_py_reuse_freed_memory_and_the_switch_turns_it_off(tm
     assert min(defaults['faults'][1:]) > 50_000, defaults['faults']
 
 
-@pytest.mark.skipif(not allocator.is_glibc(), reason='the setting is glibc\'s')
+@pytest.mark.skipif(not allocator.is_glibc(), reason="the setting is glibc's")
 def test_the_process_is_executed_again_with_its_options_arguments_and_pid():
-    code = ('import os, sys; print(os.getpid(), os.environ.get("MALLOC_MMAP_MAX_"), flush=True); '
-            'import allocator; allocator.keep_freed_memory(); '
-            'print(os.getpid(), os.environ["MALLOC_MMAP_MAX_"], sys.flags.dev_mode, sys.argv[1:])')
-    result = subprocess.run([sys.executable, '-X', 'dev', '-c', code, 'a b', '--c'], cwd=ROOT, env=clean_env(),
-                            capture_output=True, text=True, timeout=60)
+    code = (
+        'import os, sys; print(os.getpid(), os.environ.get("MALLOC_MMAP_MAX_"), flush=True); '
+        'import allocator; allocator.keep_freed_memory(); '
+        'print(os.getpid(), os.environ["MALLOC_MMAP_MAX_"], sys.flags.dev_mode, sys.argv[1:])'
+    )
+    result = subprocess.run(
+        [sys.executable, '-X', 'dev', '-c', code, 'a b', '--c'],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     pid = result.stdout.split()[0]
     # Once with glibc's defaults, then again from the start with the variables: the same PID, -X dev, arguments.
@@ -68,26 +97,36 @@ def test_the_process_is_executed_again_with_its_options_arguments_and_pid():
 
 
 def test_a_bad_switch_is_one_line_before_anything_loads():
-    result = subprocess.run([sys.executable, 'main.py', '--help'], cwd=ROOT, capture_output=True, text=True,
-                            env=clean_env(**{allocator.SWITCH: 'yes'}), timeout=60)
+    result = subprocess.run(
+        [sys.executable, 'main.py', '--help'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=clean_env(**{allocator.SWITCH: 'yes'}),
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ''
     assert result.stderr.splitlines() == [
         "error: RAVLT_KEEP_HEAP must be 1 (keep freed memory in the process, the default) or 0 (glibc's "
-        "defaults), got 'yes'"]
+        "defaults), got 'yes'"
+    ]
 
 
-@pytest.mark.parametrize('env, glibc, restart', [
-    ({}, True, True),
-    ({'RAVLT_KEEP_HEAP': '1'}, True, True),
-    ({'RAVLT_KEEP_HEAP': '0'}, True, False),
-    ({}, False, False),                                                  # musl, macOS: the variables mean nothing
-    ({'MALLOC_ARENA_MAX': '2'}, True, False),                            # the user's own settings
-    ({'MALLOC_MMAP_MAX_': '0'}, True, False),
-    ({'LD_PRELOAD': '/usr/lib/libtcmalloc_minimal.so.4'}, True, False),
-    ({'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1'}, True, False),
-    ({'LD_PRELOAD': '/usr/lib/libfoo.so'}, True, True),
-    (dict(allocator.KEEP_HEAP), True, False),                            # already started with them
-])
+@pytest.mark.parametrize(
+    'env, glibc, restart',
+    [
+        ({}, True, True),
+        ({'RAVLT_KEEP_HEAP': '1'}, True, True),
+        ({'RAVLT_KEEP_HEAP': '0'}, True, False),
+        ({}, False, False),  # musl, macOS: the variables mean nothing
+        ({'MALLOC_ARENA_MAX': '2'}, True, False),  # the user's own settings
+        ({'MALLOC_MMAP_MAX_': '0'}, True, False),
+        ({'LD_PRELOAD': '/usr/lib/libtcmalloc_minimal.so.4'}, True, False),
+        ({'GLIBC_TUNABLES': 'glibc.malloc.trim_threshold=1'}, True, False),
+        ({'LD_PRELOAD': '/usr/lib/libfoo.so'}, True, True),
+        (dict(allocator.KEEP_HEAP), True, False),  # already started with them
+    ],
+)
 def test_when_the_process_is_started_again(env, glibc, restart):
     new = allocator.environment_to_start_with(env, glibc)
     assert (new == {**env, **allocator.KEEP_HEAP}) if restart else new is None
@@ -96,7 +135,9 @@ def test_when_the_process_is_started_again(env, glibc, restart):
 def test_the_settings_line_says_what_the_allocator_does():
     assert allocator.describe(dict(allocator.KEEP_HEAP), glibc=True).startswith(KEPT)
     assert allocator.describe({'RAVLT_KEEP_HEAP': '0'}, glibc=True) == 'glibc defaults (RAVLT_KEEP_HEAP=0)'
-    assert allocator.describe({'MALLOC_ARENA_MAX': '2', 'THP_MEM_ALLOC_ENABLE': '1'}, glibc=True) == \
-        'as set: MALLOC_ARENA_MAX=2, THP_MEM_ALLOC_ENABLE=1'
+    assert (
+        allocator.describe({'MALLOC_ARENA_MAX': '2', 'THP_MEM_ALLOC_ENABLE': '1'}, glibc=True)
+        == 'as set: MALLOC_ARENA_MAX=2, THP_MEM_ALLOC_ENABLE=1'
+    )
     assert allocator.describe({}, glibc=False) == "the C library's defaults (not glibc)"
     assert allocator.describe({}, glibc=True).startswith('glibc defaults (freed memory is kept when')

@@ -1,4 +1,5 @@
 """scripts/rank_analysis.py and scripts/plot_logs.py: ranks, the analysed terms against the model, files written."""
+
 import argparse
 import json
 import subprocess
@@ -11,10 +12,10 @@ from PIL import Image
 
 import checkpoints
 import models  # noqa: F401  (registers RAVLT with timm)
-from models import reference
-from scripts import plot_logs, rank_analysis
 from cli import UsageError, run_cli
 from helpers import ROOT
+from models import reference
+from scripts import plot_logs, rank_analysis
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -23,8 +24,19 @@ def tiny_ravlt():
     """A three-stage float64 RAVLT (RALA, plain linear attention, softmax) with every weight randomised, norms and
     biases included."""
     torch.manual_seed(0)
-    model = timm.create_model('ravlt_t', num_classes=10, embed_dims=(16, 32, 32), depths=(1, 1, 1), num_heads=(1, 2, 2),
-                              attn_types=('rala', 'linear', 'softmax'), projection_dim=32).double().eval()
+    model = (
+        timm.create_model(
+            'ravlt_t',
+            num_classes=10,
+            embed_dims=(16, 32, 32),
+            depths=(1, 1, 1),
+            num_heads=(1, 2, 2),
+            attn_types=('rala', 'linear', 'softmax'),
+            projection_dim=32,
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -52,11 +64,11 @@ def test_rank_of_constructed_matrices_is_recovered():
     summary = rank_analysis.summarise(matrices, rtol=1e-3)
     assert summary['rank'] == ranks.tolist()
     assert summary['shape'] == [30, 20]
-    spectrum = torch.tensor(summary["spectrum"], dtype=torch.float64)  # mean over the two images, per head
+    spectrum = torch.tensor(summary['spectrum'], dtype=torch.float64)  # mean over the two images, per head
     expected = torch.zeros(2, 2, 20, dtype=torch.float64)
     for i in range(2):
         for h in range(2):
-            expected[i, h, :ranks[i, h]] = singular[:ranks[i, h]]
+            expected[i, h, : ranks[i, h]] = singular[: ranks[i, h]]
     torch.testing.assert_close(spectrum, expected.mean(0), rtol=0, atol=1e-8)
     # sigma_i / sigma_0 = 10^(-2i/19) > 0.5 for i = 0, 1, 2 only.
     assert rank_analysis.summarise(matrices, rtol=0.5)['rank'] == [[1, 3], [3, 3]]
@@ -80,8 +92,9 @@ def test_analysed_terms_reproduce_the_model():
             x = inputs[name]
             B, C, H, W = x.shape
             terms = reference.attention_terms(attn, x, angle)
-            torch.testing.assert_close(attn.proj(terms['output'].transpose(-1, -2).reshape(B, C, H, W)), outputs[name],
-                                       rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(
+                attn.proj(terms['output'].transpose(-1, -2).reshape(B, C, H, W)), outputs[name], rtol=1e-12, atol=1e-13
+            )
     assert sorted(outputs) == ['layers.0.blocks.0', 'layers.1.blocks.0', 'layers.2.blocks.0']
 
     rala, linear, softmax = rank_analysis.analyse(model, images, rtol=1e-3)
@@ -104,14 +117,16 @@ def test_analysed_terms_reproduce_the_model():
                 assert all(o <= k for o, k in zip(out_ranks, kv_ranks))
 
 
-TINY_KWARGS = {'embed_dims': [16, 32, 32, 32], 'depths': [2, 1, 1, 1], 'num_heads': [1, 2, 2, 4],
-               'projection_dim': 32}
+TINY_KWARGS = {'embed_dims': [16, 32, 32, 32], 'depths': [2, 1, 1, 1], 'num_heads': [1, 2, 2, 4], 'projection_dim': 32}
 
 
 def run_rank_analysis(tmp_path, *extra):
     out = tmp_path / 'rank'
-    rank_analysis.main(rank_analysis.get_args_parser().parse(
-        ['--num-images', '2', '--input-size', '32', '--output_dir', str(out), *extra]))
+    rank_analysis.main(
+        rank_analysis.get_args_parser().parse(
+            ['--num-images', '2', '--input-size', '32', '--output_dir', str(out), *extra]
+        )
+    )
     assert_png(out / 'rank.png')
     return json.loads((out / 'rank.json').read_text())
 
@@ -121,8 +136,13 @@ def test_rank_analysis_writes_png_and_json(tmp_path):
     assert report['weights'] == 'random init (no checkpoint)' and report['images'] == '2 DIGITS val images'
     assert report['model'] == 'ravlt_t' and report['input_size'] == [3, 32, 32]
     assert report['spectra_block'] == 'layers.0.blocks.0'
-    assert [b['block'] for b in report['blocks']] == ['layers.0.blocks.0', 'layers.0.blocks.1', 'layers.1.blocks.0',
-                                                      'layers.2.blocks.0', 'layers.3.blocks.0']
+    assert [b['block'] for b in report['blocks']] == [
+        'layers.0.blocks.0',
+        'layers.0.blocks.1',
+        'layers.1.blocks.0',
+        'layers.2.blocks.0',
+        'layers.3.blocks.0',
+    ]
     assert [b['attention'] for b in report['blocks']] == ['rala'] * 3 + ['softmax'] * 2
     assert [b['tokens'] for b in report['blocks']] == [64, 64, 16, 4, 1]
     stage2 = report['blocks'][2]['computed_as']['rala']
@@ -135,19 +155,41 @@ def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
     torch.manual_seed(0)
     trained = timm.create_model('ravlt_t', num_classes=10, **TINY_KWARGS)
     ckpt = tmp_path / 'checkpoint.pth'
-    torch.save({'model': trained.state_dict(), 'epoch': 3,
-                'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS, 'input-size': 48}}, ckpt)
+    torch.save(
+        {
+            'model': trained.state_dict(),
+            'epoch': 3,
+            'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS, 'input-size': 48},
+        },
+        ckpt,
+    )
     folder = tmp_path / 'images'
     folder.mkdir()
     for i in range(3):
         Image.new('RGB', (50, 40), (60 * i, 20, 200)).save(folder / f'{i}.png')
     (folder / 'notes.txt').write_text('not an image')
     out = tmp_path / 'rank'
-    rank_analysis.main(rank_analysis.get_args_parser().parse(
-        ['--checkpoint', str(ckpt), '--images', str(folder), '--num-images', '2',
-         '--spectra-block', 'layers.2.blocks.0', '--output_dir', str(out)]))
+    rank_analysis.main(
+        rank_analysis.get_args_parser().parse(
+            [
+                '--checkpoint',
+                str(ckpt),
+                '--images',
+                str(folder),
+                '--num-images',
+                '2',
+                '--spectra-block',
+                'layers.2.blocks.0',
+                '--output_dir',
+                str(out),
+            ]
+        )
+    )
     report = json.loads((out / 'rank.json').read_text())
-    assert report['weights'] == f'checkpoint {tmp_path.name}/checkpoint.pth' and report['images'] == f'2 images from {folder}'
+    assert (
+        report['weights'] == f'checkpoint {tmp_path.name}/checkpoint.pth'
+        and report['images'] == f'2 images from {folder}'
+    )
     assert report['input_size'] == [3, 48, 48]  # the training size stored in the checkpoint
     assert report['blocks'][2]['tokens'] == 36 and report['spectra_block'] == 'layers.2.blocks.0'
     assert_png(out / 'rank.png')
@@ -163,8 +205,9 @@ def test_rank_analysis_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(UsageError, match='no .jpg/.png images in'):
         run_rank_analysis(tmp_path, *tiny, '--images', str(tmp_path))
     # The script's entry point: cli.run_cli turns the UsageError into one line and exit code 2.
-    args = rank_analysis.get_args_parser().parse(['--checkpoint', str(tmp_path / 'none.pth'),
-                                                       '--output_dir', str(tmp_path / 'out')])
+    args = rank_analysis.get_args_parser().parse(
+        ['--checkpoint', str(tmp_path / 'none.pth'), '--output_dir', str(tmp_path / 'out')]
+    )
     with pytest.raises(SystemExit) as exit_info:
         run_cli(rank_analysis.main, args)
     assert exit_info.value.code == 2
@@ -179,13 +222,30 @@ def write_log(folder, entries):
 
 
 def test_plot_logs_writes_png(tmp_path):
-    with_ema = write_log(tmp_path / 'a', [
-        {'epoch': e, 'n_parameters': 10, 'train_loss': 2.0 / (e + 1), 'train_lr': 1e-3, 'test_acc1': 10.0 * e,
-         'test_acc5': 50.0, 'test_loss': 1.0, 'test_ema_acc1': 9.0 * e} for e in range(4)])
-    resumed_no_ema = write_log(tmp_path / 'b', [
-        {'epoch': 0, 'train_loss': 2.0, 'train_lr': 1e-3, 'test_acc1': 5.0},
-        {'epoch': 1, 'train_loss': 1.5, 'train_lr': 1e-3, 'test_acc1': 7.0},
-        {'epoch': 1, 'train_loss': 1.4, 'train_lr': 1e-3, 'test_acc1': 8.0}])
+    with_ema = write_log(
+        tmp_path / 'a',
+        [
+            {
+                'epoch': e,
+                'n_parameters': 10,
+                'train_loss': 2.0 / (e + 1),
+                'train_lr': 1e-3,
+                'test_acc1': 10.0 * e,
+                'test_acc5': 50.0,
+                'test_loss': 1.0,
+                'test_ema_acc1': 9.0 * e,
+            }
+            for e in range(4)
+        ],
+    )
+    resumed_no_ema = write_log(
+        tmp_path / 'b',
+        [
+            {'epoch': 0, 'train_loss': 2.0, 'train_lr': 1e-3, 'test_acc1': 5.0},
+            {'epoch': 1, 'train_loss': 1.5, 'train_lr': 1e-3, 'test_acc1': 7.0},
+            {'epoch': 1, 'train_loss': 1.4, 'train_lr': 1e-3, 'test_acc1': 8.0},
+        ],
+    )
     logs = [plot_logs.read_log(with_ema), plot_logs.read_log(resumed_no_ema)]
     assert list(logs[1]) == [0, 1] and logs[1][1]['test_acc1'] == 8.0  # the later line of a re-logged epoch
     plot_logs.main(plot_logs.get_args_parser().parse([with_ema, resumed_no_ema, '--labels', 'ema', 'no ema']))
@@ -197,58 +257,88 @@ def test_plot_logs_writes_png(tmp_path):
 
 
 def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
-    detection = write_log(tmp_path / 'det', [
-        {'epoch': e, 'step': 2 * e + 2, 'train_loss': 1.0 / (e + 1), 'train_loss_classifier': 0.5, 'train_lr': 1e-4,
-         'test_bbox_AP': 10.0 * e, 'test_bbox_APl': None, 'test_segm_AP': 8.0 * e} for e in range(3)])
-    segmentation = write_log(tmp_path / 'seg', [
-        {'epoch': 0, 'step': 2, 'train_loss': 2.0, 'train_lr': 1e-4},
-        {'epoch': 1, 'step': 4, 'train_loss': 1.0, 'train_lr': 1e-4, 'test_mIoU': 30.0, 'test_mAcc': 40.0}])
+    detection = write_log(
+        tmp_path / 'det',
+        [
+            {
+                'epoch': e,
+                'step': 2 * e + 2,
+                'train_loss': 1.0 / (e + 1),
+                'train_loss_classifier': 0.5,
+                'train_lr': 1e-4,
+                'test_bbox_AP': 10.0 * e,
+                'test_bbox_APl': None,
+                'test_segm_AP': 8.0 * e,
+            }
+            for e in range(3)
+        ],
+    )
+    segmentation = write_log(
+        tmp_path / 'seg',
+        [
+            {'epoch': 0, 'step': 2, 'train_loss': 2.0, 'train_lr': 1e-4},
+            {'epoch': 1, 'step': 4, 'train_loss': 1.0, 'train_lr': 1e-4, 'test_mIoU': 30.0, 'test_mAcc': 40.0},
+        ],
+    )
     out = tmp_path / 'dense.png'
     plot_logs.main(plot_logs.get_args_parser().parse([detection, segmentation, '--output', str(out)]))
     assert_png(out)
     logs = [plot_logs.read_log(detection), plot_logs.read_log(segmentation)]
-    assert [key for key, _ in plot_logs.logged_panels(logs)] == ['train_loss', 'train_lr', 'test_bbox_AP',
-                                                                'test_segm_AP', 'test_mIoU']
+    assert [key for key, _ in plot_logs.logged_panels(logs)] == [
+        'train_loss',
+        'train_lr',
+        'test_bbox_AP',
+        'test_segm_AP',
+        'test_mIoU',
+    ]
     printed = capsys.readouterr().out
     assert 'det: 3 epochs, best box AP 20.00, best mask AP 16.00' in printed
     assert 'seg: 2 epochs, best mIoU 30.00' in printed
 
 
-@pytest.mark.parametrize('content, message', [
-    (None, 'is not a folder'),
-    ('', 'is empty'),
-    ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
-    ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
-])
+@pytest.mark.parametrize(
+    'content, message',
+    [
+        (None, 'is not a folder'),
+        ('', 'is empty'),
+        ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
+        ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
+    ],
+)
 @pytest.mark.slow
 def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
     run = tmp_path / 'run'
     if content is not None:
         run.mkdir()
         (run / 'log.txt').write_text(content)
-    result = subprocess.run([sys.executable, 'scripts/plot_logs.py', str(run)], cwd=ROOT, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, 'scripts/plot_logs.py', str(run)], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0]
     assert not (run / 'curves.png').exists()
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--input-size', '-5'], 'argument --input-size: must be at least 1, got -5'),
-    (['--input-size', '0'], 'argument --input-size: must be at least 1, got 0'),
-    (['--output_dir', 'FILE'], '--output_dir .*FILE is a file, not a folder'),
-    (['--output_dir', 'FILE/rank'], '--output_dir .*FILE/rank lies under a file'),
-    (['--checkpoint', 'edited.pth'], "input-size: 'abc' in the flags \\(args\\) of checkpoint .*edited.pth"),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--input-size', '-5'], 'argument --input-size: must be at least 1, got -5'),
+        (['--input-size', '0'], 'argument --input-size: must be at least 1, got 0'),
+        (['--output_dir', 'FILE'], '--output_dir .*FILE is a file, not a folder'),
+        (['--output_dir', 'FILE/rank'], '--output_dir .*FILE/rank lies under a file'),
+        (['--checkpoint', 'edited.pth'], "input-size: 'abc' in the flags \\(args\\) of checkpoint .*edited.pth"),
+    ],
+)
 def test_rank_analysis_checks_its_input_and_output_before_the_analysis(argv, message, tmp_path, monkeypatch):
     (tmp_path / 'FILE').write_text('not a folder')
     model = timm.create_model('ravlt_t', num_classes=10, **TINY_KWARGS)
-    torch.save({'model': model.state_dict(), 'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS,
-                                                      'input-size': 'abc'}}, tmp_path / 'edited.pth')
+    torch.save(
+        {'model': model.state_dict(), 'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS, 'input-size': 'abc'}},
+        tmp_path / 'edited.pth',
+    )
     monkeypatch.setattr(rank_analysis, 'analyse', lambda *a: pytest.fail('analysed before the checks'))
-    argv = [a.replace('FILE', str(tmp_path / 'FILE')).replace('edited.pth', str(tmp_path / 'edited.pth'))
-            for a in argv]
+    argv = [a.replace('FILE', str(tmp_path / 'FILE')).replace('edited.pth', str(tmp_path / 'edited.pth')) for a in argv]
     with pytest.raises(UsageError, match=message):
         rank_analysis.main(rank_analysis.get_args_parser().parse(['--output_dir', str(tmp_path / 'out'), *argv]))
     assert (tmp_path / 'FILE').read_text() == 'not a folder' and not (tmp_path / 'out').exists()

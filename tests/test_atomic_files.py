@@ -3,6 +3,7 @@ regular file is replaced whole or not at all, and nothing that is not a regular 
 character device or a FIFO is written in place (a stand-in /dev/null and a FIFO in a temporary folder here,
 never the machine's own), a folder, block device or socket is refused in one line. Ctrl-C during a save
 lets the save finish, then stops with exit code 130."""
+
 import os
 import signal
 import stat
@@ -121,6 +122,7 @@ def test_ctrl_c_during_a_save_is_exit_130_and_the_file_whole(presses, saved, tmp
     monkeypatch.undo()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
-        'error: interrupted; the checkpoints on disk are whole (the last one written is the resume point)']
+        'error: interrupted; the checkpoints on disk are whole (the last one written is the resume point)'
+    ]
     assert checkpoints.load_checkpoint(path)['epoch'] == saved and temporaries(tmp_path) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,6 +1,7 @@
-"""scripts/benchmark.py and profiling.py: rows for every model, mode and backend, JSON, --model-kwargs, the authors' file with
-our weights, peak memory from a fresh process with the gradients counted, the ONNX Runtime backend, the
-matrix-product reference rate, progress on stderr, and one-line errors."""
+"""scripts/benchmark.py and profiling.py: rows for every model, mode and backend, JSON, --model-kwargs, the
+authors' file with our weights, peak memory from a fresh process with the gradients counted, the ONNX Runtime
+backend, the matrix-product reference rate, progress on stderr, and one-line errors."""
+
 import json
 import os
 import subprocess
@@ -17,14 +18,14 @@ from scripts import benchmark
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = json.dumps({'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]})
 
-FAKE_AUTHORS = '''
+FAKE_AUTHORS = """
 import timm
 import models  # registers ravlt_t
 CALLS = []
 def RAVLT_T(args=None):
     CALLS.append(1)
     return timm.create_model('ravlt_t')
-'''
+"""
 
 
 @pytest.mark.slow
@@ -32,11 +33,37 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     authors = tmp_path / 'RALA.py'
     authors.write_text(FAKE_AUTHORS)
     out = tmp_path / 'bench.json'
-    rows = benchmark.main(['--model', 'RAVLT_T', 'authors:RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '1',
-                           '--input-size', '32', '48', '--warmup', '1', '--iters', '2', '--authors-file',
-                           str(authors), '--json', str(out), '--threads', '1'])
-    assert [(r['model'], r['mode']) for r in rows] == [('RAVLT_T', 'eval'), ('RAVLT_T', 'train'),
-                                                      ('authors:RAVLT_T', 'eval'), ('authors:RAVLT_T', 'train')]
+    rows = benchmark.main(
+        [
+            '--model',
+            'RAVLT_T',
+            'authors:RAVLT_T',
+            '--mode',
+            'eval',
+            'train',
+            '--batch-size',
+            '1',
+            '--input-size',
+            '32',
+            '48',
+            '--warmup',
+            '1',
+            '--iters',
+            '2',
+            '--authors-file',
+            str(authors),
+            '--json',
+            str(out),
+            '--threads',
+            '1',
+        ]
+    )
+    assert [(r['model'], r['mode']) for r in rows] == [
+        ('RAVLT_T', 'eval'),
+        ('RAVLT_T', 'train'),
+        ('authors:RAVLT_T', 'eval'),
+        ('authors:RAVLT_T', 'train'),
+    ]
     assert all(r['img_per_s'] > 0 and r['img_per_s_p25'] <= r['img_per_s'] <= r['img_per_s_p75'] for r in rows)
     saved = json.loads(out.read_text())
     assert saved['results'] == rows and saved['settings']['input_size'] == [32, 48]
@@ -53,29 +80,65 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
 
 def test_settings_line_names_the_allocator(monkeypatch):
     import allocator
+
     monkeypatch.setattr(allocator, 'start_environment', lambda: {'MALLOC_ARENA_MAX': '2'})
     assert profiling.Settings().describe().endswith(', C allocator: as set: MALLOC_ARENA_MAX=2')
     monkeypatch.setattr(allocator, 'start_environment', lambda: dict(allocator.KEEP_HEAP))
-    assert ', C allocator: glibc, freed memory kept in the process' in profiling.Settings().describe() or \
-        not allocator.is_glibc()
+    assert (
+        ', C allocator: glibc, freed memory kept in the process' in profiling.Settings().describe()
+        or not allocator.is_glibc()
+    )
 
 
 def test_model_kwargs_reach_the_model():
     import timm
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
     tiny = count(profiling.build_model('RAVLT_T', 0, json.loads(TINY)))
     assert tiny == count(timm.create_model('ravlt_t', **json.loads(TINY))) < count(timm.create_model('ravlt_t')) / 2
-    row, = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'train', '--batch-size', '2',
-                           '--input-size', '32', '--warmup', '1', '--iters', '1'])
+    (row,) = benchmark.main(
+        [
+            '--model',
+            'RAVLT_T',
+            '--model-kwargs',
+            TINY,
+            '--mode',
+            'train',
+            '--batch-size',
+            '2',
+            '--input-size',
+            '32',
+            '--warmup',
+            '1',
+            '--iters',
+            '1',
+        ]
+    )
     assert row['img_per_s'] > 0
 
 
 @pytest.mark.slow
 def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
     """The training step's peak holds the gradients (as big as the weights) on top of the activations."""
-    rows = benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', 'train', '--batch-size', '2', '--input-size', '32',
-                           '--iters', '0', '--memory'])
-    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
+    rows = benchmark.main(
+        [
+            '--model',
+            'RAVLT_T',
+            '--mode',
+            'eval',
+            'train',
+            '--batch-size',
+            '2',
+            '--input-size',
+            '32',
+            '--iters',
+            '0',
+            '--memory',
+        ]
+    )
+    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2**20
     eval_row, train_row = rows
     assert 0 < eval_row['peak_mib'] < weights_mib and 'img_per_s' not in eval_row
     assert train_row['peak_mib'] > weights_mib
@@ -124,12 +187,32 @@ def test_amp_and_channels_last_reach_the_step():
 
 @pytest.mark.slow
 def test_matmul_rate_and_fractions():
-    rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'eval', 'train', '--batch-size',
-                           '2', '--input-size', '64', '96', '--warmup', '1', '--iters', '2', '--matmul-rate'])
+    rows = benchmark.main(
+        [
+            '--model',
+            'RAVLT_T',
+            '--model-kwargs',
+            TINY,
+            '--mode',
+            'eval',
+            'train',
+            '--batch-size',
+            '2',
+            '--input-size',
+            '64',
+            '96',
+            '--warmup',
+            '1',
+            '--iters',
+            '2',
+            '--matmul-rate',
+        ]
+    )
     eager_eval, eager_train, matmul = rows
     assert matmul['model'] == 'matmul 2048x2048 float32' and matmul['gflop_per_s'] > 0
     # FLOPs per image from fvcore (2 per multiply-add); a training step counts 3 forward passes.
     from scripts.flops import measure
+
     flops = 2 * measure('RAVLT_T', (64, 96), model_kwargs=json.loads(TINY))['flops']
     for row, factor in ((eager_eval, 1), (eager_train, 3)):
         assert row['gflop_per_s'] == pytest.approx(row['img_per_s'] * factor * flops / 1e9)
@@ -139,10 +222,32 @@ def test_matmul_rate_and_fractions():
 @pytest.mark.slow
 def test_onnxruntime_backend(capsys):
     pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
-    rows = benchmark.main(['--model', 'RAVLT_T', '--model-kwargs', TINY, '--backend', 'onnxruntime', '--mode',
-                           'eval', 'train', '--batch-size', '2', '--input-size', '64', '96', '--warmup', '1',
-                           '--iters', '2', '--memory', '--threads', '1'])
-    row, = rows  # no training step on ONNX Runtime
+    rows = benchmark.main(
+        [
+            '--model',
+            'RAVLT_T',
+            '--model-kwargs',
+            TINY,
+            '--backend',
+            'onnxruntime',
+            '--mode',
+            'eval',
+            'train',
+            '--batch-size',
+            '2',
+            '--input-size',
+            '64',
+            '96',
+            '--warmup',
+            '1',
+            '--iters',
+            '2',
+            '--memory',
+            '--threads',
+            '1',
+        ]
+    )
+    (row,) = rows  # no training step on ONNX Runtime
     assert (row['model'], row['backend'], row['mode']) == ('RAVLT_T', 'onnxruntime', 'eval')
     assert row['img_per_s'] > 0 and 0 < row['peak_mib'] < 100
     assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
@@ -160,24 +265,27 @@ def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
     assert options.intra_op_num_threads == 1
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--model', 'authors:RAVLT_T'], 'needs --authors-file'),
-    (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
-    (['--model', 'RAVLT_T', '--iters', '0'], 'measures nothing'),
-    (['--model', 'RAVLT_T', '--batch-size', '0'], 'at least 1'),
-    (['--model', 'RAVLT_T', '--input-size', '32', '32', '32'], 'H or H W'),
-    (['--model', 'RAVLT_T', '--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t'),
-    (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--amp', 'bf16'], 'runs float32 on the CPU'),
-    (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--mode', 'train'], 'eval only'),
-    (['--model', 'swin_tiny_patch4_window7_224', '--input-size', '64'], 'failed with these settings'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--model', 'authors:RAVLT_T'], 'needs --authors-file'),
+        (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
+        (['--model', 'RAVLT_T', '--iters', '0'], 'measures nothing'),
+        (['--model', 'RAVLT_T', '--batch-size', '0'], 'at least 1'),
+        (['--model', 'RAVLT_T', '--input-size', '32', '32', '32'], 'H or H W'),
+        (['--model', 'RAVLT_T', '--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t'),
+        (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--amp', 'bf16'], 'runs float32 on the CPU'),
+        (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--mode', 'train'], 'eval only'),
+        (['--model', 'swin_tiny_patch4_window7_224', '--input-size', '64'], 'failed with these settings'),
+    ],
+)
 def test_bad_input_is_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message):
         benchmark.main(['--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv])
 
 
 # As the authors' RALA.py registers its models: the decorator looks the module up in sys.modules while it loads.
-REGISTERING_AUTHORS = '''
+REGISTERING_AUTHORS = """
 import timm
 from timm.models.registry import register_model
 import models  # registers ravlt_t
@@ -185,17 +293,38 @@ import models  # registers ravlt_t
 @register_model
 def RAVLT_T(pretrained=False, **kwargs):
     return timm.create_model('ravlt_t')
-'''
+"""
 
 
 @pytest.mark.slow  # a benchmark process
 def test_an_authors_file_that_registers_its_models_with_timm_loads(tmp_path):
     authors = tmp_path / 'RALA.py'
     authors.write_text(REGISTERING_AUTHORS)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--authors-file',
-                             str(authors), '--model', 'authors:RAVLT_T', '--mode', 'eval', '--batch-size', '1',
-                             '--input-size', '32', '--warmup', '1', '--iters', '1', '--threads', '1'],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'scripts', 'benchmark.py'),
+            '--authors-file',
+            str(authors),
+            '--model',
+            'authors:RAVLT_T',
+            '--mode',
+            'eval',
+            '--batch-size',
+            '1',
+            '--input-size',
+            '32',
+            '--warmup',
+            '1',
+            '--iters',
+            '1',
+            '--threads',
+            '1',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert '| authors:RAVLT_T | eager | eval |' in result.stdout
 
@@ -204,44 +333,86 @@ def test_an_authors_file_that_registers_its_models_with_timm_loads(tmp_path):
 def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
     authors = tmp_path / 'RALA.py'
     authors.write_text('import einops_is_not_installed_here\n')
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--authors-file',
-                             str(authors), '--model', 'authors:RAVLT_T'], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'scripts', 'benchmark.py'),
+            '--authors-file',
+            str(authors),
+            '--model',
+            'authors:RAVLT_T',
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the authors' file needs the package 'einops_is_not_installed_here': pip install "
-        "einops_is_not_installed_here (or give its folder with --authors-path-extra)"]
+        'einops_is_not_installed_here (or give its folder with --authors-path-extra)'
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA; scripts/gpu_check.sh runs it on a GPU')
 @pytest.mark.parametrize('amp', ['none', 'fp16', 'bf16'])
 def test_cuda_timing_memory_and_amp(amp):
     """On the GPU: synchronised timing, and a training step's peak holds its gradients."""
-    rows = benchmark.main(['--device', 'cuda', '--model', 'RAVLT_T', '--mode', 'eval', 'train', '--amp', amp,
-                           '--channels-last', '--batch-size', '4', '--input-size', '64', '--warmup', '1',
-                           '--iters', '2', '--memory'])
-    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2 ** 20
+    rows = benchmark.main(
+        [
+            '--device',
+            'cuda',
+            '--model',
+            'RAVLT_T',
+            '--mode',
+            'eval',
+            'train',
+            '--amp',
+            amp,
+            '--channels-last',
+            '--batch-size',
+            '4',
+            '--input-size',
+            '64',
+            '--warmup',
+            '1',
+            '--iters',
+            '2',
+            '--memory',
+        ]
+    )
+    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2**20
     eval_row, train_row = rows
     assert eval_row['img_per_s'] > 0 and train_row['img_per_s'] > 0
     assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib
 
 
-@pytest.mark.parametrize('output, message', [
-    ('missing/x.json', 'does not exist'),
-    ('.', 'it is a folder; give a file name'),
-])
+@pytest.mark.parametrize(
+    'output, message',
+    [
+        ('missing/x.json', 'does not exist'),
+        ('.', 'it is a folder; give a file name'),
+    ],
+)
 def test_an_unwritable_json_output_is_refused_before_measuring(output, message, tmp_path, monkeypatch):
     def measured(*args, **kwargs):
         raise AssertionError('measured before the output was checked')
+
     monkeypatch.setattr(benchmark, 'benchmark', measured)
     with pytest.raises(UsageError, match=f'--json: .*{message}|--json .*{message}'):
         benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', '--iters', '1', '--json', str(tmp_path / output)])
     assert sorted(os.listdir(tmp_path)) == []
 
 
-@pytest.mark.parametrize('content, name, message', [
-    ('root:x:0:0:root:/root:/bin/bash\n', 'passwd', 'is not a Python file'),
-    ('raise SystemError("not the authors\' file")\n', 'RALA.py', "fails to run (SystemError: not the authors' file)"),
-])
+@pytest.mark.parametrize(
+    'content, name, message',
+    [
+        ('root:x:0:0:root:/root:/bin/bash\n', 'passwd', 'is not a Python file'),
+        (
+            'raise SystemError("not the authors\' file")\n',
+            'RALA.py',
+            "fails to run (SystemError: not the authors' file)",
+        ),
+    ],
+)
 def test_an_authors_file_that_is_no_module_is_one_line(content, name, message, tmp_path):
     authors = tmp_path / name
     authors.write_text(content)

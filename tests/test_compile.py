@@ -4,6 +4,7 @@ by SIGTERM resumes bit-identical with --compile, and a missing compiler is one l
 
 Compiling takes minutes on a small CPU the first time (Inductor caches the generated code for later runs), so
 these tests are marked slow, and they share the shapes of one tiny model so that they share that cache."""
+
 import pytest
 
 import checkpoints
@@ -62,36 +63,51 @@ def test_eval_with_compile_gives_the_eager_evaluation(compiled_run, tmp_path):
 
     def numbers(lines):
         return [float(word.rstrip(',')) for line in lines for word in line.split() if word[0].isdigit()]
+
     assert numbers(results['compiled']) == pytest.approx(numbers(results['eager']), rel=1e-5)
 
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_with_compile_resumes_bit_identical(compiled_run, tmp_path):
     # SIGTERM during step 50 (epoch 1's step 6): the run stops after the next step with a resumable checkpoint.
-    stopped = run_main(['main.py', *ARGS, '--compile', '--output_dir', tmp_path], script='tests/fault_injection.py',
-                       timeout=1800, SIGNAL_AT='0:50:SIGTERM')
+    stopped = run_main(
+        ['main.py', *ARGS, '--compile', '--output_dir', tmp_path],
+        script='tests/fault_injection.py',
+        timeout=1800,
+        SIGNAL_AT='0:50:SIGTERM',
+    )
     assert stopped.returncode == 3, stopped.stderr
     resumed = run_here(main, ARGS + ['--compile', '--output_dir', tmp_path])
     assert resumed.returncode == 0, resumed.stderr
     assert 'Resumed from' in resumed.stdout
-    assert_same_training(checkpoints.load_checkpoint(compiled_run / 'checkpoint.pth'),
-                         checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth'))
+    assert_same_training(
+        checkpoints.load_checkpoint(compiled_run / 'checkpoint.pth'),
+        checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth'),
+    )
     assert read_log(compiled_run) == read_log(tmp_path)
 
 
 def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatch, tmp_path):
     from torch._inductor import config
+
     monkeypatch.setattr(config.cpp, 'cxx', (None, 'no-such-compiler'))
     out = tmp_path / 'out'
     result = run_here(main, DIGITS + ['--compile', '--output_dir', out])
-    assert_one_line_error(result.returncode, result.stdout, result.stderr, 2,
-                          '--compile on the CPU needs a C++ compiler', 'no-such-compiler', 'leave --compile out')
+    assert_one_line_error(
+        result.returncode,
+        result.stdout,
+        result.stderr,
+        2,
+        '--compile on the CPU needs a C++ compiler',
+        'no-such-compiler',
+        'leave --compile out',
+    )
     assert not out.exists()
 
 
 def test_compile_on_cuda_without_triton_is_one_line(monkeypatch):
     import torch.utils._triton
+
     monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: False)
     with pytest.raises(UsageError, match='--compile on CUDA needs triton'):
         model_factory.check_compiler(torch.device('cuda'))
-

@@ -2,6 +2,7 @@
 or a second link to one folder would count its images again), only regular files (a FIFO named x.png would
 block the run forever), and every depth in 8-bit RGB (16-bit PNGs scaled, not clipped; float TIFFs in [0, 1]
 scaled; depths whose range is unknown refused)."""
+
 import os
 
 import numpy as np
@@ -27,15 +28,32 @@ def image_folders(root, classes=('a', 'b'), images=2):
     return root
 
 
-TRAIN = TINY + ['--batch-size', '2', '--epochs', '1', '--mixup', '0', '--cutmix', '0', '--no-repeated-aug',
-                '--no-model-ema', '--warmup-epochs', '0', '--aa', 'none']
+TRAIN = TINY + [
+    '--batch-size',
+    '2',
+    '--epochs',
+    '1',
+    '--mixup',
+    '0',
+    '--cutmix',
+    '0',
+    '--no-repeated-aug',
+    '--no-model-ema',
+    '--warmup-epochs',
+    '0',
+    '--aa',
+    'none',
+]
 
 
 def test_a_symbolic_link_loop_is_refused_naming_the_link(tmp_path):
     root = image_folders(tmp_path / 'data')
     (root / 'train' / 'a' / 'loop').symlink_to('.')
-    with pytest.raises(UsageError, match=f'{root / "train" / "a" / "loop"} is {root / "train" / "a"} again '
-                                         r'\(a symbolic link loop'):
+    with pytest.raises(
+        UsageError,
+        match=f'{root / "train" / "a" / "loop"} is {root / "train" / "a"} again '
+        r'\(a symbolic link loop',
+    ):
         ImageFolder(str(root / 'train'))
 
 
@@ -59,11 +77,16 @@ def test_a_fifo_named_like_an_image_is_refused_before_it_can_block(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('make, fragments', [
-    (lambda root: (root / 'train' / 'a' / 'loop').symlink_to('.'),
-     ['symbolic link loop', 'its images would count twice; remove the link']),
-    (lambda root: os.mkfifo(root / 'train' / 'b' / 'x.png'), ['x.png is a FIFO', 'only regular files are images']),
-])
+@pytest.mark.parametrize(
+    'make, fragments',
+    [
+        (
+            lambda root: (root / 'train' / 'a' / 'loop').symlink_to('.'),
+            ['symbolic link loop', 'its images would count twice; remove the link'],
+        ),
+        (lambda root: os.mkfifo(root / 'train' / 'b' / 'x.png'), ['x.png is a FIFO', 'only regular files are images']),
+    ],
+)
 def test_main_refuses_such_a_folder_in_one_line(make, fragments, tmp_path):
     root = image_folders(tmp_path / 'data')
     make(root)
@@ -97,7 +120,7 @@ def test_float_tiff_in_0_1_is_scaled_and_other_ranges_refused(tmp_path):
     with pytest.raises(ValueError, match='a floating-point image with values from 0 to 300, not from 0 to 1'):
         write_image(tmp_path / 'wide', 'float.tiff', np.linspace(0, 300, 64, dtype=np.float32).reshape(8, 8))[0]
     with pytest.raises(ValueError, match='a 32-bit integer image'):
-        write_image(tmp_path / 'int32', 'int.tiff', np.arange(64, dtype=np.int32).reshape(8, 8) * 10 ** 6)[0]
+        write_image(tmp_path / 'int32', 'int.tiff', np.arange(64, dtype=np.int32).reshape(8, 8) * 10**6)[0]
 
 
 @pytest.mark.slow
@@ -110,5 +133,11 @@ def test_a_float_image_out_of_range_stops_training_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main.cli, [str(a) for a in TRAIN + ['--data-path', root]])
     captured = capsys.readouterr()
-    assert_one_line_error(exit_info.value.code, captured.out, captured.err, 2, str(path),
-                          'a floating-point image with values from 7.5 to 7.5')
+    assert_one_line_error(
+        exit_info.value.code,
+        captured.out,
+        captured.err,
+        2,
+        str(path),
+        'a floating-point image with values from 7.5 to 7.5',
+    )

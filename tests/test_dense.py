@@ -1,6 +1,7 @@
 """Dense prediction: the backbone and its checkpoints, the torchvision / smp models (boxes decoded in float32
 under autocast), the COCO and ADE20K readers, the AP and mIoU evaluation, and main_det.py / main_seg.py on
 tiny synthetic data sets."""
+
 import json
 import os
 
@@ -20,8 +21,16 @@ import main_det
 import main_seg
 from cli import UsageError, run_cli
 from dense_datasets import IGNORE_INDEX, ADE20KSegmentation, CocoInstances, collate_lists
-from models.dense import (DENSE_PUBLISHED, FPN_CHANNELS, FlopsForward, RAVLTBackbone, SemanticSegmenter,
-                          UPerNetHead, build_dense_model, create_backbone)
+from models.dense import (
+    DENSE_PUBLISHED,
+    FPN_CHANNELS,
+    FlopsForward,
+    RAVLTBackbone,
+    SemanticSegmenter,
+    UPerNetHead,
+    build_dense_model,
+    create_backbone,
+)
 
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4), drop_path_rate=0.0)
 TINY_JSON = json.dumps(TINY)
@@ -32,6 +41,7 @@ COLORS = {3: (220, 40, 40), 7: (40, 40, 220)}
 # ----------------------------------------------------------------------------------------------------
 # Synthetic data sets in the real formats
 # ----------------------------------------------------------------------------------------------------
+
 
 def write_coco(root, split, num_images=4, size=(64, 96), categories=CATEGORY_IDS):
     """Coloured rectangles (one colour per category) on grey, with boxes, polygons and one crowd region."""
@@ -47,21 +57,40 @@ def write_coco(root, split, num_images=4, size=(64, 96), categories=CATEGORY_IDS
             offset = int(rng.integers(1, 8))
             x, y = j * slot + offset, int(rng.integers(2, height - 34))
             w, h = int(rng.integers(16, slot - offset)), int(rng.integers(16, 32))
-            pixels[y:y + h, x:x + w] = COLORS.get(category, (0, 200, 0))
-            annotations.append({'id': len(annotations) + 1, 'image_id': i + 1, 'category_id': category,
-                                'bbox': [x, y, w, h], 'area': w * h, 'iscrowd': 0,
-                                'segmentation': [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+            pixels[y : y + h, x : x + w] = COLORS.get(category, (0, 200, 0))
+            annotations.append(
+                {
+                    'id': len(annotations) + 1,
+                    'image_id': i + 1,
+                    'category_id': category,
+                    'bbox': [x, y, w, h],
+                    'area': w * h,
+                    'iscrowd': 0,
+                    'segmentation': [[x, y, x + w, y, x + w, y + h, x, y + h]],
+                }
+            )
         Image.fromarray(pixels).save(root / split / f'{i:04d}.png')
         images.append({'id': i + 1, 'file_name': f'{i:04d}.png', 'height': height, 'width': width})
     # A crowd region: ignored in training (and by COCOeval).
     crowd = np.zeros((height, width), np.uint8)
     crowd[:6, :6] = 1
     counts = [int(c) for c in np.diff(np.r_[0, np.flatnonzero(np.diff(crowd.T.ravel())) + 1, crowd.size])]
-    annotations.append({'id': len(annotations) + 1, 'image_id': 1, 'category_id': categories[0],
-                        'bbox': [0, 0, 6, 6], 'area': 36, 'iscrowd': 1,
-                        'segmentation': {'size': [height, width], 'counts': counts}})
-    data = {'images': images, 'annotations': annotations,
-            'categories': [{'id': c, 'name': f'class{c}'} for c in categories]}
+    annotations.append(
+        {
+            'id': len(annotations) + 1,
+            'image_id': 1,
+            'category_id': categories[0],
+            'bbox': [0, 0, 6, 6],
+            'area': 36,
+            'iscrowd': 1,
+            'segmentation': {'size': [height, width], 'counts': counts},
+        }
+    )
+    data = {
+        'images': images,
+        'annotations': annotations,
+        'categories': [{'id': c, 'name': f'class{c}'} for c in categories],
+    }
     (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(data))
     return data
 
@@ -78,8 +107,9 @@ def write_ade(root, split, num_images=4, size=(48, 64), max_label=3):
         for label, top in enumerate(bounds, start=1):
             labels[top:] = label
         labels[:, :4] = 0
-        palette = np.array([[128, 128, 128], [200, 30, 30], [30, 200, 30], [30, 30, 200]] + [[90, 90, 0]] * 10,
-                           np.uint8)
+        palette = np.array(
+            [[128, 128, 128], [200, 30, 30], [30, 200, 30], [30, 30, 200]] + [[90, 90, 0]] * 10, np.uint8
+        )
         Image.fromarray(palette[labels]).save(root / 'images' / split / f'ADE_{i:04d}.jpg', quality=95)
         Image.fromarray(labels).save(root / 'annotations' / split / f'ADE_{i:04d}.png')
 
@@ -104,8 +134,17 @@ def ade_root(tmp_path_factory):
 # Backbone
 # ----------------------------------------------------------------------------------------------------
 
-CLASSIFIER_KEYS = {'proj.weight', 'proj.bias', 'norm.weight', 'norm.bias', 'norm.running_mean', 'norm.running_var',
-                   'norm.num_batches_tracked', 'head.weight', 'head.bias'}
+CLASSIFIER_KEYS = {
+    'proj.weight',
+    'proj.bias',
+    'norm.weight',
+    'norm.bias',
+    'norm.running_mean',
+    'norm.running_var',
+    'norm.num_batches_tracked',
+    'head.weight',
+    'head.bias',
+}
 EXTRA_NORM_KEYS = {f'extra_norms.{i}.norm.{p}' for i in range(4) for p in ('weight', 'bias')}
 
 
@@ -135,8 +174,9 @@ def test_backbone_outputs_are_normed_timm_features():
     assert [tuple(o.shape) for o in outputs] == [(2, 16, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 128, 2, 3)]
     for i, (out, ref) in enumerate(zip(outputs, reference)):
         norm = backbone.extra_norms[i].norm
-        expected = torch.nn.functional.layer_norm(ref.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight,
-                                                  norm.bias, 1e-6).permute(0, 3, 1, 2)
+        expected = torch.nn.functional.layer_norm(
+            ref.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, 1e-6
+        ).permute(0, 3, 1, 2)
         torch.testing.assert_close(out, expected)
 
 
@@ -157,9 +197,13 @@ def test_backbone_loads_imagenet_and_authors_dense_checkpoints():
             assert torch.equal(backbone[key], value), key
 
     # The authors' mmdet checkpoint: `state_dict` with `backbone.*`, `neck.*`, `rpn_head.*` ...
-    authors = {'meta': {'epoch': 12, 'CLASSES': ('a', 'b')},
-               'state_dict': {**{f'backbone.{k}': v + 1 for k, v in backbone.items()},
-                              'neck.lateral_convs.0.conv.weight': torch.zeros(256, 16, 1, 1)}}
+    authors = {
+        'meta': {'epoch': 12, 'CLASSES': ('a', 'b')},
+        'state_dict': {
+            **{f'backbone.{k}': v + 1 for k, v in backbone.items()},
+            'neck.lateral_convs.0.conv.weight': torch.zeros(256, 16, 1, 1),
+        },
+    }
     other = build_dense_model('semfpn', 'ravlt_t', 2, TINY)
     assert load_backbone(other, authors) == ([], [])
     assert all(torch.equal(other.backbone.state_dict()[k], v + 1) for k, v in backbone.items())
@@ -176,11 +220,13 @@ def test_backbone_loads_imagenet_and_authors_dense_checkpoints():
 # Models
 # ----------------------------------------------------------------------------------------------------
 
+
 def test_retinanet_follows_the_authors_config():
     torch.manual_seed(0)
     # C5 of 256 channels = the FPN width: P6 must still come from C5, not from P5.
-    model = build_dense_model('retinanet', 'ravlt_t', 3, dict(TINY, embed_dims=(32, 64, 128, 256)),
-                              min_size=64, max_size=96).eval()
+    model = build_dense_model(
+        'retinanet', 'ravlt_t', 3, dict(TINY, embed_dims=(32, 64, 128, 256)), min_size=64, max_size=96
+    ).eval()
     body, fpn = model.backbone.body, model.backbone.fpn
     assert body.out_indices == (1, 2, 3) and len(fpn.inner_blocks) == 3
     assert not any(p.requires_grad for p in body.extra_norms[0].parameters())  # unused: frozen
@@ -228,6 +274,7 @@ def test_segmenter_losses_and_logits():
 # Data sets
 # ----------------------------------------------------------------------------------------------------
 
+
 def test_coco_reader_maps_categories_and_drops_crowds(coco_root):
     train = CocoInstances(str(coco_root), 'train2017', True, with_masks=True, first_label=1)
     assert train.num_classes == 2 and train.category_of(1) == 3 and train.category_of(2) == 7
@@ -236,7 +283,7 @@ def test_coco_reader_maps_categories_and_drops_crowds(coco_root):
     assert target['labels'].tolist() == [1, 2]  # the crowd region of image 1 is gone
     assert target['masks'].shape == (2, 64, 96) and target['boxes'].shape == (2, 4)
     box = target['boxes'][0].round().int().tolist()
-    assert target['masks'][0, box[1]:box[3], box[0]:box[2]].float().mean() > 0.9
+    assert target['masks'][0, box[1] : box[3], box[0] : box[2]].float().mean() > 0.9
     retina = CocoInstances(str(coco_root), 'train2017', True, with_masks=False, first_label=0)
     assert retina[0][1]['labels'].tolist() == [0, 1] and 'masks' not in retina[0][1]
     val = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
@@ -264,15 +311,21 @@ def test_ade_reader_and_transforms(ade_root):
 # Metrics
 # ----------------------------------------------------------------------------------------------------
 
+
 def _ground_truth_outputs(dataset, keep_categories):
     """Detections equal to the ground truth (non-crowd annotations) of every image."""
     outputs = []
     for image_id in dataset.coco_dataset.ids:
         anns = [a for a in dataset.coco.imgToAnns[image_id] if not a['iscrowd'] and a['category_id'] in keep_categories]
-        boxes = torch.tensor([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
-                              for a in anns], dtype=torch.float32).reshape(-1, 4)
-        masks = torch.stack([torch.from_numpy(dataset.coco.annToMask(a)).float() for a in anns])[:, None] \
-            if anns else torch.zeros(0, 1, 64, 96)
+        boxes = torch.tensor(
+            [[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]] for a in anns],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
+        masks = (
+            torch.stack([torch.from_numpy(dataset.coco.annToMask(a)).float() for a in anns])[:, None]
+            if anns
+            else torch.zeros(0, 1, 64, 96)
+        )
         labels = torch.tensor([dataset.category_ids.index(a['category_id']) + dataset.first_label for a in anns])
         outputs.append((image_id, {'boxes': boxes, 'labels': labels, 'scores': torch.ones(len(anns)), 'masks': masks}))
     return outputs
@@ -281,8 +334,11 @@ def _ground_truth_outputs(dataset, keep_categories):
 def test_coco_ap_of_ground_truth_is_100_and_of_half_the_classes_50(coco_root):
     dataset = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
     for keep, expected in ((CATEGORY_IDS, 100.0), (CATEGORY_IDS[:1], 50.0)):
-        results = [r for image_id, output in _ground_truth_outputs(dataset, keep)
-                   for r in engine_dense.coco_results(output, image_id, dataset.category_of)]
+        results = [
+            r
+            for image_id, output in _ground_truth_outputs(dataset, keep)
+            for r in engine_dense.coco_results(output, image_id, dataset.category_of)
+        ]
         stats = engine_dense.coco_metrics(dataset.coco, results, ('bbox', 'segm'))
         assert stats['bbox_AP'] == pytest.approx(expected) and stats['segm_AP'] == pytest.approx(expected)
     # No detections at all: AP 0 where there are objects to find, null (COCO's -1) where there are none.
@@ -315,12 +371,22 @@ def test_miou_by_hand():
 # Training
 # ----------------------------------------------------------------------------------------------------
 
+
 def small_model(task, num_classes):
     """The task's model from the same classes, with narrower heads (the full ones take seconds per CPU step)."""
     if task == 'maskrcnn':
-        model = build_dense_model(task, 'ravlt_t', num_classes, TINY, min_size=64, max_size=96,
-                                  rpn_batch_size_per_image=64, rpn_post_nms_top_n_train=100,
-                                  rpn_post_nms_top_n_test=50, box_batch_size_per_image=64)
+        model = build_dense_model(
+            task,
+            'ravlt_t',
+            num_classes,
+            TINY,
+            min_size=64,
+            max_size=96,
+            rpn_batch_size_per_image=64,
+            rpn_post_nms_top_n_train=100,
+            rpn_post_nms_top_n_test=50,
+            box_batch_size_per_image=64,
+        )
         model.roi_heads.box_head = TwoMLPHead(FPN_CHANNELS * 7 * 7, 64)
         model.roi_heads.box_predictor = FastRCNNPredictor(64, num_classes + 1)
         model.roi_heads.mask_head = MaskRCNNHeads(FPN_CHANNELS, [32, 32], 1)
@@ -333,8 +399,15 @@ def small_model(task, num_classes):
     return build_dense_model(task, 'ravlt_t', num_classes, TINY, **kwargs)
 
 
-@pytest.mark.parametrize('task', [pytest.param('retinanet', marks=pytest.mark.slow),
-                                  pytest.param('maskrcnn', marks=pytest.mark.slow), 'semfpn', 'upernet'])
+@pytest.mark.parametrize(
+    'task',
+    [
+        pytest.param('retinanet', marks=pytest.mark.slow),
+        pytest.param('maskrcnn', marks=pytest.mark.slow),
+        'semfpn',
+        'upernet',
+    ],
+)
 def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     torch.manual_seed(0)
     if task in ('retinanet', 'maskrcnn'):
@@ -351,8 +424,17 @@ def test_training_steps_lower_the_loss(task, coco_root, ade_root):
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     losses = []
     for epoch in range(2):
-        result = engine.train_one_epoch(model, lambda m, x, y: m(x, y), [batch] * 4, optimizer, scaler,
-                                        torch.device('cpu'), epoch, lr_scheduler=scheduler, print_freq=100)
+        result = engine.train_one_epoch(
+            model,
+            lambda m, x, y: m(x, y),
+            [batch] * 4,
+            optimizer,
+            scaler,
+            torch.device('cpu'),
+            epoch,
+            lr_scheduler=scheduler,
+            print_freq=100,
+        )
         losses.append(result.stats['loss'])
     assert losses[1] < 0.9 * losses[0], losses
 
@@ -362,8 +444,9 @@ def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
     dataset = CocoInstances(str(coco_root), 'val2017', False, with_masks=True, first_label=1)
     model = small_model('maskrcnn', 2)
     model.roi_heads.score_thresh = 0.0  # an untrained model: keep its low-scoring detections
-    stats = engine_dense.evaluate_coco(model, torch.utils.data.DataLoader(dataset, 2, collate_fn=collate_lists),
-                                       dataset, ('bbox', 'segm'))
+    stats = engine_dense.evaluate_coco(
+        model, torch.utils.data.DataLoader(dataset, 2, collate_fn=collate_lists), dataset, ('bbox', 'segm')
+    )
     assert {'bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_APl'} <= set(stats)
     assert all(0.0 <= stats[k] <= 100.0 for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50'))
 
@@ -372,6 +455,7 @@ def test_mask_rcnn_evaluation_reports_box_and_mask_ap(coco_root):
 def test_flops_count_the_authors_dummy_forward():
     """As mmdet's get_flops: Mask R-CNN's box head on 1000 proposals, its mask head on 100."""
     from scripts import flops
+
     torch.manual_seed(0)
     model = small_model('maskrcnn', 2)  # box head 12544 -> 64 -> 64, 3 classes (with background)
     counted = flops.count_flops(FlopsForward(model), torch.randn(1, 3, 64, 96))['by_operator']
@@ -379,8 +463,11 @@ def test_flops_count_the_authors_dummy_forward():
     mask_head_convs = 100 * 14 * 14 * 9 * (FPN_CHANNELS * 32 + 32 * 32)
     assert counted['conv'] > mask_head_convs
     row = flops.measure('RAVLT_T', (64, 128), task='semfpn')
-    assert row['task'] == 'semfpn' and row['params'] == sum(p.numel() for p in build_dense_model(
-        'semfpn', 'ravlt_t').parameters()) and 0 < row['flops_no_attn'] < row['flops']
+    assert (
+        row['task'] == 'semfpn'
+        and row['params'] == sum(p.numel() for p in build_dense_model('semfpn', 'ravlt_t').parameters())
+        and 0 < row['flops_no_attn'] < row['flops']
+    )
 
 
 def test_optimizer_groups_follow_the_authors_norm_rule():
@@ -388,7 +475,8 @@ def test_optimizer_groups_follow_the_authors_norm_rule():
     decay, no_decay = engine_dense.param_groups(upernet, 0.01, norm_no_decay=True)
     names = {id(p): n for n, p in upernet.named_parameters()}
     assert {names[id(p)] for p in no_decay['params']} == {
-        n for n, _ in upernet.named_parameters() if n.startswith('backbone.') and 'norm' in n}
+        n for n, _ in upernet.named_parameters() if n.startswith('backbone.') and 'norm' in n
+    }
     assert any('conv_norm_relu' in names[id(p)] for p in decay['params'])  # smp's name; the authors' 'bn' decays
     assert (decay['weight_decay'], no_decay['weight_decay']) == (0.01, 0.0)
     decay, no_decay = engine_dense.param_groups(semfpn, 1e-4, norm_no_decay=False)
@@ -396,9 +484,34 @@ def test_optimizer_groups_follow_the_authors_norm_rule():
 
 
 def det_args(coco_root, out, task, *extra):
-    return ['--task', task, '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--data-path', str(coco_root),
-            '--img-scale', '96', '64', '--device', 'cpu', '--num_workers', '0', '--batch-size', '2', '--lr', '1e-3',
-            '--warmup-iters', '2', '--print-freq', '100', '--output_dir', str(out), *extra]
+    return [
+        '--task',
+        task,
+        '--model',
+        'RAVLT_T',
+        '--model-kwargs',
+        TINY_JSON,
+        '--data-path',
+        str(coco_root),
+        '--img-scale',
+        '96',
+        '64',
+        '--device',
+        'cpu',
+        '--num_workers',
+        '0',
+        '--batch-size',
+        '2',
+        '--lr',
+        '1e-3',
+        '--warmup-iters',
+        '2',
+        '--print-freq',
+        '100',
+        '--output_dir',
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -409,8 +522,14 @@ def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path, capsys):
     # The metrics as the files hold them (null where COCO gives -1), not pycocotools' own prints.
     assert len([line for line in printed.splitlines() if line.startswith('* Weights: bbox_AP ')]) == 2
     assert 'bbox_APl null' in printed
-    for noise in ('-1.000', 'index created', 'loading annotations', 'Running per image evaluation',
-                  'Accumulating evaluation results', 'Average Precision'):
+    for noise in (
+        '-1.000',
+        'index created',
+        'loading annotations',
+        'Running per image evaluation',
+        'Accumulating evaluation results',
+        'Average Precision',
+    ):
         assert noise not in printed
     assert set(stats) == {f'bbox_{n}' for n in ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']}
     assert all(v is None or 0.0 <= v <= 100.0 for v in stats.values()) and stats['bbox_APl'] is None  # no large objects
@@ -422,8 +541,24 @@ def test_main_det_trains_evaluates_and_resumes(coco_root, tmp_path, capsys):
     assert checkpoint['epoch'] == 1 and checkpoint['meta']['classes'] == ['class3', 'class7']
 
     # The checkpoint evaluates to the same numbers, with its own --task, --model-kwargs and --img-scale.
-    assert main_det.cli(['--data-path', str(coco_root), '--device', 'cpu', '--num_workers', '0', '--eval',
-                         '--resume', str(tmp_path / 'checkpoint.pth'), '--output_dir', str(tmp_path / 'eval')]) == stats
+    assert (
+        main_det.cli(
+            [
+                '--data-path',
+                str(coco_root),
+                '--device',
+                'cpu',
+                '--num_workers',
+                '0',
+                '--eval',
+                '--resume',
+                str(tmp_path / 'checkpoint.pth'),
+                '--output_dir',
+                str(tmp_path / 'eval'),
+            ]
+        )
+        == stats
+    )
     # Training continues where it stopped; a warning names this script's own flags.
     capsys.readouterr()
     main_det.cli(det_args(coco_root, tmp_path, task, '--epochs', '3', '--lr-steps', '1', '--warmup-iters', '100'))
@@ -438,35 +573,81 @@ def test_main_det_checks_its_flags_before_loading_anything(tmp_path, capsys):
     """--lr-steps beyond --epochs is refused before the data is read (here there is none) and before the output
     folder is made."""
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main_det.cli, ['--epochs', '1', '--data-path', str(tmp_path / 'nowhere'), '--device', 'cpu',
-                               '--output_dir', str(tmp_path / 'new' / 'out')])
+        run_cli(
+            main_det.cli,
+            [
+                '--epochs',
+                '1',
+                '--data-path',
+                str(tmp_path / 'nowhere'),
+                '--device',
+                'cpu',
+                '--output_dir',
+                str(tmp_path / 'new' / 'out'),
+            ],
+        )
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ('error: --lr-steps 8 11 go beyond --epochs 1: give steps within the '
-                                       'epochs\n')
+    assert capsys.readouterr().err == ('error: --lr-steps 8 11 go beyond --epochs 1: give steps within the epochs\n')
     assert os.listdir(tmp_path) == []
 
 
 def seg_args(ade_root, out, task, *extra):
-    return ['--task', task, '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--data-path', str(ade_root),
-            '--num-classes', '3', '--img-scale', '64', '48', '--crop-size', '48', '--device', 'cpu',
-            '--num_workers', '0', '--batch-size', '2', '--lr', '1e-3', '--print-freq', '100', '--output_dir', str(out),
-            *extra]
+    return [
+        '--task',
+        task,
+        '--model',
+        'RAVLT_T',
+        '--model-kwargs',
+        TINY_JSON,
+        '--data-path',
+        str(ade_root),
+        '--num-classes',
+        '3',
+        '--img-scale',
+        '64',
+        '48',
+        '--crop-size',
+        '48',
+        '--device',
+        'cpu',
+        '--num_workers',
+        '0',
+        '--batch-size',
+        '2',
+        '--lr',
+        '1e-3',
+        '--print-freq',
+        '100',
+        '--output_dir',
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_main_seg_trains_evaluates_and_resumes(ade_root, tmp_path):
-    stats = main_seg.cli(seg_args(ade_root, tmp_path, 'semfpn', '--iters', '3', '--eval-interval', '2',
-                                  '--min-lr', '0', '--poly-power', '1'))
+    stats = main_seg.cli(
+        seg_args(
+            ade_root, tmp_path, 'semfpn', '--iters', '3', '--eval-interval', '2', '--min-lr', '0', '--poly-power', '1'
+        )
+    )
     assert set(stats) == {'mIoU', 'mAcc', 'aAcc'} and 0 <= stats['mIoU'] <= 100
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     # 2 steps per epoch, 3 steps in all: evaluated after epoch 0 (step 2) and at the end (step 3).
     assert [(r['epoch'], r['step'], 'test_mIoU' in r) for r in log] == [(0, 2, True), (1, 3, True)]
     assert log[-1]['train_lr'] == pytest.approx(1e-3 * (1 - 2 / 3))  # poly, power 1, step 2 of 3
-    assert main_seg.cli(seg_args(ade_root, tmp_path / 'eval', 'semfpn', '--eval', '--resume',
-                                 str(tmp_path / 'checkpoint.pth'))) == stats
+    assert (
+        main_seg.cli(
+            seg_args(ade_root, tmp_path / 'eval', 'semfpn', '--eval', '--resume', str(tmp_path / 'checkpoint.pth'))
+        )
+        == stats
+    )
     assert json.loads((tmp_path / 'eval' / 'eval_results.json').read_text()) == stats
-    main_seg.cli(seg_args(ade_root, tmp_path, 'semfpn', '--iters', '5', '--eval-interval', '100', '--min-lr', '0',
-                          '--poly-power', '1'))
+    main_seg.cli(
+        seg_args(
+            ade_root, tmp_path, 'semfpn', '--iters', '5', '--eval-interval', '100', '--min-lr', '0', '--poly-power', '1'
+        )
+    )
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     assert [(r['epoch'], r['step']) for r in log][2:] == [(2, 5)]
 
@@ -474,6 +655,7 @@ def test_main_seg_trains_evaluates_and_resumes(ade_root, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------------
+
 
 def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_root, tmp_path, capsys):
     with pytest.raises(UsageError, match='instances_val2017.json not found'):
@@ -488,12 +670,17 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     # A checkpoint trained on 2 classes evaluated on 3.
     write_coco(tmp_path / 'three', 'val2017', categories=(3, 7, 9))
     model = build_dense_model('retinanet', 'ravlt_t', 2, TINY)
-    checkpoints.save_checkpoint({'model': model.state_dict(), 'meta': {'task': 'retinanet', 'model': 'ravlt_t',
-                                                                  'classes': ['class3', 'class7']}},
-                          tmp_path / 'two.pth')
+    checkpoints.save_checkpoint(
+        {
+            'model': model.state_dict(),
+            'meta': {'task': 'retinanet', 'model': 'ravlt_t', 'classes': ['class3', 'class7']},
+        },
+        tmp_path / 'two.pth',
+    )
     with pytest.raises(UsageError, match='trained on 2 classes, this data set has 3'):
-        main_det.cli(det_args(tmp_path / 'three', tmp_path / 'd', 'retinanet', '--eval', '--resume',
-                              str(tmp_path / 'two.pth')))
+        main_det.cli(
+            det_args(tmp_path / 'three', tmp_path / 'd', 'retinanet', '--eval', '--resume', str(tmp_path / 'two.pth'))
+        )
     checkpoints.save_checkpoint({'model': {'fc.weight': torch.zeros(1)}}, tmp_path / 'fc.pth')
     with pytest.raises(UsageError, match='holds no RAVLT weights'):
         main_seg.cli(seg_args(ade_root, tmp_path / 'e', 'semfpn', '--eval', '--pretrained', str(tmp_path / 'fc.pth')))
@@ -509,29 +696,50 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     assert exit_info.value.code == 2 and len(lines) == 1 and 'instances_val2017.json not found' in lines[0]
 
 
-@pytest.mark.parametrize('trained, entry_point, tasks', [
-    ('semfpn', main_det, 'retinanet, maskrcnn'),
-    ('retinanet', main_seg, 'semfpn, upernet'),
-])
-def test_a_checkpoint_of_the_other_dense_entry_point_is_one_line(trained, entry_point, tasks, coco_root, ade_root,
-                                                                 tmp_path, capsys):
+@pytest.mark.parametrize(
+    'trained, entry_point, tasks',
+    [
+        ('semfpn', main_det, 'retinanet, maskrcnn'),
+        ('retinanet', main_seg, 'semfpn, upernet'),
+    ],
+)
+def test_a_checkpoint_of_the_other_dense_entry_point_is_one_line(
+    trained, entry_point, tasks, coco_root, ade_root, tmp_path, capsys
+):
     """Its --task, taken from its flags, is checked as the command line checks it, before anything is built."""
     model = build_dense_model(trained, 'ravlt_t', 2, TINY)
     flags = {'task': trained, 'model': 'RAVLT_T', 'model-kwargs': json.loads(TINY_JSON), 'img-scale': [96, 64]}
-    checkpoints.save_checkpoint({'model': model.state_dict(), 'args': flags, 'meta': {'task': trained}},
-                                tmp_path / 'other.pth')
+    checkpoints.save_checkpoint(
+        {'model': model.state_dict(), 'args': flags, 'meta': {'task': trained}}, tmp_path / 'other.pth'
+    )
     data = coco_root if entry_point is main_det else ade_root
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(entry_point.cli, ['--data-path', str(data), '--device', 'cpu', '--num_workers', '0', '--eval',
-                                  '--resume', str(tmp_path / 'other.pth'), '--output_dir', str(tmp_path / 'out')])
+        run_cli(
+            entry_point.cli,
+            [
+                '--data-path',
+                str(data),
+                '--device',
+                'cpu',
+                '--num_workers',
+                '0',
+                '--eval',
+                '--resume',
+                str(tmp_path / 'other.pth'),
+                '--output_dir',
+                str(tmp_path / 'out'),
+            ],
+        )
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: task: '{trained}' in the flags (args) of checkpoint {tmp_path / 'other.pth'} is not one of {tasks}"]
+        f"error: task: '{trained}' in the flags (args) of checkpoint {tmp_path / 'other.pth'} is not one of {tasks}"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Precision, data problems, several processes
 # ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('task', ['retinanet', 'maskrcnn'])
 def test_boxes_are_decoded_and_scored_in_float32_under_autocast(task, monkeypatch):
@@ -544,12 +752,18 @@ def test_boxes_are_decoded_and_scored_in_float32_under_autocast(task, monkeypatc
     coders = [model.box_coder] if task == 'retinanet' else [model.rpn.box_coder, model.roi_heads.box_coder]
     seen = []
     for coder in coders:
-        monkeypatch.setattr(coder, 'decode_single', lambda codes, boxes, original=coder.decode_single: (
-            seen.append((codes.dtype, boxes.dtype)), original(codes, boxes))[1])
+        monkeypatch.setattr(
+            coder,
+            'decode_single',
+            lambda codes, boxes, original=coder.decode_single: (
+                seen.append((codes.dtype, boxes.dtype)),
+                original(codes, boxes),
+            )[1],
+        )
     features = []
     model.backbone.fpn.layer_blocks[0].register_forward_hook(lambda m, i, o: features.append(o.dtype))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        output, = model([torch.rand(3, 64, 96)])
+        (output,) = model([torch.rand(3, 64, 96)])
     assert features == [torch.bfloat16]  # the network itself runs in bf16
     assert seen and set(seen) == {(torch.float32, torch.float32)}
     assert output['boxes'].dtype == output['scores'].dtype == torch.float32
@@ -595,13 +809,17 @@ def test_img_scale_is_long_then_short_and_the_reverse_is_refused(coco_root, tmp_
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main_det.cli, det_args(coco_root, tmp_path, 'retinanet')[:-2] + ['--img-scale', '800', '1333'])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ('error: --img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for '
-                                       'ADE20K), got 800 1333: did you mean 1333 800?\n')
+    assert capsys.readouterr().err == (
+        'error: --img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for '
+        'ADE20K), got 800 1333: did you mean 1333 800?\n'
+    )
 
 
 def _coco_in_two_processes(rank, port, root, folder):
     import torch.distributed as dist
+
     import distributed
+
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE='2', RANK=str(rank))
     dist.init_process_group('gloo', rank=rank, world_size=2)
     dataset = CocoInstances(root, 'val2017', False, with_masks=True, first_label=1)
@@ -613,8 +831,9 @@ def _coco_in_two_processes(rank, port, root, folder):
         def forward(self, images):
             return [outputs[next(ids)] for _ in images]
 
-    stats = engine_dense.evaluate_coco(GroundTruth(), torch.utils.data.DataLoader(share, 1, collate_fn=collate_lists),
-                                       dataset, ('bbox', 'segm'))
+    stats = engine_dense.evaluate_coco(
+        GroundTruth(), torch.utils.data.DataLoader(share, 1, collate_fn=collate_lists), dataset, ('bbox', 'segm')
+    )
     torch.save({'stats': stats, 'gathered': distributed.gather_objects([rank])}, os.path.join(folder, f'{rank}.pt'))
     dist.destroy_process_group()
 
@@ -622,6 +841,7 @@ def _coco_in_two_processes(rank, port, root, folder):
 @pytest.mark.distributed
 def test_coco_evaluation_in_two_processes_is_scored_once_on_rank_0(coco_root, tmp_path):
     from train_helpers import free_port
+
     torch.multiprocessing.spawn(_coco_in_two_processes, args=(free_port(), str(coco_root), str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
     assert rank0['stats'] == rank1['stats'] and rank0['stats']['bbox_AP'] == rank0['stats']['segm_AP'] == 100.0

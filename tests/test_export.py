@@ -1,6 +1,7 @@
 """scripts/export_onnx.py: a tiny RAVLT exported with a dynamic batch, height and width runs in ONNX Runtime
 as in PyTorch; the weights come from every kind of checkpoint; a failed check writes nothing; bad input
 is one line."""
+
 import argparse
 import contextlib
 import io
@@ -42,15 +43,34 @@ def exported(tmp_path_factory):
     --ema, the model taken from the checkpoint; returns (checkpoint, file, what the script printed)."""
     folder = tmp_path_factory.mktemp('export')
     checkpoint = folder / 'checkpoint.pth'
-    torch.save({'model': tiny_state(0), 'model_ema': tiny_state(1), 'epoch': 3,
-                'args': {'model': 'RAVLT_T', 'model-kwargs': TINY}}, checkpoint)
+    torch.save(
+        {
+            'model': tiny_state(0),
+            'model_ema': tiny_state(1),
+            'epoch': 3,
+            'args': {'model': 'RAVLT_T', 'model-kwargs': TINY},
+        },
+        checkpoint,
+    )
     output = folder / 'tiny.onnx'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        export_onnx.main(['--checkpoint', str(checkpoint), '--ema', '--output', str(output),
-                          '--check-sizes', '64', '64', '96', '160'])
+        export_onnx.main(
+            [
+                '--checkpoint',
+                str(checkpoint),
+                '--ema',
+                '--output',
+                str(output),
+                '--check-sizes',
+                '64',
+                '64',
+                '96',
+                '160',
+            ]
+        )
     torch.set_num_threads(threads)
     return checkpoint, output, printed.getvalue()
 
@@ -108,13 +128,16 @@ def test_weights_from_every_kind_of_checkpoint(tmp_path):
             torch.testing.assert_close(model(x), reference(x))
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--model', 'RAVLT_X'], "unknown model 'RAVLT_X'"),
-    (['--model', 'RAVLT_T', '--check-sizes', '224', '100'], 'multiples of 32'),
-    (['--model', 'RAVLT_T', '--check-sizes', '224'], 'pairs H W'),
-    (['--model', 'RAVLT_T', '--ema'], '--ema needs --checkpoint'),
-    (['--model', 'RAVLT_T', '--model-kwargs', '{"depths": 2'], 'not valid JSON'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--model', 'RAVLT_X'], "unknown model 'RAVLT_X'"),
+        (['--model', 'RAVLT_T', '--check-sizes', '224', '100'], 'multiples of 32'),
+        (['--model', 'RAVLT_T', '--check-sizes', '224'], 'pairs H W'),
+        (['--model', 'RAVLT_T', '--ema'], '--ema needs --checkpoint'),
+        (['--model', 'RAVLT_T', '--model-kwargs', '{"depths": 2'], 'not valid JSON'),
+    ],
+)
 def test_bad_input_is_a_usage_error(argv, message, tmp_path):
     with pytest.raises(UsageError, match=message):
         export_onnx.main([*argv, '--output', str(tmp_path / 'x.onnx')])
@@ -122,9 +145,22 @@ def test_bad_input_is_a_usage_error(argv, message, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_is_one_line_on_the_command_line(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'export_onnx.py'), '--model', 'RAVLT_S',
-                             '--checkpoint', 'MISSING.pth', '--output', str(tmp_path / 'x.onnx')],
-                            capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'scripts', 'export_onnx.py'),
+            '--model',
+            'RAVLT_S',
+            '--checkpoint',
+            'MISSING.pth',
+            '--output',
+            str(tmp_path / 'x.onnx'),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS='1'),
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ['error: checkpoint MISSING.pth does not exist']
 
@@ -146,26 +182,42 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):
         export_onnx.main(['--model', 'RAVLT_T', '--output', str(tmp_path / 'x.onnx')])
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--output', 'DIR/x.onnx'], 'it is a folder; give a file name'),
-    (['--tolerance', 'nan'], 'argument --tolerance: must be at least 0, got nan'),
-    (['--tolerance', '-1'], 'argument --tolerance: must be at least 0, got -1'),
-    (['--tolerance', 'inf'], 'argument --tolerance: must be a finite number'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--output', 'DIR/x.onnx'], 'it is a folder; give a file name'),
+        (['--tolerance', 'nan'], 'argument --tolerance: must be at least 0, got nan'),
+        (['--tolerance', '-1'], 'argument --tolerance: must be at least 0, got -1'),
+        (['--tolerance', 'inf'], 'argument --tolerance: must be a finite number'),
+    ],
+)
 def test_bad_outputs_and_tolerances_are_refused_before_the_export(argv, message, tmp_path, monkeypatch):
     def exported(*args, **kwargs):
         raise AssertionError('exported before the input was checked')
+
     monkeypatch.setattr(export_onnx, 'export', exported)
     (tmp_path / 'x.onnx').mkdir()
     argv = [a.replace('DIR', str(tmp_path)) for a in argv]
     with pytest.raises(UsageError, match=message):
-        export_onnx.main(['--model', 'RAVLT_T', '--model-kwargs', '{"depths": [1, 1, 1, 1]}', '--output',
-                          str(tmp_path / 'y.onnx'), *argv])
+        export_onnx.main(
+            [
+                '--model',
+                'RAVLT_T',
+                '--model-kwargs',
+                '{"depths": [1, 1, 1, 1]}',
+                '--output',
+                str(tmp_path / 'y.onnx'),
+                *argv,
+            ]
+        )
     assert os.listdir(tmp_path) == ['x.onnx'] and os.listdir(tmp_path / 'x.onnx') == []
 
 
 def test_hand_edited_flags_of_a_checkpoint_are_one_line(tmp_path):
     torch.save({'model': tiny_state(0), 'args': {'model': 'RAVLT_T', 'model-kwargs': [16, 32]}}, tmp_path / 'c.pth')
-    with pytest.raises(UsageError, match=r"model-kwargs: \[16, 32\] in the flags \(args\) of checkpoint .*c.pth "
-                                         'is not valid'):
+    with pytest.raises(
+        UsageError,
+        match=r'model-kwargs: \[16, 32\] in the flags \(args\) of checkpoint .*c.pth '
+        'is not valid',
+    ):
         export_onnx.main(['--checkpoint', str(tmp_path / 'c.pth'), '--output', str(tmp_path / 'c.onnx')])

@@ -1,4 +1,5 @@
 """scripts/flops.py reproduces the authors' fvcore params/FLOPs table."""
+
 import json
 import subprocess
 import sys
@@ -28,13 +29,17 @@ def test_params_and_flops_match_authors(name):
 
 
 def test_cli_json_and_non_square_input():
-    out = subprocess.run([sys.executable, 'scripts/flops.py', '--model', 'RAVLT_T', '--json'],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, 'scripts/flops.py', '--model', 'RAVLT_T', '--json'], capture_output=True, text=True, check=True
+    ).stdout
     (row,) = json.loads(out)
     assert set(row) == {'model', 'input_size', 'params', 'flops', 'flops_no_attn'}
     assert row['input_size'] == [224, 224]
-    assert (round(row['params'] / 1e6, 2), round(row['flops'] / 1e9, 3), round(row['flops_no_attn'] / 1e9, 3)) \
-        == AUTHORS['RAVLT_T']
+    assert (
+        round(row['params'] / 1e6, 2),
+        round(row['flops'] / 1e9, 3),
+        round(row['flops_no_attn'] / 1e9, 3),
+    ) == AUTHORS['RAVLT_T']
     # Non-square: conv FLOPs scale with the token count, so 224x448 is about twice 224x224.
     wide = flops.measure('RAVLT_T', (224, 448))
     assert wide['input_size'] == [224, 448]
@@ -55,10 +60,12 @@ def test_model_kwargs_all_linear():
 
 
 def test_cli_rejects_bad_arguments():
-    for args, message in ((['--model', 'RAVLT_X'], 'unknown model(s) RAVLT_X'),
-                          (['--input-size', '0'], '--input-size takes one or two positive integers'),
-                          (['--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t with --model-kwargs'),
-                          (['--input-size', '224', '224', '224'], '--input-size takes one or two positive integers')):
+    for args, message in (
+        (['--model', 'RAVLT_X'], 'unknown model(s) RAVLT_X'),
+        (['--input-size', '0'], '--input-size takes one or two positive integers'),
+        (['--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t with --model-kwargs'),
+        (['--input-size', '224', '224', '224'], '--input-size takes one or two positive integers'),
+    ):
         result = subprocess.run([sys.executable, 'scripts/flops.py', *args], capture_output=True, text=True)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
@@ -69,14 +76,18 @@ def test_ablation_kinds_share_one_flops_table():
     """RAVLT-T with each attention kind in stages 1-2: kinds with LePE and gate have RALA's convolutions, kinds
     without lack the o projection and LePE, N * C * (C + 25) multiply-adds per block (two blocks of 3136 tokens
     x 64 channels, two of 784 x 128); alpha changes only attention products (its scores)."""
-    rows = {kind: flops.measure('RAVLT_T', (224, 224), model_kwargs={'attn_types': [kind, kind, 'softmax', 'softmax']})
-            for kind in ('linear', 'rala_no_alpha', 'rala_no_gate_lepe', 'rala')}
+    rows = {
+        kind: flops.measure('RAVLT_T', (224, 224), model_kwargs={'attn_types': [kind, kind, 'softmax', 'softmax']})
+        for kind in ('linear', 'rala_no_alpha', 'rala_no_gate_lepe', 'rala')
+    }
     assert rows['rala']['flops'] == flops.measure('RAVLT_T', (224, 224))['flops']
     gate_and_lepe = 2 * 3136 * 64 * (64 + 25) + 2 * 784 * 128 * (128 + 25)
     for with_gate, without in (('rala', 'rala_no_gate_lepe'), ('rala_no_alpha', 'linear')):
         assert rows[with_gate]['flops_no_attn'] - rows[without]['flops_no_attn'] == gate_and_lepe
-        assert rows[with_gate]['flops'] - rows[with_gate]['flops_no_attn'] == \
-            rows[without]['flops'] - rows[without]['flops_no_attn']
+        assert (
+            rows[with_gate]['flops'] - rows[with_gate]['flops_no_attn']
+            == rows[without]['flops'] - rows[without]['flops_no_attn']
+        )
     alpha = rows['rala']['flops'] - rows['rala_no_alpha']['flops']
     assert 0 < alpha == rows['rala_no_gate_lepe']['flops'] - rows['linear']['flops']
     assert rows['rala']['flops_no_attn'] == rows['rala_no_alpha']['flops_no_attn']

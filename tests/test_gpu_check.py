@@ -2,6 +2,7 @@
 with the entry points' own parsers, write only under a fresh folder of the one given, and compare a stopped and
 resumed run with one never stopped that has the same flags. scripts/compare_checkpoints.py, which makes that
 comparison, is tested on the CPU."""
+
 import os
 import re
 import shlex
@@ -22,8 +23,14 @@ ENTRY_POINTS = {'main.py': main, 'main_det.py': main_det, 'main_seg.py': main_se
 
 def dry_run(root, **env) -> tuple:
     """(the fresh folder, [commands as argument lists]) that gpu_check.sh would run into `root`."""
-    result = subprocess.run(['bash', 'scripts/gpu_check.sh', str(root)], cwd=ROOT,
-                            env=command_env(DRY_RUN='1', **env), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ['bash', 'scripts/gpu_check.sh', str(root)],
+        cwd=ROOT,
+        env=command_env(DRY_RUN='1', **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     fresh = re.search(r'^Results: (.+)$', result.stdout, re.MULTILINE).group(1)
     commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith('+ ')]
@@ -34,11 +41,11 @@ def entry_point_flags(command) -> tuple:
     """(script, its flags) of a command that runs an entry point: directly, under torchrun or fault injection, or
     counted by scripts/host_syncs.py (main.py's flags after `--`); (None, None) for any other command."""
     if command[:2] == ['python', 'scripts/host_syncs.py']:
-        return 'main.py', command[command.index('--') + 1:]
+        return 'main.py', command[command.index('--') + 1 :]
     found = [i for i, token in enumerate(command) if token in ENTRY_POINTS]
     if not found:
         return None, None
-    return command[found[0]], command[found[0] + 1:]
+    return command[found[0]], command[found[0] + 1 :]
 
 
 def test_the_dry_run_prints_commands_the_parsers_take_into_a_fresh_folder(tmp_path):
@@ -59,11 +66,11 @@ def test_the_dry_run_prints_commands_the_parsers_take_into_a_fresh_folder(tmp_pa
         assert args.device == 'cuda'
         runs.setdefault(os.path.basename(args.output_dir), []).append((command, flags))
     assert set(runs) == {'host_syncs', 'cls_reference', 'cls_resumed', 'cls_bf16', 'cls_bf16_compile', 'det', 'seg'}
-    (_, compiled), = runs['cls_bf16_compile']
+    ((_, compiled),) = runs['cls_bf16_compile']
     assert '--compile' in compiled and '--compile' not in runs['cls_bf16'][0][1]
     # The stopped run: SIGTERM from fault injection, then the same command again; the same flags as the reference.
     (stopped, stopped_flags), (resumed, resumed_flags) = runs['cls_resumed']
-    (_, reference_flags), = runs['cls_reference']
+    ((_, reference_flags),) = runs['cls_reference']
     assert 'SIGNAL_AT=0:20:SIGTERM' in stopped and 'tests/fault_injection.py' in stopped
     assert stopped_flags == resumed_flags == reference_flags[:-1] + [fresh + '/cls_resumed']
     assert {'--deterministic', '--model-ema-force-cpu', '--clip-grad'} <= set(reference_flags)
@@ -74,8 +81,13 @@ def test_the_dry_run_prints_commands_the_parsers_take_into_a_fresh_folder(tmp_pa
 
 def test_compare_checkpoints_says_bit_identical_or_what_differs(tmp_path, capsys):
     from scripts import compare_checkpoints
-    state = {'model': {'w': torch.arange(4.0)}, 'optimizer': {'state': {0: {'exp_avg': torch.ones(4)}}},
-             'epoch': 1, 'step': 8}
+
+    state = {
+        'model': {'w': torch.arange(4.0)},
+        'optimizer': {'state': {0: {'exp_avg': torch.ones(4)}}},
+        'epoch': 1,
+        'step': 8,
+    }
     checkpoints.save_checkpoint(state, tmp_path / 'a.pth')
     checkpoints.save_checkpoint(state, tmp_path / 'b.pth')
     compare_checkpoints.command([str(tmp_path / 'a.pth'), str(tmp_path / 'b.pth')])
@@ -92,15 +104,20 @@ def test_with_benchmark_the_benchmark_steps_take_the_benchmarks_flags(tmp_path):
     """BENCHMARK=1 adds scripts/benchmark.py in each precision (the authors' models beside ours with AUTHORS_FILE),
     then eager against torch.compile in bf16."""
     from scripts import benchmark
+
     fresh, commands = dry_run(tmp_path, BENCHMARK='1', AUTHORS_FILE='RALA.py', AUTHORS_PATH_EXTRA='deps')
     _, without = dry_run(tmp_path)
     benchmarks = [c for c in commands if c[:2] == ['python', 'scripts/benchmark.py']]
-    assert commands[:len(without)] == [c for c in commands if c not in benchmarks] and \
-        len(commands) == len(without) + 4
+    assert (
+        commands[: len(without)] == [c for c in commands if c not in benchmarks] and len(commands) == len(without) + 4
+    )
     parsed = [benchmark.get_args_parser().parse(c[2:]) for c in benchmarks]
     assert [(a.amp, a.backend, os.path.basename(a.json)) for a in parsed] == [
-        ('none', ['eager'], 'benchmark_none.json'), ('fp16', ['eager'], 'benchmark_fp16.json'),
-        ('bf16', ['eager'], 'benchmark_bf16.json'), ('bf16', ['eager', 'compile'], 'benchmark_compile_bf16.json')]
+        ('none', ['eager'], 'benchmark_none.json'),
+        ('fp16', ['eager'], 'benchmark_fp16.json'),
+        ('bf16', ['eager'], 'benchmark_bf16.json'),
+        ('bf16', ['eager', 'compile'], 'benchmark_compile_bf16.json'),
+    ]
     assert all(a.device == 'cuda' and a.mode == ['eval', 'train'] and a.json.startswith(fresh) for a in parsed)
     for a in parsed[:3]:
         assert a.model == ['RAVLT_T', 'authors:RAVLT_T', 'RAVLT_S', 'authors:RAVLT_S', 'convnext_tiny']
@@ -113,10 +130,16 @@ def test_the_pytest_step_selects_the_tests_that_need_a_gpu(tmp_path):
     _, commands = dry_run(tmp_path)
     inner = shlex.split(commands[0][-1].split('2>&1')[0])
     assert inner[:3] == ['python', '-m', 'pytest']
-    result = subprocess.run([sys.executable, *inner[1:], '--collect-only', '-p', 'no:cacheprovider'], cwd=ROOT,
-                            capture_output=True, text=True, env=command_env())
+    result = subprocess.run(
+        [sys.executable, *inner[1:], '--collect-only', '-p', 'no:cacheprovider'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=command_env(),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     collected = [line for line in result.stdout.splitlines() if '::' in line]
     assert all('cuda' in line.lower() for line in collected)
-    assert {f'tests/test_benchmark.py::test_cuda_timing_memory_and_amp[{amp}]' for amp in ('none', 'fp16', 'bf16')} \
-        <= set(collected)
+    assert {
+        f'tests/test_benchmark.py::test_cuda_timing_memory_and_amp[{amp}]' for amp in ('none', 'fp16', 'bf16')
+    } <= set(collected)

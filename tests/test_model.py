@@ -1,4 +1,5 @@
 """RAVLT is the authors' function with the authors' checkpoint layout, and a well-behaved timm model."""
+
 import argparse
 import json
 import os
@@ -6,11 +7,11 @@ import os
 import pytest
 import timm
 import torch
+from timm.utils import reparameterize_model
 
 import models
 from hash_fill import fill_value, hash_fill_, hash_input
 from helpers import ROOT, TINY_KWARGS, VARIANTS, rel_err, tiny
-from timm.utils import reparameterize_model
 from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention
 
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -39,10 +40,15 @@ def golden_fused(golden_model):
 
 # ---------------------------------------------------------------- registration and layout
 
+
 def test_registered_with_timm_and_author_names_resolve():
     assert sorted(timm.list_models('ravlt_*')) == sorted(VARIANTS)
-    assert [models.resolve_model_name(n) for n in ('RAVLT_T', 'RAVLT_S', 'ravlt_b', 'RAVLT_L')] == \
-        ['ravlt_t', 'ravlt_s', 'ravlt_b', 'ravlt_l']
+    assert [models.resolve_model_name(n) for n in ('RAVLT_T', 'RAVLT_S', 'ravlt_b', 'RAVLT_L')] == [
+        'ravlt_t',
+        'ravlt_s',
+        'ravlt_b',
+        'ravlt_l',
+    ]
     assert models.resolve_model_name('convnext_tiny') == 'convnext_tiny'
 
 
@@ -54,8 +60,10 @@ def test_state_dict_matches_authors_manifest(variant):
     assert ours == [tuple(entry) for entry in MANIFEST[variant.upper()]]
 
 
-@pytest.mark.parametrize('variant, params', [('ravlt_t', 14_897_768), ('ravlt_s', 25_591_208),
-                                             ('ravlt_b', 48_241_288), ('ravlt_l', 95_242_440)])
+@pytest.mark.parametrize(
+    'variant, params',
+    [('ravlt_t', 14_897_768), ('ravlt_s', 25_591_208), ('ravlt_b', 48_241_288), ('ravlt_l', 95_242_440)],
+)
 def test_parameter_counts(variant, params):
     with torch.device('meta'):
         model = timm.create_model(variant)
@@ -75,8 +83,12 @@ def test_rope_buffers_and_block_kinds(variant):
     with torch.device('meta'):
         model = timm.create_model(variant)
     kinds = [{type(b.attn) for b in stage.blocks} for stage in model.layers]
-    assert kinds == [{RankAugmentedLinearAttention}, {RankAugmentedLinearAttention}, {SoftmaxAttention},
-                     {SoftmaxAttention}]
+    assert kinds == [
+        {RankAugmentedLinearAttention},
+        {RankAugmentedLinearAttention},
+        {SoftmaxAttention},
+        {SoftmaxAttention},
+    ]
     if variant == 'ravlt_t':
         model = timm.create_model(variant)
         for key, values in GOLDEN['rope_angle'].items():
@@ -88,8 +100,15 @@ def test_rope_buffers_and_block_kinds(variant):
 RAVLT_T_UNGATED_PARAMS = 14_897_768 - 2 * (64 * 64 + 27 * 64) - 2 * (128 * 128 + 27 * 128)
 
 
-@pytest.mark.parametrize('kind, params', [('linear', RAVLT_T_UNGATED_PARAMS), ('rala_no_gate_lepe', RAVLT_T_UNGATED_PARAMS),
-                                          ('rala_no_alpha', 14_897_768), ('softmax', 14_897_768)])
+@pytest.mark.parametrize(
+    'kind, params',
+    [
+        ('linear', RAVLT_T_UNGATED_PARAMS),
+        ('rala_no_gate_lepe', RAVLT_T_UNGATED_PARAMS),
+        ('rala_no_alpha', 14_897_768),
+        ('softmax', 14_897_768),
+    ],
+)
 def test_ablation_kinds_layouts(kind, params):
     """Kinds with the gate and LePE have RALA's state dict (an authors' checkpoint loads strict=True); kinds
     without them have one `qkv` conv and no LePE, so no parameter goes unused."""
@@ -110,6 +129,7 @@ def test_ablation_kinds_layouts(kind, params):
 
 # ---------------------------------------------------------------- function (float64 golden outputs)
 
+
 def test_hash_fill_matches_recipe_checksums(golden_model):
     state = golden_model.state_dict()
     assert set(GOLDEN['fill_checksums']) <= set(state)
@@ -122,8 +142,11 @@ def test_hash_fill_matches_recipe_checksums(golden_model):
 def run_with_probes(model, x):
     probes, hooks = {}, []
     for name in ['patch_embed'] + [f'layers.{i}' for i in range(4)] + [f'layers.{i}.blocks.0.attn' for i in range(4)]:
-        hooks.append(model.get_submodule(name).register_forward_hook(
-            lambda m, i, o, name=name: probes.__setitem__(name, o.detach())))
+        hooks.append(
+            model.get_submodule(name).register_forward_hook(
+                lambda m, i, o, name=name: probes.__setitem__(name, o.detach())
+            )
+        )
     with torch.no_grad():
         logits = model(x)
     for h in hooks:
@@ -158,11 +181,14 @@ def test_golden_detects_a_softmax_block_computed_as_rala(golden_model):
     case = GOLDEN['cases'][0]
     logits, probes = run_with_probes(model, hash_input(case['input_shape']))
     assert rel_err(logits, torch.tensor(case['logits'], dtype=torch.float64)) > 1e-3
-    assert abs(probes['layers.2.blocks.0.attn'].abs().sum().item() - case['probes']['layers.2.blocks.0.attn']['abs_sum']) \
+    assert (
+        abs(probes['layers.2.blocks.0.attn'].abs().sum().item() - case['probes']['layers.2.blocks.0.attn']['abs_sum'])
         > 1e-6 * case['probes']['layers.2.blocks.0.attn']['abs_sum']
+    )
 
 
 # ---------------------------------------------------------------- shapes, modes, gradients
+
 
 @pytest.mark.parametrize('size', [(97, 131), (64, 33), (32, 32), (13, 200)])
 def test_any_input_size(size):
@@ -178,7 +204,7 @@ def test_batch_elements_are_independent_in_eval():
     x = torch.randn(3, 3, 45, 61, dtype=torch.float64)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
     assert rel_err(together, alone) < 1e-12
 
 
@@ -255,8 +281,11 @@ def test_all_linear_model_for_large_inputs():
     assert all(isinstance(b.attn, RankAugmentedLinearAttention) for s in model.layers for b in s.blocks)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 80)).shape == (1, 7)
-    with pytest.raises(ValueError, match=r"unknown attention type\(s\) \['window'\]; choose from \['linear', 'rala', "
-                       r"'rala_no_alpha', 'rala_no_gate_lepe', 'softmax'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown attention type\(s\) \['window'\]; choose from \['linear', 'rala', "
+        r"'rala_no_alpha', 'rala_no_gate_lepe', 'softmax'\]",
+    ):
         tiny(attn_types=('rala', 'rala', 'window', 'softmax'))
 
 
@@ -277,7 +306,7 @@ def peak_live_mib(fn) -> float:
     for _, change in events:
         live += change
         peak = max(peak, live)
-    return peak / 2 ** 20
+    return peak / 2**20
 
 
 @pytest.mark.slow
@@ -286,11 +315,12 @@ def test_inference_memory_at_1024_is_under_a_third_of_the_authors():
     x = torch.randn(1, 3, 1024, 1024)
     with torch.no_grad():
         peak = peak_live_mib(lambda: model(x))
-    stage1_map_mib = 64 * 256 * 256 * 4 / 2 ** 20  # one stage-1 activation (64 channels at 256x256)
+    stage1_map_mib = 64 * 256 * 256 * 4 / 2**20  # one stage-1 activation (64 channels at 256x256)
     assert 4 * stage1_map_mib < peak < 0.3 * AUTHORS_RAVLT_S_PEAK_LIVE_MIB_1024
 
 
 # ---------------------------------------------------------------- timm contract
+
 
 def test_classifier_api_and_features():
     model = tiny().eval()
@@ -338,6 +368,7 @@ def test_forward_intermediates_and_features_only():
 
 def test_group_matcher_and_no_weight_decay():
     from timm.models import group_parameters
+
     model = tiny()
     groups = group_parameters(model, model.group_matcher(coarse=False))
     names = [n for g in groups.values() for n in g]
@@ -346,8 +377,11 @@ def test_group_matcher_and_no_weight_decay():
     assert all(n.startswith('patch_embed') for n in first_group)
     order = {n: gid for gid, g in groups.items() for n in g}
     # A stage's downsampling joins the group of the stage's last block.
-    assert order['layers.0.blocks.0.pos.weight'] == order['layers.0.downsample.reduction.weight'] \
+    assert (
+        order['layers.0.blocks.0.pos.weight']
+        == order['layers.0.downsample.reduction.weight']
         < order['layers.1.blocks.0.pos.weight']
+    )
     assert model.no_weight_decay() == set()
 
 
@@ -367,12 +401,21 @@ def authors_checkpoint(tmp_path_factory):
     source = timm.create_model('ravlt_t')
     for p in source.parameters():
         p.data.normal_(0, 0.02)
-    ema = {k: v + 1 if v.is_floating_point() and not k.endswith('angle') else v
-           for k, v in source.state_dict().items()}
+    ema = {k: v + 1 if v.is_floating_point() and not k.endswith('angle') else v for k, v in source.state_dict().items()}
     path = tmp_path_factory.mktemp('ckpt') / 'RAVLT_T.pth'
-    torch.save({'model': source.state_dict(), 'model_ema': ema, 'optimizer': {}, 'lr_scheduler': {},
-                'epoch': 299, 'scaler': {}, 'args': argparse.Namespace(model='RAVLT_T', lr=5e-4),
-                'max_accuracy': 82.8}, path)
+    torch.save(
+        {
+            'model': source.state_dict(),
+            'model_ema': ema,
+            'optimizer': {},
+            'lr_scheduler': {},
+            'epoch': 299,
+            'scaler': {},
+            'args': argparse.Namespace(model='RAVLT_T', lr=5e-4),
+            'max_accuracy': 82.8,
+        },
+        path,
+    )
     return path, source.state_dict()
 
 
@@ -391,8 +434,9 @@ def test_timm_pretrained_loads_authors_checkpoint_offline(authors_checkpoint):
         model = timm.create_model('ravlt_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(single)))
         assert all(torch.equal(v, model_weights[k]) for k, v in model.state_dict().items())
     # Another class count keeps the backbone and drops the classifier; another in_chans adapts the stem.
-    model = timm.create_model('ravlt_t', pretrained=True, num_classes=10, in_chans=1,
-                              pretrained_cfg_overlay=dict(file=str(single)))
+    model = timm.create_model(
+        'ravlt_t', pretrained=True, num_classes=10, in_chans=1, pretrained_cfg_overlay=dict(file=str(single))
+    )
     assert model.head.weight.shape == (10, 1024, 1, 1)
     assert torch.equal(model.layers[2].blocks[0].attn.qkvo.weight, model_weights['layers.2.blocks.0.attn.qkvo.weight'])
     assert model.patch_embed.proj[0].weight.shape[1] == 1
@@ -431,4 +475,4 @@ def test_fill_value_rules():
     assert fill_value('layers.0.RoPE.angle', (4,)) is None
     assert (fill_value('a.running_var', (100,)) >= 1).all()
     gamma = fill_value('layers.0.blocks.0.gamma_1', (1, 8, 1, 1))
-    assert ((gamma - 0.5).abs() <= 0.1 * 3 ** 0.5 + 1e-12).all()
+    assert ((gamma - 0.5).abs() <= 0.1 * 3**0.5 + 1e-12).all()

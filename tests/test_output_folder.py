@@ -3,20 +3,20 @@ locks is warned about), and a validation
 file that cannot be read does not throw away the epoch trained before it: the error names the file, the
 trained epoch is saved with its evaluation pending, and once the file is fixed the next start evaluates it
 and goes on, ending as a run that never failed."""
+
 import errno
 import os
 import signal
 import subprocess
 import sys
 
-from PIL import Image
-
 import pytest
+from PIL import Image
 
 import checkpoints
 import main
-from helpers import ROOT
 import output_folder
+from helpers import ROOT
 from train_helpers import TINY, assert_one_line_error, assert_same_training, command_env, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -24,17 +24,43 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_path):
-    args = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '50', '--aa', 'none', '--mixup', '0',
-                   '--cutmix', '0', '--no-repeated-aug', '--output_dir', tmp_path]
-    first = subprocess.Popen([sys.executable, 'main.py', *map(str, args)], cwd=ROOT, env=command_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    args = TINY + [
+        '--data-set',
+        'DIGITS',
+        '--batch-size',
+        '32',
+        '--epochs',
+        '50',
+        '--aa',
+        'none',
+        '--mixup',
+        '0',
+        '--cutmix',
+        '0',
+        '--no-repeated-aug',
+        '--output_dir',
+        tmp_path,
+    ]
+    first = subprocess.Popen(
+        [sys.executable, 'main.py', *map(str, args)],
+        cwd=ROOT,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in first.stdout:
             if line.startswith('Start training'):
                 break
         second = run_here(main, args)
-        assert_one_line_error(second.returncode, second.stdout, second.stderr, 2,
-                              f'another run is using --output_dir {tmp_path} right now')
+        assert_one_line_error(
+            second.returncode,
+            second.stdout,
+            second.stderr,
+            2,
+            f'another run is using --output_dir {tmp_path} right now',
+        )
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -46,16 +72,20 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_lives(tmp_
 @pytest.mark.parametrize('error', ['ENOLCK', 'ENOSYS'])
 def test_a_file_system_without_locks_warns_in_one_line_and_the_run_goes_on(tmp_path, monkeypatch, error):
     """Some network file systems have no flock (ENOLCK, ENOSYS): the run says so, naming the folder, and goes on."""
+
     def no_locks(fd, operation):
         raise OSError(getattr(errno, error), os.strerror(getattr(errno, error)))
+
     monkeypatch.setattr(output_folder.fcntl, 'flock', no_locks)
     args = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--eval', '--output_dir', tmp_path]
     result = run_here(main, args)
     assert result.returncode == 0 and result.stderr == '', result.stderr
     warning = [line for line in result.stdout.splitlines() if line.startswith('warning:')]
-    assert warning == [f'warning: --output_dir {tmp_path} is on a file system without file locks '
-                       f'({os.strerror(getattr(errno, error))}): the run goes on unlocked, so make sure no other run '
-                       'uses this folder at the same time (or choose a folder on a local or lock-capable file system)']
+    assert warning == [
+        f'warning: --output_dir {tmp_path} is on a file system without file locks '
+        f'({os.strerror(getattr(errno, error))}): the run goes on unlocked, so make sure no other run '
+        'uses this folder at the same time (or choose a folder on a local or lock-capable file system)'
+    ]
     assert (tmp_path / 'eval_results.json').is_file()
 
 
@@ -74,8 +104,21 @@ def image_folders(root, corrupt: bool):
 
 
 def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
-    args = TINY + ['--batch-size', '4', '--epochs', '2', '--warmup-epochs', '0', '--mixup', '0', '--cutmix', '0',
-                   '--no-repeated-aug', '--aa', 'none']
+    args = TINY + [
+        '--batch-size',
+        '4',
+        '--epochs',
+        '2',
+        '--warmup-epochs',
+        '0',
+        '--mixup',
+        '0',
+        '--cutmix',
+        '0',
+        '--no-repeated-aug',
+        '--aa',
+        'none',
+    ]
     clean_data, clean_out = tmp_path / 'clean', tmp_path / 'clean_out'
     image_folders(clean_data, corrupt=False)
     reference = run_here(main, args + ['--data-path', clean_data, '--output_dir', clean_out])
@@ -84,8 +127,14 @@ def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
     data, out = tmp_path / 'data', tmp_path / 'out'
     broken = image_folders(data, corrupt=True)
     failed = run_here(main, args + ['--data-path', data, '--output_dir', out])
-    assert_one_line_error(failed.returncode, failed.stdout, failed.stderr, 2, str(broken),
-                          'the trained epoch 0 is saved; the next start evaluates it first')
+    assert_one_line_error(
+        failed.returncode,
+        failed.stdout,
+        failed.stderr,
+        2,
+        str(broken),
+        'the trained epoch 0 is saved; the next start evaluates it first',
+    )
     saved = checkpoints.load_checkpoint(out / 'checkpoint.pth')
     assert saved['epoch'] == 0 and saved['pending_eval'] is not None
 
@@ -93,5 +142,6 @@ def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
     resumed = run_here(main, args + ['--data-path', data, '--output_dir', out])
     assert resumed.returncode == 0, resumed.stderr
     assert read_log(out) == read_log(clean_out)
-    assert_same_training(checkpoints.load_checkpoint(clean_out / 'checkpoint.pth'),
-                         checkpoints.load_checkpoint(out / 'checkpoint.pth'))
+    assert_same_training(
+        checkpoints.load_checkpoint(clean_out / 'checkpoint.pth'), checkpoints.load_checkpoint(out / 'checkpoint.pth')
+    )

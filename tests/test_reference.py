@@ -3,19 +3,29 @@
 differ from one another and relate to RALA as the paper defines them; the model compiles with
 torch.compile(fullgraph=True), exports with torch.export, runs under bf16 autocast (and under CUDA's autocast
 policy, simulated, with the authors' low-precision tensors) and takes channels-last input and weights."""
+
 import functools
 
 import pytest
 import timm
 import torch
+from timm.utils import reparameterize_model
 
 import models  # noqa: F401  (registers the RAVLT models)
 from cuda_autocast import CudaAutocast
 from helpers import rel_err
 from models import ravlt, reference
-from models.ravlt import (ATTENTION_TYPES, LinearAttention, RAVLTBlock, ReweightedLinearAttention, RotaryEmbedding2d,
-                          apply_rope, elu_plus_one, linear_attention, rank_augmented_attention)
-from timm.utils import reparameterize_model
+from models.ravlt import (
+    ATTENTION_TYPES,
+    LinearAttention,
+    RAVLTBlock,
+    ReweightedLinearAttention,
+    RotaryEmbedding2d,
+    apply_rope,
+    elu_plus_one,
+    linear_attention,
+    rank_augmented_attention,
+)
 
 
 def randomize_(module, seed=0):
@@ -24,8 +34,10 @@ def randomize_(module, seed=0):
     module.double()
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() > 1 else 0.5)
-                    + (1.0 if name.endswith('norm.weight') else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=gen, dtype=p.dtype) * (0.3 if p.dim() > 1 else 0.5)
+                + (1.0 if name.endswith('norm.weight') else 0.0)
+            )
     return module
 
 
@@ -61,9 +73,10 @@ def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, h
     x = torch.randn(batch, heads * head_dim, *size, generator=gen, dtype=torch.float64)
     sin, cos = rope(*size)
     angle = rope.angle
-    for fast, slow, module in [(lambda t: block.attn(t, sin, cos), lambda t: reference.attention(block.attn, t, angle),
-                                block.attn),
-                               (lambda t: block(t, sin, cos), lambda t: reference.block(block, t, angle), block)]:
+    for fast, slow, module in [
+        (lambda t: block.attn(t, sin, cos), lambda t: reference.attention(block.attn, t, angle), block.attn),
+        (lambda t: block(t, sin, cos), lambda t: reference.block(block, t, angle), block),
+    ]:
         outs, grads = [], []
         for fn in (fast, slow):
             module.zero_grad()
@@ -89,12 +102,14 @@ def test_ablation_kinds_compute_different_functions():
     block, rope = make_block('rala', 2, 8)
     x = torch.randn(2, 16, 7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
-        outputs = {kind: reference.attention_terms(block.attn, x, rope.angle, kind)['output']
-                   for kind in reference.computable_kinds(block.attn)}
+        outputs = {
+            kind: reference.attention_terms(block.attn, x, rope.angle, kind)['output']
+            for kind in reference.computable_kinds(block.attn)
+        }
     assert sorted(outputs) == sorted(reference.LINEAR_KINDS)
     kinds = sorted(outputs)
     for i, a in enumerate(kinds):
-        for b in kinds[i + 1:]:
+        for b in kinds[i + 1 :]:
             assert rel_err(outputs[a], outputs[b]) > 1e-2, (a, b)
 
 
@@ -104,14 +119,22 @@ def test_rala_with_uniform_key_weights_is_plain_linear_attention():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, 35, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     sin, cos = reference.rope_tables(RotaryEmbedding2d(8).double().angle, 7, 5)
-    for got, expected in zip(reference.rala(q, k, v, sin, cos, scale=0.0), reference.linear_attention(q, k, v, sin, cos)):
+    for got, expected in zip(
+        reference.rala(q, k, v, sin, cos, scale=0.0), reference.linear_attention(q, k, v, sin, cos)
+    ):
         torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
-    assert rel_err(reference.rala(q, k, v, sin, cos, scale=8 ** -0.5)[1],
-                   reference.linear_attention(q, k, v, sin, cos)[1]) > 1e-2
+    assert (
+        rel_err(reference.rala(q, k, v, sin, cos, scale=8**-0.5)[1], reference.linear_attention(q, k, v, sin, cos)[1])
+        > 1e-2
+    )
     fast_sin, fast_cos = RotaryEmbedding2d(8).double()(7, 5)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # token-major, as the model's
-    torch.testing.assert_close(rank_augmented_attention(q, k, v, fast_sin, fast_cos, 0.0),
-                               linear_attention(q, k, v, fast_sin, fast_cos), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        rank_augmented_attention(q, k, v, fast_sin, fast_cos, 0.0),
+        linear_attention(q, k, v, fast_sin, fast_cos),
+        rtol=1e-13,
+        atol=1e-15,
+    )
 
 
 @pytest.mark.parametrize('kind, cls', [('linear', LinearAttention), ('rala_no_gate_lepe', ReweightedLinearAttention)])
@@ -171,11 +194,18 @@ def test_rala_under_cudas_autocast_keeps_the_authors_low_precision_tensors(monke
 
     def run(fn):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t), CudaAutocast(torch.float16) as policy:
+        with (
+            torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+            ),
+            CudaAutocast(torch.float16) as policy,
+        ):
             out = fn()
-        return [dtypes for name, dtypes in policy.products if name in ('einsum', 'matmul', '__matmul__')], \
-            sum(saved), out
+        return (
+            [dtypes for name, dtypes in policy.products if name in ('einsum', 'matmul', '__matmul__')],
+            sum(saved),
+            out,
+        )
 
     half, single = torch.float16, torch.float32
     cpu_products, cpu_saved, _ = run(lambda: attn(x, sin, cos))
@@ -217,8 +247,15 @@ def test_rope_equals_reference_in_the_tables_precision():
 
 def small_model(**kwargs):
     torch.manual_seed(0)
-    return timm.create_model('ravlt_t', embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
-                             projection_dim=64, num_classes=10, **kwargs)
+    return timm.create_model(
+        'ravlt_t',
+        embed_dims=(16, 32, 48, 64),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 3, 4),
+        projection_dim=64,
+        num_classes=10,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -229,8 +266,9 @@ def test_torch_compile_fullgraph_whole_model_matches_eager():
     model = small_model().eval()
     x = torch.randn(2, 3, 56, 40)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend='aot_eager')(x), model(x),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.compile(model, fullgraph=True, backend='aot_eager')(x), model(x), rtol=1e-5, atol=1e-6
+        )
     model.train()
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     grads = []
@@ -251,8 +289,9 @@ def test_inductor_compiled_block_matches_eager(kind):
     x = torch.randn(2, 16, 9, 7)
     sin, cos = rope(9, 7)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(block, fullgraph=True)(x, sin, cos), block(x, sin, cos),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            torch.compile(block, fullgraph=True)(x, sin, cos), block(x, sin, cos), rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """scripts/resolution.py: every model at every size (swin rebuilt for each), the tables, JSON and figure, and
 one-line errors."""
+
 import json
 
 import pytest
@@ -13,11 +14,33 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 @pytest.mark.slow
 def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
     out, figure = tmp_path / 'res.json', tmp_path / 'res.png'
-    rows = resolution.main(['--models', 'RAVLT_T', 'RAVLT_S-linear', 'swin_tiny', '--sizes', '64', '64x96',
-                            '--warmup', '1', '--iters', '1', '--json', str(out), '--figure', str(figure)])
+    rows = resolution.main(
+        [
+            '--models',
+            'RAVLT_T',
+            'RAVLT_S-linear',
+            'swin_tiny',
+            '--sizes',
+            '64',
+            '64x96',
+            '--warmup',
+            '1',
+            '--iters',
+            '1',
+            '--json',
+            str(out),
+            '--figure',
+            str(figure),
+        ]
+    )
     assert [(r['model'], r['input_size']) for r in rows] == [
-        ('RAVLT_T', [64, 64]), ('RAVLT_S-linear', [64, 64]), ('swin_tiny', [64, 64]),
-        ('RAVLT_T', [64, 96]), ('RAVLT_S-linear', [64, 96]), ('swin_tiny', [64, 96])]
+        ('RAVLT_T', [64, 64]),
+        ('RAVLT_S-linear', [64, 64]),
+        ('swin_tiny', [64, 64]),
+        ('RAVLT_T', [64, 96]),
+        ('RAVLT_S-linear', [64, 96]),
+        ('swin_tiny', [64, 96]),
+    ]
     assert all(r['img_per_s'] > 0 and r['gmacs'] > 0 and r['mode'] == 'eval' for r in rows)
     by = {(r['model'], tuple(r['input_size'])): r['gmacs'] for r in rows}
     # Convolutions dominate at these sizes: the count grows with the pixels (1.5x here).
@@ -28,25 +51,32 @@ def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
     assert '| model | 64x64 | 64x96 |' in stdout and '| swin_tiny |' in stdout and 'GFLOPs:' in stdout
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--sizes', '224x'], 'give H or HxW'),
-    (['--models', 'RAVLT_XL'], 'unknown --models RAVLT_XL'),
-    (['--models', 'authors:RAVLT_S'], 'needs --authors-file'),
-    (['--iters', '0'], 'at least 1'),
-    (['--json', 'no/such/folder/x.json'], 'does not exist'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--sizes', '224x'], 'give H or HxW'),
+        (['--models', 'RAVLT_XL'], 'unknown --models RAVLT_XL'),
+        (['--models', 'authors:RAVLT_S'], 'needs --authors-file'),
+        (['--iters', '0'], 'at least 1'),
+        (['--json', 'no/such/folder/x.json'], 'does not exist'),
+    ],
+)
 def test_bad_input_is_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message):
         resolution.main(argv)
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--figure', 'scaling.jpeg2000'], 'name a file ending in .png, .svg or .pdf'),
-    (['--json', '.'], 'it is a folder'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--figure', 'scaling.jpeg2000'], 'name a file ending in .png, .svg or .pdf'),
+        (['--json', '.'], 'it is a folder'),
+    ],
+)
 def test_outputs_are_checked_before_the_sweep(argv, message, tmp_path, monkeypatch):
     def swept(*args, **kwargs):
         raise AssertionError('measured before the outputs were checked')
+
     monkeypatch.setattr(resolution, 'sweep', swept)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=message):

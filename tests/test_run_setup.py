@@ -2,6 +2,7 @@
 process group's timeout, the data-loading workers per core, parameters in their gradients' layout (what DDP's
 buckets expect), cuDNN's benchmarking and --deterministic, and the precision of a CPU EMA's evaluation. CUDA is
 mocked where a test needs a CUDA run: no GPU is touched."""
+
 import builtins
 import datetime
 import os
@@ -18,21 +19,38 @@ from cli import UsageError
 
 
 def test_launch_environment_of_torchrun_srun_and_a_plain_process():
-    torchrun = {'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '3', 'MASTER_ADDR': 'node1', 'MASTER_PORT': '29400',
-                'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}
-    assert distributed.launch_environment(torchrun) == {k: torchrun[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK',
-                                                                         'MASTER_ADDR', 'MASTER_PORT')}
+    torchrun = {
+        'RANK': '3',
+        'WORLD_SIZE': '8',
+        'LOCAL_RANK': '3',
+        'MASTER_ADDR': 'node1',
+        'MASTER_PORT': '29400',
+        'SLURM_PROCID': '0',
+        'SLURM_NTASKS': '1',
+    }
+    assert distributed.launch_environment(torchrun) == {
+        k: torchrun[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+    }
     srun = {'SLURM_PROCID': '9', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '1', 'SLURM_NODELIST': 'gpu[07-08],cpu1'}
-    assert distributed.launch_environment(srun) == {'RANK': '9', 'WORLD_SIZE': '16', 'LOCAL_RANK': '1',
-                                            'MASTER_ADDR': 'gpu07', 'MASTER_PORT': '29500'}
+    assert distributed.launch_environment(srun) == {
+        'RANK': '9',
+        'WORLD_SIZE': '16',
+        'LOCAL_RANK': '1',
+        'MASTER_ADDR': 'gpu07',
+        'MASTER_PORT': '29500',
+    }
     assert distributed.launch_environment(dict(srun, MASTER_ADDR='head', MASTER_PORT='1234'))['MASTER_ADDR'] == 'head'
     # One srun task, or a batch script's own shell: a single process.
     assert distributed.launch_environment({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'})['WORLD_SIZE'] == '1'
     assert distributed.launch_environment({}) == {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0'}
     with pytest.raises(UsageError, match='under srun, set MASTER_ADDR'):
         distributed.launch_environment({'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_NODELIST': '['})
-    assert [distributed.first_slurm_host(n) for n in ('node5', 'a[1-3]', 'gpu[003,7]', 'x-1,y-2')] == \
-        ['node5', 'a1', 'gpu003', 'x-1']
+    assert [distributed.first_slurm_host(n) for n in ('node5', 'a[1-3]', 'gpu[003,7]', 'x-1,y-2')] == [
+        'node5',
+        'a1',
+        'gpu003',
+        'x-1',
+    ]
 
 
 def test_the_process_group_waits_as_long_as_dist_timeout(monkeypatch):
@@ -71,8 +89,10 @@ class SlicedQkv(torch.nn.Module):
         self.gamma = torch.nn.Parameter(torch.ones(1, 8, 1, 1))
 
     def forward(self, x):
-        parts = [torch.nn.functional.conv2d(x, self.qkv.weight[i * 8:(i + 1) * 8], self.qkv.bias[i * 8:(i + 1) * 8])
-                 for i in range(3)]
+        parts = [
+            torch.nn.functional.conv2d(x, self.qkv.weight[i * 8 : (i + 1) * 8], self.qkv.bias[i * 8 : (i + 1) * 8])
+            for i in range(3)
+        ]
         return self.gamma * self.dw(parts[0] * parts[1] + parts[2])
 
 
@@ -112,8 +132,12 @@ def cuda_run(monkeypatch, get_parser, argv, set_device=lambda index: None, devic
 
 def launched_by(monkeypatch, **env):
     """os.environ as a launcher leaves it (and as it was after the test)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'MASTER_', 'TORCHELASTIC'))
-             and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(('SLURM_', 'MASTER_', 'TORCHELASTIC'))
+        and k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')
+    }
     monkeypatch.setattr(os, 'environ', dict(clean, **env))
 
 
@@ -127,8 +151,9 @@ def test_srun_with_one_gpu_per_task_takes_the_gpu_it_sees(monkeypatch, visible, 
     monkeypatch.setattr(distributed, 'watch_peers', lambda rank, world: seen.update(watched=(rank, world)))
     monkeypatch.setattr(builtins, 'print', builtins.print)  # rank 3 silences its print: undone after the test
     with warnings.catch_warnings():
-        _, args = cuda_run(monkeypatch, main.get_args_parser, [], set_device=lambda i: seen.update(set_device=i),
-                           device_count=visible)
+        _, args = cuda_run(
+            monkeypatch, main.get_args_parser, [], set_device=lambda i: seen.update(set_device=i), device_count=visible
+        )
     assert (args.rank, args.world_size, args.local_rank) == (3, 8, 3)
     assert args.device == torch.device('cuda', device) and seen['set_device'] == device
     assert seen['backend'] == 'nccl' and seen['device_id'] == torch.device('cuda', device)
@@ -147,8 +172,10 @@ class Prepared(Exception):
 
 def kernels_when_training(monkeypatch, run_, task) -> bool:
     """cudnn.benchmark as the run sets it before it prepares the model."""
+
     def stop(*args, **kwargs):
         raise Prepared(torch.backends.cudnn.benchmark)
+
     monkeypatch.setattr(run_, '_prepare_model', stop)
     with pytest.raises(Prepared) as prepared:
         run_.train(task)
@@ -159,25 +186,30 @@ def kernels_when_training(monkeypatch, run_, task) -> bool:
 def test_cudnn_benchmarks_only_where_every_batch_has_one_size(monkeypatch, tmp_path):
     """Classification crops are one size: cuDNN may benchmark. Segmentation's padded batches and whole-image
     evaluation change size every batch: re-tuning every conv for each would cost time and memory."""
+    import main_seg
     from test_dense import TINY_JSON, write_ade
 
-    import main_seg
     launched_by(monkeypatch)
-    classification, args = cuda_run(monkeypatch, main.get_args_parser,
-                                    ['--data-set', 'DIGITS', '--model-kwargs', TINY_JSON, '--num_workers', '0'])
+    classification, args = cuda_run(
+        monkeypatch, main.get_args_parser, ['--data-set', 'DIGITS', '--model-kwargs', TINY_JSON, '--num_workers', '0']
+    )
     assert kernels_when_training(monkeypatch, classification, main.build_task(args, classification)) is True
     write_ade(tmp_path, 'training')
     write_ade(tmp_path, 'validation', num_images=2)
-    segmentation, args = cuda_run(monkeypatch, main_seg.get_args_parser,
-                                  ['--data-path', tmp_path, '--model-kwargs', TINY_JSON, '--num_workers', '0'])
+    segmentation, args = cuda_run(
+        monkeypatch,
+        main_seg.get_args_parser,
+        ['--data-path', tmp_path, '--model-kwargs', TINY_JSON, '--num_workers', '0'],
+    )
     assert kernels_when_training(monkeypatch, segmentation, main_seg.build_task(args, segmentation)) is False
 
 
 @pytest.mark.usefixtures('restores_kernel_settings')
 def test_deterministic_sets_deterministic_kernels_before_any_work(monkeypatch):
     launched_by(monkeypatch)
-    run_, args = cuda_run(monkeypatch, main.get_args_parser, ['--deterministic', '--data-set', 'DIGITS',
-                                                             '--num_workers', '0'])
+    run_, args = cuda_run(
+        monkeypatch, main.get_args_parser, ['--deterministic', '--data-set', 'DIGITS', '--num_workers', '0']
+    )
     assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic and os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
     assert kernels_when_training(monkeypatch, run_, main.build_task(args, run_)) is False  # no benchmarking either
@@ -187,8 +219,11 @@ def test_an_ema_kept_on_the_cpu_beside_a_cuda_run_evaluates_in_float32(monkeypat
     """--model-ema-force-cpu with the run's fp16 on CUDA: CPU autocast in float16 would take hours per epoch.
     The model on the run's device evaluates in the run's precision."""
     launched_by(monkeypatch)
-    run_, args = cuda_run(monkeypatch, main.get_args_parser, ['--data-set', 'DIGITS', '--num_workers', '0',
-                                                             '--model-ema-force-cpu', '--input-size', '8'])
+    run_, args = cuda_run(
+        monkeypatch,
+        main.get_args_parser,
+        ['--data-set', 'DIGITS', '--num_workers', '0', '--model-ema-force-cpu', '--input-size', '8'],
+    )
     assert args.amp == 'fp16' and run_.amp_dtype == torch.float16
     task = main.build_task(args, run_)
     seen = []
@@ -211,6 +246,7 @@ def test_an_ema_kept_on_the_cpu_beside_a_cuda_run_evaluates_in_float32(monkeypat
 
 def test_the_inference_form_applies_every_kind_of_fold_timm_knows():
     """for_inference (what every evaluation runs) folds a model whose modules only have timm's `fuse()`."""
+
     class Fusable(torch.nn.Module):
         def forward(self, x):
             return x + 1

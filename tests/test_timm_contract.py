@@ -5,6 +5,7 @@ and inference re-parameterization (`timm.utils.reparameterize_model`) computing 
 The variants are built with one block per stage (their widths, heads and layer scales): every module kind
 and shape rule is exercised at a fraction of the cost; one full-size RAVLT-T goes through TorchScript and FX.
 """
+
 import pytest
 import timm
 import torch
@@ -48,6 +49,7 @@ def with_random_statistics_(model):
 
 
 # ---------------------------------------------------------------- classifier, pooling, default cfg
+
 
 @pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_default_cfg_features_pre_logits_and_reset(variant):
@@ -107,6 +109,7 @@ def test_no_pooling_applies_the_classifier_at_every_position():
 
 # ---------------------------------------------------------------- gradients
 
+
 @pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_backward_reaches_every_parameter(variant):
     model = one_block_per_stage(variant, num_classes=42, drop_path_rate=0.2).train()
@@ -135,6 +138,7 @@ def test_ablation_kinds_train_script_trace_and_reparameterize(kind):
 
 # ---------------------------------------------------------------- TorchScript and FX
 
+
 @pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_torchscript_equals_eager(variant):
     with timm.set_scriptable(True):
@@ -148,8 +152,9 @@ def test_torchscript_equals_eager(variant):
 def last_node_extractor(model, train: bool = False, **tracer_kwargs):
     """An FX GraphModule of the whole model (its output node), as timm's FX tests build it."""
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
-                                    tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs
+    )
 
 
 @pytest.mark.parametrize('variant', VARIANT_PARAMS)
@@ -216,6 +221,7 @@ def test_stage_outputs_by_fx_feature_extraction():
 
 
 # ---------------------------------------------------------------- inference re-parameterization
+
 
 @pytest.mark.parametrize('variant', VARIANT_PARAMS)
 def test_reparameterized_model_computes_the_same_function(variant):

@@ -2,6 +2,7 @@
 resolved config; --eval reproduces the logged accuracy with no model flag repeated; the authors' checkpoint
 layout (args as an argparse.Namespace) evaluates, resumes and fine-tunes; a resumed run applies changed
 flags and says so."""
+
 import argparse
 import json
 import math
@@ -17,13 +18,23 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import checkpoints
 import main
 from model_factory import model_from_checkpoint
-from train_helpers import (DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, read_log,
-                           run_here)
+from train_helpers import DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, read_log, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
-LOG_KEYS = {'epoch', 'step', 'n_parameters', 'train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5',
-            'test_ema_loss', 'test_ema_acc1', 'test_ema_acc5'}
+LOG_KEYS = {
+    'epoch',
+    'step',
+    'n_parameters',
+    'train_lr',
+    'train_loss',
+    'test_loss',
+    'test_acc1',
+    'test_acc5',
+    'test_ema_loss',
+    'test_ema_acc1',
+    'test_ema_acc5',
+}
 
 
 @pytest.fixture(scope='module')
@@ -38,10 +49,22 @@ def digits_run(tmp_path_factory):
 def authors_layout(checkpoint: dict, epoch: int) -> dict:
     """Our checkpoint's weights and optimizer in the layout of the authors' RAVLT_*.pth files."""
     return {
-        'model': checkpoint['model'], 'model_ema': checkpoint['model_ema'], 'optimizer': checkpoint['optimizer'],
-        'lr_scheduler': checkpoint['lr_scheduler'], 'epoch': epoch, 'scaler': {},
-        'args': argparse.Namespace(model='RAVLT_T', batch_size=128, lr=1e-3, drop_path=0.05, data_set='IMNET',
-                                   output_dir='out', opt_betas=None, device='cuda'),
+        'model': checkpoint['model'],
+        'model_ema': checkpoint['model_ema'],
+        'optimizer': checkpoint['optimizer'],
+        'lr_scheduler': checkpoint['lr_scheduler'],
+        'epoch': epoch,
+        'scaler': {},
+        'args': argparse.Namespace(
+            model='RAVLT_T',
+            batch_size=128,
+            lr=1e-3,
+            drop_path=0.05,
+            data_set='IMNET',
+            output_dir='out',
+            opt_betas=None,
+            device='cuda',
+        ),
         'max_accuracy': 50.0,
     }
 
@@ -49,8 +72,15 @@ def authors_layout(checkpoint: dict, epoch: int) -> dict:
 @pytest.mark.slow
 def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     out, result = digits_run
-    assert {'checkpoint.pth', 'best.pth', 'best_ema.pth', 'backup0.pth', 'backup1.pth', 'log.txt',
-            'config.yaml'} <= set(os.listdir(out))
+    assert {
+        'checkpoint.pth',
+        'best.pth',
+        'best_ema.pth',
+        'backup0.pth',
+        'backup1.pth',
+        'log.txt',
+        'config.yaml',
+    } <= set(os.listdir(out))
     assert not [name for name in os.listdir(out) if name.endswith('.tmp')]
     for fragment in ('eta: ', 'lr: ', 'loss: ', '(360 images)'):
         assert fragment in result.stdout
@@ -71,8 +101,19 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     assert log[1]['test_acc1'] > 30.0  # chance is 10 %
 
     checkpoint = checkpoints.load_checkpoint(out / 'checkpoint.pth')
-    assert {'model', 'model_ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'step', 'max_accuracy', 'args',
-            'meta', 'log'} <= set(checkpoint)
+    assert {
+        'model',
+        'model_ema',
+        'optimizer',
+        'lr_scheduler',
+        'scaler',
+        'epoch',
+        'step',
+        'max_accuracy',
+        'args',
+        'meta',
+        'log',
+    } <= set(checkpoint)
     assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2 * 44 and checkpoint['log'] == log[1]
     assert checkpoint['args']['model-kwargs'] == TINY_MODEL_KWARGS
     assert checkpoint['max_accuracy'] == checkpoint['best']['acc1'] == max(entry['test_acc1'] for entry in log)
@@ -101,8 +142,24 @@ def test_resolved_config_reproduces_the_run(digits_run):
 def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(digits_run, tmp_path):
     """The checkpoint carries its flags: --eval takes the model's shape (--model-kwargs) and input size from it."""
     out, _ = digits_run
-    result = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--batch-size', '32',
-                       '--eval', '--resume', out / 'checkpoint.pth', '--output_dir', tmp_path])
+    result = run_here(
+        main,
+        [
+            '--data-set',
+            'DIGITS',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+            '--batch-size',
+            '32',
+            '--eval',
+            '--resume',
+            out / 'checkpoint.pth',
+            '--output_dir',
+            tmp_path,
+        ],
+    )
     assert result.returncode == 0, result.stderr
     assert f'--model-kwargs {json.dumps(TINY_MODEL_KWARGS)}, --input-size 32' in result.stdout
     with open(tmp_path / 'eval_results.json') as f:
@@ -117,13 +174,29 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
     assert not {'epochs', 'lr', 'mixup', 'warmup-epochs', 'opt', 'aa', 'model-ema-decay', 'drop-path'} & set(settings)
     assert len(json.dumps(settings)) < 600
     # Without --output_dir it says that nothing was written.
-    unsaved = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--eval', '--resume',
-                              out / 'checkpoint.pth'])
+    unsaved = run_here(
+        main,
+        ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--eval', '--resume', out / 'checkpoint.pth'],
+    )
     assert unsaved.returncode == 0 and 'No --output_dir: no eval_results.json written' in unsaved.stdout
     # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why, with the
     # model flags the checkpoint was trained with.
-    wrong = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--model-kwargs', '{}',
-                      '--eval', '--resume', out / 'checkpoint.pth'])
+    wrong = run_here(
+        main,
+        [
+            '--data-set',
+            'DIGITS',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+            '--model-kwargs',
+            '{}',
+            '--eval',
+            '--resume',
+            out / 'checkpoint.pth',
+        ],
+    )
     line = wrong.stderr.strip()
     assert wrong.returncode == 2 and '\n' not in line and 'differ in shape' in line and len(line) < 500
     assert line.endswith(f'they were trained with --model "RAVLT_T" --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}')
@@ -141,8 +214,24 @@ def test_eval_of_authors_checkpoint_layout(digits_run, tmp_path):
     last = read_log(out)[-1]
     assert (results['acc1'], results['ema_acc1']) == (last['test_acc1'], last['test_ema_acc1'])
     # Without our model flags in it, the authors' file gives --model from its Namespace, ours the rest.
-    bare = run_here(main, ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--input-size', '32',
-                     '--model-kwargs', json.dumps(TINY_MODEL_KWARGS), '--eval', '--resume', authors])
+    bare = run_here(
+        main,
+        [
+            '--data-set',
+            'DIGITS',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+            '--input-size',
+            '32',
+            '--model-kwargs',
+            json.dumps(TINY_MODEL_KWARGS),
+            '--eval',
+            '--resume',
+            authors,
+        ],
+    )
     assert bare.returncode == 0, bare.stderr
 
 
@@ -163,12 +252,24 @@ def test_finetune_takes_the_model_from_the_checkpoint_and_a_resume_does_not_relo
     start = out / 'checkpoint.pth'
     # No --model-kwargs given: the checkpoint's apply (said), and with the same 10 classes its classifier is kept:
     # evaluated as it starts, the fine-tuning model scores the checkpoint's logged accuracy.
-    plain = ['--data-set', 'DIGITS', '--input-size', '32', '--device', 'cpu', '--num_workers', '0',
-             '--batch-size', '32']
+    plain = [
+        '--data-set',
+        'DIGITS',
+        '--input-size',
+        '32',
+        '--device',
+        'cpu',
+        '--num_workers',
+        '0',
+        '--batch-size',
+        '32',
+    ]
     evaluated = run_here(main, plain + ['--eval', '--finetune', start, '--output_dir', tmp_path / 'eval'])
     assert evaluated.returncode == 0, evaluated.stderr
-    assert f'From --finetune {start} (give a flag to override): --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}' \
+    assert (
+        f'From --finetune {start} (give a flag to override): --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}'
         in evaluated.stdout
+    )
     assert 'new classifier' not in evaluated.stdout and 'dropping' not in evaluated.stdout
     assert json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())['acc1'] == read_log(out)[-1]['test_acc1']
 
@@ -178,16 +279,27 @@ def test_finetune_takes_the_model_from_the_checkpoint_and_a_resume_does_not_relo
     assert not (tmp_path / 'no').exists()
 
     # Training records the flags taken; started again, it resumes without loading the --finetune weights first.
-    train = DIGITS[DIGITS.index('--data-set'):] + ['--input-size', '32', '--device', 'cpu', '--num_workers', '0',
-                                                   '--finetune', start, '--output_dir', tmp_path / 'ft']
+    train = DIGITS[DIGITS.index('--data-set') :] + [
+        '--input-size',
+        '32',
+        '--device',
+        'cpu',
+        '--num_workers',
+        '0',
+        '--finetune',
+        start,
+        '--output_dir',
+        tmp_path / 'ft',
+    ]
     first = run_here(main, train + ['--epochs', '1'])
     assert first.returncode == 0, first.stderr
     assert f'Fine-tuning RAVLT_T from {start}' in first.stdout
     assert yaml.safe_load((tmp_path / 'ft' / 'config.yaml').read_text())['model-kwargs'] == TINY_MODEL_KWARGS
     again = run_here(main, train + ['--epochs', '2'])
     assert again.returncode == 0, again.stderr
-    assert f'--finetune {start} is not loaded: the run goes on from {tmp_path / "ft" / "checkpoint.pth"}' \
-        in again.stdout
+    assert (
+        f'--finetune {start} is not loaded: the run goes on from {tmp_path / "ft" / "checkpoint.pth"}' in again.stdout
+    )
     assert 'Fine-tuning' not in again.stdout
     assert [entry['epoch'] for entry in read_log(tmp_path / 'ft')] == [0, 1]
 
@@ -200,15 +312,20 @@ def test_finetune_with_another_class_count_gets_a_new_classifier(tmp_path):
     torch.save({'model': pretrained.state_dict(), 'args': argparse.Namespace(model='RAVLT_T')}, path)
     result = run_here(main, TINY + ['--data-set', 'DIGITS', '--eval', '--finetune', path])
     assert result.returncode == 0, result.stderr
-    assert f"--finetune {path}: a new classifier for the 10 classes of this data set (the checkpoint's has 1000)" \
+    assert (
+        f"--finetune {path}: a new classifier for the 10 classes of this data set (the checkpoint's has 1000)"
         in result.stdout
+    )
 
-    model, _ = model_from_checkpoint(checkpoints.load_checkpoint(path), str(path), model_kwargs=TINY_MODEL_KWARGS,
-                                     num_classes=10)
+    model, _ = model_from_checkpoint(
+        checkpoints.load_checkpoint(path), str(path), model_kwargs=TINY_MODEL_KWARGS, num_classes=10
+    )
     assert model.head.weight.shape[0] == 10
     state = model.state_dict()
-    assert_state_dicts_equal({k: v for k, v in state.items() if not k.startswith('head.')},
-                             {k: v for k, v in pretrained.state_dict().items() if not k.startswith('head.')})
+    assert_state_dicts_equal(
+        {k: v for k, v in state.items() if not k.startswith('head.')},
+        {k: v for k, v in pretrained.state_dict().items() if not k.startswith('head.')},
+    )
 
 
 @pytest.mark.slow
@@ -221,13 +338,16 @@ def test_a_finished_run_started_again_says_it_is_complete(digits_run, tmp_path):
     before = (folder / 'checkpoint.pth').read_bytes()
     result = run_here(main, DIGITS + ['--epochs', '2', '--save-freq', '1', '--output_dir', folder])
     assert result.returncode == 0, result.stderr
-    assert f'The run is complete: {folder / "checkpoint.pth"} (epoch 1, step 88) ends --epochs 2; give --epochs ' \
+    assert (
+        f'The run is complete: {folder / "checkpoint.pth"} (epoch 1, step 88) ends --epochs 2; give --epochs '
         'above 2 to continue it' in result.stdout
+    )
     assert 'Start training' not in result.stdout and 'Training time' not in result.stdout
     assert sorted(os.listdir(folder)) == ['checkpoint.pth', 'log.txt']  # nothing written
     assert (folder / 'checkpoint.pth').read_bytes() == before
-    assert main.cli([str(a) for a in DIGITS + ['--epochs', '2', '--output_dir', folder]]) == \
-        {k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')}
+    assert main.cli([str(a) for a in DIGITS + ['--epochs', '2', '--output_dir', folder]]) == {
+        k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')
+    }
 
 
 @pytest.mark.slow
@@ -242,16 +362,36 @@ def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
     assert 'Changed since the checkpoint, applied: --epochs 2 -> 3, --lr 0.016 -> 0.032' in result.stdout
     log = read_log(resumed)
     assert [entry['epoch'] for entry in log] == [0, 1, 2]
-    assert log[2]['train_lr'] == pytest.approx(0.032 * 32 / 512 * 0.5 * (1 + math.cos(math.pi * 2 / 3)) +
-                                               1e-5 * 0.5 * (1 - math.cos(math.pi * 2 / 3)))
+    assert log[2]['train_lr'] == pytest.approx(
+        0.032 * 32 / 512 * 0.5 * (1 + math.cos(math.pi * 2 / 3)) + 1e-5 * 0.5 * (1 - math.cos(math.pi * 2 / 3))
+    )
     assert yaml.safe_load((resumed / 'config.yaml').read_text())['lr'] == 0.032
 
 
 @pytest.mark.slow
 def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_path):
-    result = run_here(main, TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '1', '--mixup', '0',
-                              '--cutmix', '0', '--aa', 'none', '--no-repeated-aug', '--no-model-ema',
-                              '--print-freq', '20'])
+    result = run_here(
+        main,
+        TINY
+        + [
+            '--data-set',
+            'DIGITS',
+            '--batch-size',
+            '32',
+            '--epochs',
+            '1',
+            '--mixup',
+            '0',
+            '--cutmix',
+            '0',
+            '--aa',
+            'none',
+            '--no-repeated-aug',
+            '--no-model-ema',
+            '--print-freq',
+            '20',
+        ],
+    )
     assert result.returncode == 0, result.stderr
     assert 'warning: the warm-up (5 epochs) covers the whole run' in result.stdout
     assert 'lr: 1e-06' in result.stdout and 'lr: 0.000000' not in result.stdout
@@ -261,8 +401,21 @@ def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_pa
 def test_the_demo_config_warms_up_within_its_first_epoch(tmp_path):
     """Stepped once per epoch, the demo's one-epoch warm-up ran its whole first epoch at --warmup-lr (1e-6);
     stepped per update, the first epoch ramps to the set rate (1e-3 at batch 64), whose mean is half of it."""
-    result = run_here(main, ['--config', 'configs/demo_digits.yaml', '--model-kwargs', json.dumps(TINY_MODEL_KWARGS),
-                             '--epochs', '2', '--print-freq', '100', '--output_dir', tmp_path])
+    result = run_here(
+        main,
+        [
+            '--config',
+            'configs/demo_digits.yaml',
+            '--model-kwargs',
+            json.dumps(TINY_MODEL_KWARGS),
+            '--epochs',
+            '2',
+            '--print-freq',
+            '100',
+            '--output_dir',
+            tmp_path,
+        ],
+    )
     assert result.returncode == 0, result.stderr
     first, second = [entry['train_lr'] for entry in read_log(tmp_path)]
     assert 0.4e-3 < first < 0.6e-3 and 1e-5 < second < 1e-3
@@ -271,6 +424,7 @@ def test_the_demo_config_warms_up_within_its_first_epoch(tmp_path):
 def digit_folders(root, train_per_class: int = 30, val_per_class: int = 10):
     """DIGITS as class folders (--data-set IMNET layout) of 32 px PNGs."""
     from sklearn.datasets import load_digits
+
     digits = load_digits()
     counts = {}
     for image, label in zip(digits.images, digits.target):
@@ -289,16 +443,39 @@ def test_the_small_data_finetuning_recipe(digits_run, tmp_path):
     """configs/finetune_small.yaml on a small class-folder set at 32 px: without the ImageNet recipe's mixup,
     cutmix, RandAugment and erasing, the training loss measures the fit: below chance and falling."""
     out, _ = digits_run
-    result = run_here(main, ['--config', 'configs/finetune_small.yaml', '--finetune', out / 'checkpoint.pth',
-                             '--data-path', digit_folders(tmp_path / 'data'), '--input-size', '32', '--epochs', '3',
-                             '--batch-size', '32', '--device', 'cpu', '--num_workers', '0', '--print-freq', '100',
-                             '--output_dir', tmp_path / 'out'])
+    result = run_here(
+        main,
+        [
+            '--config',
+            'configs/finetune_small.yaml',
+            '--finetune',
+            out / 'checkpoint.pth',
+            '--data-path',
+            digit_folders(tmp_path / 'data'),
+            '--input-size',
+            '32',
+            '--epochs',
+            '3',
+            '--batch-size',
+            '32',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+            '--print-freq',
+            '100',
+            '--output_dir',
+            tmp_path / 'out',
+        ],
+    )
     assert result.returncode == 0, result.stderr
     log = read_log(tmp_path / 'out')
     assert all(entry['train_loss'] < math.log(10) for entry in log)
     assert log[-1]['train_loss'] < log[0]['train_loss'] and log[-1]['test_acc1'] > 50
     config = yaml.safe_load((tmp_path / 'out' / 'config.yaml').read_text())
     assert (config['mixup'], config['cutmix'], config['aa'], config['reprob']) == (0.0, 0.0, 'none', 0.0)
+
+
 @pytest.mark.slow
 def test_an_epoch_is_serialised_once_under_all_its_names(tmp_path, monkeypatch):
     """best.pth, best_ema.pth, backup0.pth and checkpoint.pth of epoch 0: one torch.save (rank 0 alone does it while
@@ -317,6 +494,7 @@ def test_an_epoch_is_serialised_once_under_all_its_names(tmp_path, monkeypatch):
 def test_where_the_file_system_has_no_hard_links_the_names_are_whole_copies(tmp_path, monkeypatch):
     def no_links(source, target):
         raise PermissionError(1, 'Operation not permitted')
+
     monkeypatch.setattr(os, 'link', no_links)
     (tmp_path / 'best.pth').write_bytes(b'an older best')
     checkpoints.save_checkpoint({'epoch': 3, 'w': torch.arange(5)}, tmp_path / 'best.pth', tmp_path / 'checkpoint.pth')
@@ -334,6 +512,7 @@ def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path
     import weakref
 
     import engine
+
     out, _ = digits_run
     (tmp_path / 'checkpoint.pth').write_bytes((out / 'checkpoint.pth').read_bytes())
     load, held = checkpoints.load_checkpoint, []
@@ -347,6 +526,7 @@ def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path
         gc.collect()
         held.append(held[0]() is None)
         raise KeyboardInterrupt
+
     monkeypatch.setattr(checkpoints, 'load_checkpoint', loading)
     monkeypatch.setattr(engine, 'train_one_epoch', training)
     result = run_here(main, DIGITS + ['--epochs', '3', '--output_dir', tmp_path])
@@ -359,6 +539,7 @@ def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws
     """Workers are kept across epochs (not started again for each), and each sample's augmentation is still a
     function of (seed, epoch, rank, position): two workers train exactly as none."""
     import utils
+
     seen, getitem = tmp_path / 'seen.txt', utils.SeededDataset.__getitem__
 
     def recorded(dataset, item):
@@ -366,6 +547,7 @@ def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws
             with open(seen, 'a') as f:
                 f.write(f'{os.getpid()} {item[1][1]}\n')
         return getitem(dataset, item)
+
     monkeypatch.setattr(utils.SeededDataset, '__getitem__', recorded)
     args = DIGITS + ['--epochs', '2', '--reprob', '0.5', '--model-ema-decay', '0.9']
     with_workers = run_here(main, args + ['--num_workers', '2', '--output_dir', tmp_path / 'workers'])
@@ -377,6 +559,8 @@ def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws
     assert pids[0] == pids[1] and len(pids[0]) == 2 and os.getpid() not in pids[0]
     alone = run_here(main, args + ['--num_workers', '0', '--output_dir', tmp_path / 'alone'])
     assert alone.returncode == 0, alone.stderr
-    assert_state_dicts_equal(checkpoints.load_checkpoint(tmp_path / 'workers' / 'checkpoint.pth')['model'],
-                             checkpoints.load_checkpoint(tmp_path / 'alone' / 'checkpoint.pth')['model'])
+    assert_state_dicts_equal(
+        checkpoints.load_checkpoint(tmp_path / 'workers' / 'checkpoint.pth')['model'],
+        checkpoints.load_checkpoint(tmp_path / 'alone' / 'checkpoint.pth')['model'],
+    )
     assert read_log(tmp_path / 'workers') == read_log(tmp_path / 'alone')

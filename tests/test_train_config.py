@@ -1,6 +1,7 @@
 """Flags, config files (`_base_` inheritance) and their precedence; value checks as strict in YAML as on the
 command line; the authors' launch line; the shipped configs; the evaluation resize; RandAugment at the top
 magnitude."""
+
 import argparse
 
 import numpy as np
@@ -25,26 +26,76 @@ def parse(argv):
 
 
 def test_authors_launch_line_keeps_its_meaning():
-    args = parse(['--warmup-epochs', '5', '--model', 'RAVLT_T', '--data-path', 'P', '--num_workers', '16',
-                  '--batch-size', '128', '--drop-path', '0.05', '--epoch', '300', '--dist-eval', '--output_dir', 'D'])
-    assert (args.warmup_epochs, args.model, args.data_path, args.num_workers, args.batch_size) == \
-        (5, 'RAVLT_T', 'P', 16, 128)
+    args = parse(
+        [
+            '--warmup-epochs',
+            '5',
+            '--model',
+            'RAVLT_T',
+            '--data-path',
+            'P',
+            '--num_workers',
+            '16',
+            '--batch-size',
+            '128',
+            '--drop-path',
+            '0.05',
+            '--epoch',
+            '300',
+            '--dist-eval',
+            '--output_dir',
+            'D',
+        ]
+    )
+    assert (args.warmup_epochs, args.model, args.data_path, args.num_workers, args.batch_size) == (
+        5,
+        'RAVLT_T',
+        'P',
+        16,
+        128,
+    )
     assert (args.drop_path, args.epochs, args.dist_eval, args.output_dir) == (0.05, 300, True, 'D')
     # The rest is the authors' recipe.
-    assert (args.opt, args.lr, args.weight_decay, args.sched, args.min_lr, args.warmup_lr) == \
-        ('adamw', 5e-4, 0.05, 'cosine', 1e-5, 1e-6)
-    assert (args.aa, args.mixup, args.cutmix, args.smoothing, args.reprob) == \
-        ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25)
-    assert (args.repeated_aug, args.model_ema, args.model_ema_decay, args.train_interpolation) == \
-        (True, True, 0.99996, 'bicubic')
-    assert args.given == {'warmup_epochs', 'model', 'data_path', 'num_workers', 'batch_size', 'drop_path',
-                          'epochs', 'dist_eval', 'output_dir'}
+    assert (args.opt, args.lr, args.weight_decay, args.sched, args.min_lr, args.warmup_lr) == (
+        'adamw',
+        5e-4,
+        0.05,
+        'cosine',
+        1e-5,
+        1e-6,
+    )
+    assert (args.aa, args.mixup, args.cutmix, args.smoothing, args.reprob) == (
+        'rand-m9-mstd0.5-inc1',
+        0.8,
+        1.0,
+        0.1,
+        0.25,
+    )
+    assert (args.repeated_aug, args.model_ema, args.model_ema_decay, args.train_interpolation) == (
+        True,
+        True,
+        0.99996,
+        'bicubic',
+    )
+    assert args.given == {
+        'warmup_epochs',
+        'model',
+        'data_path',
+        'num_workers',
+        'batch_size',
+        'drop_path',
+        'epochs',
+        'dist_eval',
+        'output_dir',
+    }
 
 
 def test_command_line_overrides_config_file(tmp_path):
     config = tmp_path / 'run.yaml'
-    config.write_text('batch-size: 8\nlr: 2e-3\nepoch: 7\nno-model-ema: true\nnum-workers: 3\n'
-                      'model-kwargs: {depths: [1, 1, 1, 1]}\nopt-betas: [0.9, 0.95]\n')
+    config.write_text(
+        'batch-size: 8\nlr: 2e-3\nepoch: 7\nno-model-ema: true\nnum-workers: 3\n'
+        'model-kwargs: {depths: [1, 1, 1, 1]}\nopt-betas: [0.9, 0.95]\n'
+    )
     args = parse(['--config', str(config), '--lr', '0.5', '--model-ema'])
     assert (args.batch_size, args.epochs, args.num_workers) == (8, 7, 3)  # from the file
     assert args.lr == 0.5 and args.model_ema is True  # the command line wins
@@ -67,31 +118,47 @@ def test_base_config_is_inherited_and_overridden(tmp_path):
 
 def test_written_config_reads_back_to_the_same_flags(tmp_path):
     parser = main.get_args_parser()
-    args = parser.parse(['--model', 'RAVLT_S', '--model-kwargs', '{"depths": [1, 1, 1, 1]}', '--no-repeated-aug',
-                         '--batch-size', '16', '--cutmix-minmax', '0.2', '0.8'])
+    args = parser.parse(
+        [
+            '--model',
+            'RAVLT_S',
+            '--model-kwargs',
+            '{"depths": [1, 1, 1, 1]}',
+            '--no-repeated-aug',
+            '--batch-size',
+            '16',
+            '--cutmix-minmax',
+            '0.2',
+            '0.8',
+        ]
+    )
     path = tmp_path / 'config.yaml'
     path.write_text(yaml.safe_dump(parser.to_config(args)))
     again = parse(['--config', str(path)])
-    assert {k: v for k, v in vars(again).items() if k != 'given'} == \
-        {k: v for k, v in vars(args).items() if k != 'given'} | {'config': str(path)}
+    assert {k: v for k, v in vars(again).items() if k != 'given'} == {
+        k: v for k, v in vars(args).items() if k != 'given'
+    } | {'config': str(path)}
 
 
-@pytest.mark.parametrize('text, message', [
-    ('batch-size: many\n', "batch-size: 'many' in config"),
-    ('data-set: IMAGENET\n', 'is not one of IMNET, CIFAR, FAKE, DIGITS'),
-    ('eval: 1\n', 'expected true or false'),
-    ('- a list\n', 'must map flag names to values'),
-    ('model-kwargs: "[1, 2]"\n', 'expected a JSON object'),
-    # Values the command line would refuse, refused in YAML too (not rounded, not taken for 1).
-    ('epochs: 2.7\n', 'epochs: 2.7 in config'),
-    ('batch-size: true\n', 'expected an integer'),
-    ('smoothing: 1.5\n', 'must be in [0, 1), got 1.5'),
-    ('weight-decay: -0.1\n', 'must be at least 0'),
-    ('warmup-epochs: -1\n', 'must be at least 0'),
-    ('model-ema-decay: 2\n', 'must be in [0, 1], got 2'),
-    ('lr: -1\n', 'must be above 0'),
-    ('cutmix-minmax: [0.2]\n', 'expected 2 values'),
-])
+@pytest.mark.parametrize(
+    'text, message',
+    [
+        ('batch-size: many\n', "batch-size: 'many' in config"),
+        ('data-set: IMAGENET\n', 'is not one of IMNET, CIFAR, FAKE, DIGITS'),
+        ('eval: 1\n', 'expected true or false'),
+        ('- a list\n', 'must map flag names to values'),
+        ('model-kwargs: "[1, 2]"\n', 'expected a JSON object'),
+        # Values the command line would refuse, refused in YAML too (not rounded, not taken for 1).
+        ('epochs: 2.7\n', 'epochs: 2.7 in config'),
+        ('batch-size: true\n', 'expected an integer'),
+        ('smoothing: 1.5\n', 'must be in [0, 1), got 1.5'),
+        ('weight-decay: -0.1\n', 'must be at least 0'),
+        ('warmup-epochs: -1\n', 'must be at least 0'),
+        ('model-ema-decay: 2\n', 'must be in [0, 1], got 2'),
+        ('lr: -1\n', 'must be above 0'),
+        ('cutmix-minmax: [0.2]\n', 'expected 2 values'),
+    ],
+)
 def test_bad_config_values(tmp_path, text, message):
     path = tmp_path / 'bad.yaml'
     path.write_text(text)
@@ -100,13 +167,16 @@ def test_bad_config_values(tmp_path, text, message):
     assert message in str(error.value) and '\n' not in str(error.value)
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--lr', '-1'], 'argument --lr: must be above 0, got -1'),
-    (['--epochs', '0'], 'argument --epochs/--epoch: must be at least 1, got 0'),
-    (['--batch-size', 'many'], "argument --batch-size: expected an integer, got 'many'"),
-    (['--smoothing', '1'], 'must be in [0, 1), got 1'),
-    (['--remode', 'zeros'], "invalid choice: 'zeros'"),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['--lr', '-1'], 'argument --lr: must be above 0, got -1'),
+        (['--epochs', '0'], 'argument --epochs/--epoch: must be at least 1, got 0'),
+        (['--batch-size', 'many'], "argument --batch-size: expected an integer, got 'many'"),
+        (['--smoothing', '1'], 'must be in [0, 1), got 1'),
+        (['--remode', 'zeros'], "invalid choice: 'zeros'"),
+    ],
+)
 def test_bad_values_on_the_command_line(argv, message):
     with pytest.raises(UsageError) as error:
         parse(argv)
@@ -121,7 +191,8 @@ def test_variant_configs_hold_the_authors_recipe(variant):
     assert args.model == f'RAVLT_{variant.upper()}' and args.drop_path is None
     defaults = {k: v for k, v in vars(parse(['--data-path', 'P'])).items() if k != 'given'}
     assert {k: v for k, v in vars(args).items() if k != 'given'} == dict(
-        defaults, config=args.config, model=args.model, batch_size=128, num_workers=16, dist_eval=True)
+        defaults, config=args.config, model=args.model, batch_size=128, num_workers=16, dist_eval=True
+    )
     with torch.device('meta'):
         model = timm.create_model(models.resolve_model_name(args.model))
     last_block = model.layers[-1].blocks[-1]
@@ -137,8 +208,9 @@ def test_ablation_configs_are_the_ravlt_t_recipe_with_one_attention_kind(kind):
     expected = [kind] * 4 if kind == 'softmax' else [kind, kind, 'softmax', 'softmax']
     assert args.model_kwargs == {'attn_types': expected}
     ignored = {'given', 'config', 'model_kwargs'}
-    assert {k: v for k, v in vars(args).items() if k not in ignored} == \
-        {k: v for k, v in vars(recipe).items() if k not in ignored}
+    assert {k: v for k, v in vars(args).items() if k not in ignored} == {
+        k: v for k, v in vars(recipe).items() if k not in ignored
+    }
     with torch.device('meta'):
         model = timm.create_model(models.resolve_model_name(args.model), **args.model_kwargs)
     assert [type(stage.blocks[0].attn) for stage in model.layers] == [models.ATTENTION_TYPES[k] for k in expected]
@@ -151,8 +223,9 @@ def test_demo_config_parses():
 
 
 def test_dense_recipes_fill_the_flags_not_given(tmp_path):
-    args = apply_recipe(main_det.get_args_parser().parse(['--config', 'configs/det_maskrcnn_3x.yaml']),
-                        main_det.RECIPES)
+    args = apply_recipe(
+        main_det.get_args_parser().parse(['--config', 'configs/det_maskrcnn_3x.yaml']), main_det.RECIPES
+    )
     assert (args.task, args.epochs, args.lr_steps, args.multiscale) == ('maskrcnn', 36, [27, 33], True)
     assert (args.weight_decay, args.warmup_iters, args.warmup_ratio, args.img_scale) == (0.05, 500, 1e-3, [1333, 800])
     args = apply_recipe(main_seg.get_args_parser().parse(['--task', 'upernet', '--lr', '1e-4']), main_seg.RECIPES)
@@ -196,9 +269,22 @@ def help_entries(text: str) -> dict:
 
 def script_parsers():
     from scripts import ablation, benchmark, export_onnx, flops, plot_logs, rank_analysis, resolution
-    return {module.__name__: module.get_args_parser()
-            for module in (main, main_det, main_seg, ablation, benchmark, export_onnx, flops, plot_logs,
-                           rank_analysis, resolution)}
+
+    return {
+        module.__name__: module.get_args_parser()
+        for module in (
+            main,
+            main_det,
+            main_seg,
+            ablation,
+            benchmark,
+            export_onnx,
+            flops,
+            plot_logs,
+            rank_analysis,
+            resolution,
+        )
+    }
 
 
 def test_help_shows_every_flags_default(capsys):
@@ -219,9 +305,14 @@ def test_help_shows_every_flags_default(capsys):
     seg = help_entries(main_seg.get_args_parser().format_help())
     assert '80000 for semfpn, 160000 for upernet' in seg['--iters']
     for name, parser in script_parsers().items():
-        missing = [flag for flag, entry in help_entries(parser.format_help()).items()
-                   if 'default' not in entry and 'required' not in entry and flag != '-h' and
-                   not parser._option_string_actions[flag].required]
+        missing = [
+            flag
+            for flag, entry in help_entries(parser.format_help()).items()
+            if 'default' not in entry
+            and 'required' not in entry
+            and flag != '-h'
+            and not parser._option_string_actions[flag].required
+        ]
         assert missing == [], name
 
 
@@ -234,8 +325,11 @@ def test_no_parser_takes_an_abbreviation():
 
 def test_hflip_sets_the_training_flip():
     """Digits and text change meaning when flipped: --hflip 0 leaves the flip out."""
+
     def flips(argv):
-        return [t.p for t in build_transform(True, parse(argv)).transforms
-                if isinstance(t, transforms.RandomHorizontalFlip)]
+        return [
+            t.p for t in build_transform(True, parse(argv)).transforms if isinstance(t, transforms.RandomHorizontalFlip)
+        ]
+
     assert flips([]) == [0.5] and flips(['--hflip', '0']) == []
     assert flips(['--hflip', '0.2', '--input-size', '32']) == [0.2]

@@ -9,6 +9,7 @@ SLURM_LOCALID, as srun sets them), stopped the ways a cluster stops them:
 - an error on rank 1 is reported on stderr, with its rank;
 - the same kill and restart of main_seg.py (Semantic FPN) is bit-identical to its uninterrupted run.
 """
+
 import json
 import select
 import signal
@@ -22,9 +23,18 @@ import checkpoints
 import main
 from helpers import ROOT
 from test_dense import TINY_JSON, write_ade
-from train_helpers import (RANDOM, assert_same_training, finish, free_port, kill_at_epoch_boundary, read_log, run_here,
-                           signal_all,
-                           start, torchrun_command)
+from train_helpers import (
+    RANDOM,
+    assert_same_training,
+    finish,
+    free_port,
+    kill_at_epoch_boundary,
+    read_log,
+    run_here,
+    signal_all,
+    start,
+    torchrun_command,
+)
 
 # Each test runs two or three trainings of two processes: up to two minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -36,9 +46,18 @@ ARGS = RANDOM + ['--dist-eval']
 def srun(args, script='main.py', **env):
     """Two processes as srun starts them (one task per process, the rank in SLURM_PROCID)."""
     port = free_port()
-    processes = [start([sys.executable, 'tests/fault_injection.py', script, *map(str, args)], SLURM_PROCID=str(rank),
-                       SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_NODELIST='localhost',
-                       MASTER_PORT=str(port), **env) for rank in (0, 1)]
+    processes = [
+        start(
+            [sys.executable, 'tests/fault_injection.py', script, *map(str, args)],
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS='2',
+            SLURM_LOCALID=str(rank),
+            SLURM_NODELIST='localhost',
+            MASTER_PORT=str(port),
+            **env,
+        )
+        for rank in (0, 1)
+    ]
     return [finish(p) for p in processes]
 
 
@@ -50,7 +69,7 @@ def torchrun(args, script='main.py', **env):
 def reference(tmp_path_factory):
     """Two epochs with two processes under (simulated) srun, never stopped; each process records what it saw."""
     out, spy = tmp_path_factory.mktemp('reference'), tmp_path_factory.mktemp('spy')
-    for code, stdout, stderr in srun(ARGS + ['--output_dir', out], SPY_DIR=str(spy)):
+    for code, _, stderr in srun(ARGS + ['--output_dir', out], SPY_DIR=str(spy)):
         assert code == 0, stderr
         assert 'Grad strides do not match' not in stderr  # DDP's buckets and the gradients agree on their layout
     return out, spy
@@ -65,7 +84,9 @@ def assert_every_process_keeps_freed_memory(spy):
 
 
 def assert_same_run(a, b):
-    assert_same_training(checkpoints.load_checkpoint(a / 'checkpoint.pth'), checkpoints.load_checkpoint(b / 'checkpoint.pth'))
+    assert_same_training(
+        checkpoints.load_checkpoint(a / 'checkpoint.pth'), checkpoints.load_checkpoint(b / 'checkpoint.pth')
+    )
     assert read_log(a) == read_log(b)
 
 
@@ -84,8 +105,9 @@ def test_processes_agree_and_evaluation_counts_each_image_once(reference, tmp_pa
     assert single.returncode == 0, single.stderr
     results = json.loads((tmp_path / 'eval_results.json').read_text())
     last = read_log(out)[-1]
-    assert {k: results[k] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')} == \
-        {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')}
+    assert {k: results[k] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')} == {
+        k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'ema_acc1', 'ema_acc5')
+    }
 
 
 def test_killed_at_an_epoch_boundary_and_restarted_is_bit_identical(reference, tmp_path):
@@ -109,9 +131,11 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
     # the processes agree at the next read of the steps' losses, after step 8 (--print-freq 4).
     code, out, err = finish(torchrun(ARGS + ['--print-freq', '4', '--output_dir', tmp_path], SIGNAL_AT='1:20:SIGTERM'))
     assert code != 0
-    assert stop_lines(err) == [f'[rank 0] stopped: a stop signal (by another process) received during epoch 1; '
-                               f'stopped after 8 of its 16 steps: '
-                               f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'], err
+    assert stop_lines(err) == [
+        f'[rank 0] stopped: a stop signal (by another process) received during epoch 1; '
+        f'stopped after 8 of its 16 steps: '
+        f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'
+    ], err
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 8, 2)
 
@@ -126,8 +150,10 @@ def test_sigterm_to_every_process_and_one_process_continues(tmp_path):
     Then the run continues with one process from the two processes' checkpoint."""
     code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], PREEMPT_AT='20:SIGTERM'))
     assert code != 0
-    assert stop_lines(err) == [f'[rank 0] stopped: SIGTERM received during epoch 1; stopped after 6 of its 16 steps: '
-                               f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'], err
+    assert stop_lines(err) == [
+        f'[rank 0] stopped: SIGTERM received during epoch 1; stopped after 6 of its 16 steps: '
+        f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'
+    ], err
     assert not [line for line in err.splitlines() if line.startswith('[rank') and 'error' in line], err
     assert not [line for line in err.splitlines() if ROOT in line], err  # no traceback of ours
     assert 'Grad strides do not match' not in err
@@ -153,15 +179,43 @@ def test_a_process_that_cannot_read_the_checkpoint_stops_every_process_with_one_
     (tmp_path / 'checkpoint.pth').write_bytes((reference[0] / 'checkpoint.pth').read_bytes())
     (rank0, out0, err0), (rank1, out1, err1) = srun(ARGS + ['--output_dir', tmp_path], FAIL_AT='1:load')
     assert rank0 == rank1 == 2
-    assert err0.strip().splitlines() == [f'[rank 0] error: rank 1: checkpoint {tmp_path / "checkpoint.pth"} does not '
-                                         'exist (every process reads it: on several nodes the output folder must be '
-                                         'shared)']
+    assert err0.strip().splitlines() == [
+        f'[rank 0] error: rank 1: checkpoint {tmp_path / "checkpoint.pth"} does not '
+        'exist (every process reads it: on several nodes the output folder must be '
+        'shared)'
+    ]
     assert err1 == ''
 
 
-SEG_ARGS = ['--task', 'semfpn', '--model', 'RAVLT_T', '--model-kwargs', TINY_JSON, '--num-classes', '3',
-            '--img-scale', '64', '48', '--crop-size', '48', '--device', 'cpu', '--num_workers', '0', '--batch-size', '1',
-            '--lr', '1e-3', '--iters', '6', '--eval-interval', '2', '--print-freq', '100']
+SEG_ARGS = [
+    '--task',
+    'semfpn',
+    '--model',
+    'RAVLT_T',
+    '--model-kwargs',
+    TINY_JSON,
+    '--num-classes',
+    '3',
+    '--img-scale',
+    '64',
+    '48',
+    '--crop-size',
+    '48',
+    '--device',
+    'cpu',
+    '--num_workers',
+    '0',
+    '--batch-size',
+    '1',
+    '--lr',
+    '1e-3',
+    '--iters',
+    '6',
+    '--eval-interval',
+    '2',
+    '--print-freq',
+    '100',
+]
 
 
 def test_segmentation_killed_and_restarted_is_bit_identical(tmp_path):
@@ -186,10 +240,18 @@ def test_a_process_that_fails_alone_and_stays_silent_ends_the_others_within_seco
     and rank 0 reports its line: rank 1 cannot read an image at its first step; rank 0, which holds the
     rendezvous store under srun, finds the disk full when it saves epoch 0 while rank 1 waits for it."""
     port = free_port()
-    processes = [start([sys.executable, 'tests/fault_injection.py', 'main.py', *map(str, ARGS),
-                        '--output_dir', tmp_path], SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank),
-                       SLURM_NODELIST='localhost', MASTER_PORT=str(port), FAIL_AT=f'{failing}:{error}:stay')
-                 for rank in (0, 1)]
+    processes = [
+        start(
+            [sys.executable, 'tests/fault_injection.py', 'main.py', *map(str, ARGS), '--output_dir', tmp_path],
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS='2',
+            SLURM_LOCALID=str(rank),
+            SLURM_NODELIST='localhost',
+            MASTER_PORT=str(port),
+            FAIL_AT=f'{failing}:{error}:stay',
+        )
+        for rank in (0, 1)
+    ]
     try:
         other_code, _, other_err = finish(processes[1 - failing], timeout=300)
         assert processes[failing].poll() is None  # still there, silent
@@ -198,9 +260,11 @@ def test_a_process_that_fails_alone_and_stays_silent_ends_the_others_within_seco
     finally:
         signal_all(processes[failing], signal.SIGKILL)
         processes[failing].communicate()
-    line = {'usage': 'error: cannot read /data/train/n01440764/a.JPEG (injected)',
-            'enospc': f'error: no space left on device ({tmp_path / "checkpoint.pth"}); the checkpoints already on '
-                      'disk are whole'}[error]
+    line = {
+        'usage': 'error: cannot read /data/train/n01440764/a.JPEG (injected)',
+        'enospc': f'error: no space left on device ({tmp_path / "checkpoint.pth"}); the checkpoints already on '
+        'disk are whole',
+    }[error]
     assert other_code == code
     assert f'[rank {failing}] {line}' in failing_err.splitlines()
     if failing == 1:  # rank 0 reports the failure of another process

@@ -1,6 +1,7 @@
 """engine.train_one_epoch in each precision on the CPU, the host reads of its steps (one per --print-freq steps)
 and a non-finite loss; evaluate's exact counts, where the model is; the generators seeded from (seed, epoch,
 rank, position); an EMA kept on the host."""
+
 import math
 import re
 
@@ -36,8 +37,9 @@ def test_training_in_each_precision_on_cpu(amp):
     optimizer = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05)
     scaler = torch.amp.GradScaler('cpu', enabled=amp == 'fp16')
 
-    result = engine.train_one_epoch(model, cross_entropy, loader, optimizer, scaler, CPU, 0,
-                                    amp_dtype=utils.AMP_DTYPES[amp], print_freq=100)
+    result = engine.train_one_epoch(
+        model, cross_entropy, loader, optimizer, scaler, CPU, 0, amp_dtype=utils.AMP_DTYPES[amp], print_freq=100
+    )
 
     assert math.isfinite(result.stats['loss']) and result.stats['lr'] == 1e-3
     assert (result.steps, result.global_step, result.stopped) == (2, 2, False)
@@ -60,8 +62,18 @@ def test_loss_parts_are_logged_beside_the_total_and_a_stop_request_ends_the_epoc
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     requests = iter([True, False, False])
-    result = engine.train_one_epoch(model, two_parts, loader, optimizer, torch.amp.GradScaler('cpu', enabled=False),
-                                    CPU, 3, global_step=30, stop_requested=lambda: next(requests), print_freq=2)
+    result = engine.train_one_epoch(
+        model,
+        two_parts,
+        loader,
+        optimizer,
+        torch.amp.GradScaler('cpu', enabled=False),
+        CPU,
+        3,
+        global_step=30,
+        stop_requested=lambda: next(requests),
+        print_freq=2,
+    )
     assert result.stopped and (result.steps, result.global_step) == (2, 32)  # at the first read after the request
     assert result.stats['loss'] == pytest.approx(result.stats['loss_a'] + result.stats['loss_b'])
     assert result.totals['loss_a'][1] == 2
@@ -82,6 +94,7 @@ def test_evaluate_counts_top1_and_top5_exactly():
 def test_evaluate_runs_where_the_model_is():
     """--model-ema-force-cpu keeps the EMA on the CPU while training runs on CUDA: evaluation moves the images
     to the model, not to the training device. Here: a model on 'meta' receives meta images."""
+
     class Seen(Exception):
         pass
 
@@ -102,22 +115,27 @@ def test_evaluate_runs_where_the_model_is():
 def test_seeded_loading_is_the_same_for_any_worker_count_and_skips_exactly():
     """Each sample's augmentation is seeded from (seed, epoch, rank, position): the same batches whichever
     worker loads them, and a loader that skips the first k positions yields the rest unchanged."""
+
     class Noisy(torch.utils.data.Dataset):
         def __len__(self):
             return 12
 
         def __getitem__(self, i):
             import random
+
             import numpy as np
+
             return torch.tensor([i, torch.rand(()).item(), random.random(), np.random.rand()])
 
     def batches(workers, skip=0):
-        sampler = utils.SeededSampler(torch.utils.data.RandomSampler(range(12), generator=torch.Generator().manual_seed(0)),
-                                      seed=5, rank=1)
+        sampler = utils.SeededSampler(
+            torch.utils.data.RandomSampler(range(12), generator=torch.Generator().manual_seed(0)), seed=5, rank=1
+        )
         sampler.set_epoch(2)
         sampler.skip(skip)
-        loader = torch.utils.data.DataLoader(utils.SeededDataset(Noisy()), sampler=sampler, batch_size=4,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            utils.SeededDataset(Noisy()), sampler=sampler, batch_size=4, num_workers=workers
+        )
         return [b for b in loader]
 
     alone, with_workers, skipped = batches(0), batches(2), batches(0, skip=4)
@@ -141,9 +159,12 @@ def test_a_sample_that_fails_to_load_names_its_file():
         def sample_path(self, i):
             return f'/data/val/{i}.jpg'
 
-    loader = torch.utils.data.DataLoader(utils.SeededDataset(torch.utils.data.Subset(Broken(), [0, 2])),
-                                         sampler=utils.SeededSampler(range(2), 0, 0), batch_size=2,
-                                         collate_fn=utils.collate_or_error(torch.utils.data.default_collate))
+    loader = torch.utils.data.DataLoader(
+        utils.SeededDataset(torch.utils.data.Subset(Broken(), [0, 2])),
+        sampler=utils.SeededSampler(range(2), 0, 0),
+        batch_size=2,
+        collate_fn=utils.collate_or_error(torch.utils.data.default_collate),
+    )
     with pytest.raises(UsageError, match='^/data/val/2.jpg: image file is truncated'):
         engine.check_batch(next(iter(loader)))
 
@@ -152,6 +173,7 @@ class HostReads:
     """Counts the reads of tensor values on the host (Tensor.item, tolist, cpu, numpy, bool, float, int) made while
     `counting`, outside data loading: on CUDA each would wait for the device (a host synchronisation). Data
     loading runs on the host anyway (its tensors are never on the device), so its reads are not counted."""
+
     METHODS = ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__')
 
     def __init__(self, monkeypatch):
@@ -169,6 +191,7 @@ class HostReads:
             if self.counting and not self.loading:
                 self.count += 1
             return original(tensor, *args, **kwargs)
+
         return read
 
     def _loading(self, original):
@@ -178,6 +201,7 @@ class HostReads:
                 return original(loader_or_iterator)
             finally:
                 self.loading -= 1
+
         return load
 
 
@@ -197,9 +221,28 @@ def test_twenty_training_steps_read_the_device_twice_at_print_freq_10(monkeypatc
             reads.counting = False
         epochs.append((result.steps, reads.count))
         return result
+
     monkeypatch.setattr(engine, 'train_one_epoch', counted)
-    args = TINY + ['--data-set', 'FAKE', '--batch-size', '50', '--epochs', '1', '--warmup-epochs', '0',
-                   '--aa', 'none', '--mixup', '0', '--cutmix', '0', '--no-repeated-aug', '--print-freq', '10', *extra]
+    args = TINY + [
+        '--data-set',
+        'FAKE',
+        '--batch-size',
+        '50',
+        '--epochs',
+        '1',
+        '--warmup-epochs',
+        '0',
+        '--aa',
+        'none',
+        '--mixup',
+        '0',
+        '--cutmix',
+        '0',
+        '--no-repeated-aug',
+        '--print-freq',
+        '10',
+        *extra,
+    ]
     result = run_here(main, args + ['--output_dir', tmp_path])
     assert result.returncode == 0, result.stderr
     assert epochs == [(20, 2)]
@@ -240,6 +283,7 @@ def test_an_ema_on_the_host_blends_off_the_training_thread_exactly_as_timm_would
     from timm.utils import ModelEmaV3
 
     from model_ema import HostModelEma
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     kwargs = dict(decay=0.9, use_warmup=True, device=CPU)
@@ -254,6 +298,7 @@ def test_an_ema_on_the_host_blends_off_the_training_thread_exactly_as_timm_would
     def spied_copy(tensor, source, non_blocking=False):
         copies.append((threading.get_ident(), non_blocking))
         return copy_(tensor, source, non_blocking)
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(6):
         model(torch.randn(2, 3, 6, 6)).square().mean().backward()
@@ -273,4 +318,5 @@ def test_an_ema_on_the_host_blends_off_the_training_thread_exactly_as_timm_would
 
 def ema_state(model_ema) -> dict:
     from model_ema import ema_weights
+
     return ema_weights(model_ema).state_dict()

@@ -6,6 +6,7 @@ recipe in play (RandAugment, random erasing, mixup / cutmix, drop path, repeated
 - SIGTERM in the middle of an epoch (exit code 3, a resumable checkpoint, an exact mid-epoch resume);
 - SIGKILL in the middle of a save (the temporary file it leaves is removed at the next start).
 Two processes: tests/test_train_distributed.py."""
+
 import os
 import signal
 
@@ -14,16 +15,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoints
 import main
-from train_helpers import (RANDOM, assert_one_line_error, assert_same_training, read_log,
-                           run_here, run_main)
+from train_helpers import RANDOM, assert_one_line_error, assert_same_training, read_log, run_here, run_main
 
 # Each test runs two or three trainings: up to two minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.usefixtures('one_thread'), pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def run_hooked(output_dir, *extra, **hooks):
-    return run_main(['main.py', *RANDOM, *extra, '--output_dir', output_dir], script='tests/fault_injection.py',
-                    **hooks)
+    return run_main(
+        ['main.py', *RANDOM, *extra, '--output_dir', output_dir], script='tests/fault_injection.py', **hooks
+    )
 
 
 @pytest.fixture(scope='module')
@@ -35,8 +36,9 @@ def uninterrupted(tmp_path_factory):
 
 
 def assert_same_run(reference, out):
-    assert_same_training(checkpoints.load_checkpoint(reference / 'checkpoint.pth'),
-                         checkpoints.load_checkpoint(out / 'checkpoint.pth'))
+    assert_same_training(
+        checkpoints.load_checkpoint(reference / 'checkpoint.pth'), checkpoints.load_checkpoint(out / 'checkpoint.pth')
+    )
     assert read_log(reference) == read_log(out)
     assert [name for name in os.listdir(out) if name.endswith('.tmp')] == []
 
@@ -54,15 +56,25 @@ def test_killed_before_its_log_line_the_epoch_is_logged_once(uninterrupted, tmp_
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [e.step for e in events.Scalars('test/acc1')] == [0, 1]
-    assert [e.value for e in events.Scalars('train/loss')] == pytest.approx([e['train_loss'] for e in read_log(tmp_path)])
+    assert [e.value for e in events.Scalars('train/loss')] == pytest.approx(
+        [e['train_loss'] for e in read_log(tmp_path)]
+    )
 
 
 def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(uninterrupted, tmp_path):
     # The signal comes during step 40 (epoch 1's step 8, 32 steps per epoch); the run stops at the next read of
     # the steps' losses, after step 12 (--print-freq 4, which changes no number of the run).
     stopped = run_hooked(tmp_path, '--print-freq', '4', SIGNAL_AT='0:40:SIGTERM')
-    line = assert_one_line_error(stopped.returncode, stopped.stdout, stopped.stderr, 3, 'stopped: SIGTERM',
-                                 'during epoch 1', 'after 12 of its 32 steps', 'resumes there')
+    line = assert_one_line_error(
+        stopped.returncode,
+        stopped.stdout,
+        stopped.stderr,
+        3,
+        'stopped: SIGTERM',
+        'during epoch 1',
+        'after 12 of its 32 steps',
+        'resumes there',
+    )
     assert str(tmp_path / 'checkpoint.pth') in line
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert saved['epoch'] == 0 and saved['progress']['steps'] == 12 and saved['progress']['global_step'] == 44

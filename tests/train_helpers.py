@@ -1,5 +1,6 @@
 """Shared by the training tests: a tiny RAVLT on 32 px inputs, running the entry points as commands (one
 process, torchrun, simulated srun), killing them as a cluster does, and checks of outputs."""
+
 import contextlib
 import io
 import json
@@ -15,27 +16,86 @@ import torch
 
 from helpers import ROOT
 
-TINY_MODEL_KWARGS = {'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4],
-                     'projection_dim': 64}
+TINY_MODEL_KWARGS = {
+    'embed_dims': [16, 32, 64, 128],
+    'depths': [1, 1, 1, 1],
+    'num_heads': [1, 1, 2, 4],
+    'projection_dim': 64,
+}
 # A tiny RAVLT-T on the CPU, one process, no data-loading workers.
-TINY = ['--model', 'RAVLT_T', '--model-kwargs', json.dumps(TINY_MODEL_KWARGS), '--input-size', '32',
-        '--device', 'cpu', '--num_workers', '0', '--print-freq', '100']
+TINY = [
+    '--model',
+    'RAVLT_T',
+    '--model-kwargs',
+    json.dumps(TINY_MODEL_KWARGS),
+    '--input-size',
+    '32',
+    '--device',
+    'cpu',
+    '--num_workers',
+    '0',
+    '--print-freq',
+    '100',
+]
 # DIGITS without the ImageNet augmentations, at 1e-3 (0.016 * 32 / 512).
-DIGITS = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--lr', '0.016', '--warmup-epochs', '0',
-                 '--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
-                 '--no-repeated-aug', '--model-ema-warmup', '--save-freq', '0']
+DIGITS = TINY + [
+    '--data-set',
+    'DIGITS',
+    '--batch-size',
+    '32',
+    '--lr',
+    '0.016',
+    '--warmup-epochs',
+    '0',
+    '--aa',
+    'none',
+    '--reprob',
+    '0',
+    '--mixup',
+    '0',
+    '--cutmix',
+    '0',
+    '--smoothing',
+    '0',
+    '--no-repeated-aug',
+    '--model-ema-warmup',
+    '--save-freq',
+    '0',
+]
 # FAKE (1,024 random 32 px images) with every random draw of the authors' recipe: RandAugment (python's
 # generator), random erasing (torch's), mixup / cutmix (numpy's), drop path (torch's), repeated augmentation.
-RANDOM = TINY + ['--data-set', 'FAKE', '--batch-size', '32', '--epochs', '2', '--warmup-epochs', '1',
-                 '--drop-path', '0.2', '--save-freq', '0', '--model-ema-warmup']
+RANDOM = TINY + [
+    '--data-set',
+    'FAKE',
+    '--batch-size',
+    '32',
+    '--epochs',
+    '2',
+    '--warmup-epochs',
+    '1',
+    '--drop-path',
+    '0.2',
+    '--save-freq',
+    '0',
+    '--model-ema-warmup',
+]
 
 
 def command_env(**extra) -> dict:
     """The environment for a child process: one thread per process (the cores are shared), the repository
     importable, and no launcher variables of the test's own."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, **extra)
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID',
-                 'SLURM_STEP_NUM_TASKS', 'MASTER_ADDR', 'MASTER_PORT'):
+    for name in (
+        'RANK',
+        'WORLD_SIZE',
+        'LOCAL_RANK',
+        'SLURM_PROCID',
+        'SLURM_NTASKS',
+        'SLURM_LOCALID',
+        'SLURM_STEP_NUM_TASKS',
+        'MASTER_ADDR',
+        'MASTER_PORT',
+    ):
         if name not in extra:
             env.pop(name, None)
     return env
@@ -43,8 +103,14 @@ def command_env(**extra) -> dict:
 
 def run_main(args, timeout: int = 300, script: str = 'main.py', **env) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` from the repository root."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=command_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=ROOT,
+        env=command_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_here(entry_point, args):
@@ -52,6 +118,7 @@ def run_here(entry_point, args):
     under command_env (the error policy included, one thread) but without starting an interpreter: a result
     with the returncode, stdout and stderr a CompletedProcess has."""
     from cli import run_cli
+
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -71,14 +138,29 @@ def free_port() -> int:
 
 
 def torchrun_command(nproc: int, script: str, args) -> list:
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-            '--monitor-interval=0.1', script, *map(str, args)]
+    return [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        f'--nproc_per_node={nproc}',
+        '--monitor-interval=0.1',
+        script,
+        *map(str, args),
+    ]
 
 
 def start(command, **env) -> subprocess.Popen:
     """A command in a process group of its own (killed together, as a cluster kills a job); output merged."""
-    return subprocess.Popen(command, cwd=ROOT, env=command_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=command_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def descendants(pid: int) -> list:
