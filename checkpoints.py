@@ -28,7 +28,7 @@ import torch
 
 import models
 from errors import UsageError, first_line
-from utils import atomic_file
+from utils import atomic_file, sync_folder
 
 # The anchor of RAVLT weights inside any checkpoint: the stem's first conv.
 BACKBONE_ANCHOR = 'patch_embed.proj.0.weight'
@@ -66,11 +66,7 @@ def _place(source, path):
     except BaseException:
         os.remove(link)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    sync_folder(directory)  # the rename itself survives a crash
 
 
 def load_checkpoint(path, map_location='cpu', mmap: bool = False) -> dict:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from math import prod
 from typing import Optional
 
@@ -151,6 +151,15 @@ class Settings:
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
+
+    @classmethod
+    def from_args(cls, args, **values) -> 'Settings':
+        """The settings a script's flags give (those of its flags named as a field here), `values` overriding
+        them; checked."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        settings = cls(**{**given, **values})
+        settings.check()
+        return settings
 
     def check(self):
         if self.device == 'cuda' and not torch.cuda.is_available():

@@ -117,11 +117,16 @@ def _replacing(target: str, named: str, mode: str):
         if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), named) from None
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
+    sync_folder(directory)  # the rename itself survives a crash
+
+
+def sync_folder(directory: str):
+    """fsync a folder: the renames and links made in it survive a crash."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 @contextlib.contextmanager

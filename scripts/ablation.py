@@ -135,15 +135,7 @@ def with_kind(name: str, model_kwargs, kind: str) -> dict:
 def measure_cost(args, kinds) -> tuple:
     """({kind: cost}, settings line): params and FLOPs, then every kind's eval and train step in one benchmark."""
     size = (args.input_size[0], args.input_size[-1])
-    settings = Settings(
-        batch_size=args.batch_size,
-        input_size=size,
-        threads=args.threads,
-        warmup=args.warmup,
-        iters=args.iters,
-        memory=True,
-        seed=args.seed,
-    )
+    settings = Settings.from_args(args, input_size=size, memory=True)
     cost, contenders = {}, []
     for kind in kinds:
         kwargs = with_kind(args.model, args.model_kwargs, kind)

@@ -133,21 +133,7 @@ def contenders_of(args) -> list:
 
 def settings_of(args) -> Settings:
     size = args.input_size * 2 if len(args.input_size) == 1 else args.input_size  # one number: a square
-    settings = Settings(
-        batch_size=args.batch_size,
-        input_size=size,
-        device=args.device,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        threads=args.threads,
-        warmup=args.warmup,
-        iters=args.iters,
-        memory=args.memory,
-        seed=args.seed,
-        authors_file=args.authors_file,
-        authors_path_extra=args.authors_path_extra,
-    )
-    settings.check()
+    settings = Settings.from_args(args, input_size=size)
     if args.iters == 0 and not args.memory:
         raise UsageError('--iters 0 measures nothing without --memory')
     if 'onnxruntime' in args.backend and (args.device != 'cpu' or args.amp != 'none'):

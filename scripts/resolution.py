@@ -97,19 +97,7 @@ def parse_size(text: str) -> tuple:
 
 
 def settings_at(args, size) -> Settings:
-    settings = Settings(
-        batch_size=args.batch_size,
-        input_size=size,
-        threads=args.threads,
-        warmup=args.warmup,
-        iters=args.iters,
-        memory=args.memory,
-        seed=args.seed,
-        authors_file=args.authors_file,
-        authors_path_extra=args.authors_path_extra,
-    )
-    settings.check()
-    return settings
+    return Settings.from_args(args, input_size=size)
 
 
 def sweep(labels, sizes, args, authors_module=None, models=MODELS) -> list:
