@@ -216,7 +216,9 @@ class Trainer:
         try:
             yield
         except OSError as e:
-            path = e.filename or self.run.output.file(name)
+            # A rename names its target second; a file of ours is named, never the temporary one beside it.
+            named = [f for f in (e.filename2, e.filename) if f and not os.path.basename(str(f)).startswith('.')]
+            path = named[0] if named else self.run.output.file(name)
             raise RunFailure(
                 f'cannot write {path} ({(e.strerror or str(e)).lower()}); {self._resume_point_on_disk()}'
             ) from None

@@ -58,7 +58,9 @@ def test_eval_with_compile_gives_the_eager_evaluation(compiled_run, tmp_path):
     for name, extra in (('eager', []), ('compiled', ['--compile'])):
         result = run_here(main, DIGITS + ['--eval', '--resume', compiled_run / 'checkpoint.pth', *extra])
         assert result.returncode == 0, result.stderr
-        results[name] = [line for line in result.stdout.splitlines() if line.startswith(('Weights:', 'EMA weights:'))]
+        results[name] = [
+            line for line in result.stdout.splitlines() if line.startswith(('* Weights:', '* EMA weights:'))
+        ]
     assert len(results['eager']) == 2
 
     def numbers(lines):
@@ -69,14 +71,16 @@ def test_eval_with_compile_gives_the_eager_evaluation(compiled_run, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_with_compile_resumes_bit_identical(compiled_run, tmp_path):
-    # SIGTERM during step 50 (epoch 1's step 6): the run stops after the next step with a resumable checkpoint.
+    # SIGTERM during step 50 (epoch 1's step 6): the run stops at the next read of the steps' losses, after step
+    # 52 (--print-freq 4, which changes no number of the run), with a resumable checkpoint.
     stopped = run_main(
-        ['main.py', *ARGS, '--compile', '--output_dir', tmp_path],
+        ['main.py', *ARGS, '--compile', '--print-freq', '4', '--output_dir', tmp_path],
         script='tests/fault_injection.py',
         timeout=1800,
         SIGNAL_AT='0:50:SIGTERM',
     )
     assert stopped.returncode == 3, stopped.stderr
+    assert checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')['progress']['steps'] == 8  # mid-epoch
     resumed = run_here(main, ARGS + ['--compile', '--output_dir', tmp_path])
     assert resumed.returncode == 0, resumed.stderr
     assert 'Resumed from' in resumed.stdout
@@ -87,12 +91,12 @@ def test_sigterm_mid_epoch_with_compile_resumes_bit_identical(compiled_run, tmp_
     assert read_log(compiled_run) == read_log(tmp_path)
 
 
-def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(monkeypatch, tmp_path):
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(tmp_path):
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, 'cxx', (None, 'no-such-compiler'))
     out = tmp_path / 'out'
-    result = run_here(main, DIGITS + ['--compile', '--output_dir', out])
+    with config.patch({'cpp.cxx': (None, 'no-such-compiler')}):  # restored after (monkeypatch would delete it)
+        result = run_here(main, DIGITS + ['--compile', '--output_dir', out])
     assert_one_line_error(
         result.returncode,
         result.stdout,

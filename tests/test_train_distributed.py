@@ -148,17 +148,19 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exact
 def test_sigterm_to_every_process_and_one_process_continues(tmp_path):
     """As a cluster preempts a job: SIGTERM to the launcher and every worker, during the run's step 20 (epoch 1).
     Then the run continues with one process from the two processes' checkpoint."""
-    code, out, err = finish(torchrun(ARGS + ['--output_dir', tmp_path], PREEMPT_AT='20:SIGTERM'))
+    # The signal arrives before step 20 (epoch 1's step 4); the processes agree on it at the next read of the
+    # steps' losses, after 8 steps (--print-freq 4).
+    code, out, err = finish(torchrun(ARGS + ['--print-freq', '4', '--output_dir', tmp_path], PREEMPT_AT='20:SIGTERM'))
     assert code != 0
     assert stop_lines(err) == [
-        f'[rank 0] stopped: SIGTERM received during epoch 1; stopped after 6 of its 16 steps: '
+        f'[rank 0] stopped: SIGTERM received during epoch 1; stopped after 8 of its 16 steps: '
         f'{tmp_path / "checkpoint.pth"} resumes there (run the same command again)'
     ], err
     assert not [line for line in err.splitlines() if line.startswith('[rank') and 'error' in line], err
     assert not [line for line in err.splitlines() if ROOT in line], err  # no traceback of ours
     assert 'Grad strides do not match' not in err
     saved = checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
-    assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 6, 2)
+    assert (saved['epoch'], saved['progress']['steps'], saved['world_size']) == (0, 8, 2)
 
     # Another process count cannot continue that epoch exactly: it restarts the epoch.
     result = run_here(main, ARGS + ['--output_dir', tmp_path])
@@ -262,8 +264,8 @@ def test_a_process_that_fails_alone_and_stays_silent_ends_the_others_within_seco
         processes[failing].communicate()
     line = {
         'usage': 'error: cannot read /data/train/n01440764/a.JPEG (injected)',
-        'enospc': f'error: no space left on device ({tmp_path / "checkpoint.pth"}); the checkpoints already on '
-        'disk are whole',
+        'enospc': f'error: cannot write {tmp_path / "checkpoint.pth"} (no space left on device); no checkpoint was '
+        'written yet',
     }[error]
     assert other_code == code
     assert f'[rank {failing}] {line}' in failing_err.splitlines()
