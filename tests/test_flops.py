@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cli import run_cli
 from scripts import flops
 
 pytestmark = pytest.mark.slow  # fvcore traces of full-size models
@@ -59,17 +60,27 @@ def test_model_kwargs_all_linear():
     assert flops.format_table(rows, modified=True).splitlines()[-1].endswith('| - | - |')
 
 
-def test_cli_rejects_bad_arguments():
-    for args, message in (
+@pytest.mark.parametrize(
+    'args, message',
+    [
         (['--model', 'RAVLT_X'], 'unknown model(s) RAVLT_X'),
         (['--input-size', '0'], '--input-size takes one or two positive integers'),
         (['--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t with --model-kwargs'),
         (['--input-size', '224', '224', '224'], '--input-size takes one or two positive integers'),
-    ):
-        result = subprocess.run([sys.executable, 'scripts/flops.py', *args], capture_output=True, text=True)
-        assert result.returncode == 2
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], result.stderr
+    ],
+)
+def test_cli_rejects_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(flops.main, args)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_the_script_exits_with_one_line():
+    result = subprocess.run([sys.executable, 'scripts/flops.py', '--model', 'RAVLT_X'], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and 'unknown model(s) RAVLT_X' in lines[0], result.stderr
 
 
 def test_ablation_kinds_share_one_flops_table():
