@@ -1,112 +1,98 @@
-"""Processes: how torchrun or srun launched this one, the process group, the collectives the run uses, and the
-watch that ends every process when one fails alone.
+"""Processes: how torchrun or srun launched this one, its device, the process group, and the few collectives the
+run uses. Every collective is a no-op with one process, so the same code runs with one process or many.
 
-Every collective here is a no-op with one process, so the same code runs with one process or many."""
+When a process fails it exits at once (cli.one_line_errors); the launcher ends the others: torchrun's agent
+stops every worker when one exits non-zero, `srun --kill-on-bad-exit=1` every task (docs/clusters.md)."""
 
 import builtins
 import datetime
 import os
 import re
-import threading
-import time
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from errors import EXIT_FAILURE, UsageError, report_line
+from errors import UsageError
 
 
-def first_slurm_host(nodelist: str) -> Optional[str]:
+def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list ('gpu[03-05,9],cpu1' -> 'gpu03')."""
-    found = re.match(r'([^\[,]+)(?:\[([^\],]+))?', nodelist.strip())
-    if not found:
-        return None
-    prefix, ranges = found.groups()
+    prefix, ranges = re.match(r'([^\[,]+)(?:\[([^\],]+))?', nodelist.strip()).groups()
     return prefix + (ranges.split('-')[0] if ranges else '')
 
 
 def launch_environment(env=None) -> dict:
-    """RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR / MASTER_PORT) of this process: from torchrun, or from
-    srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), as DeiT reads them."""
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT of this process: torchrun's variables, else srun's
+    (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; the rendezvous on the step's first node, at a port
+    derived from the job id unless MASTER_PORT is set), else one process."""
     env = os.environ if env is None else env
-    if 'RANK' in env and 'WORLD_SIZE' in env:
-        return {k: env[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') if k in env}
-    tasks = int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', 1)))
-    if 'SLURM_PROCID' not in env or tasks <= 1:
+    if 'RANK' in env or 'WORLD_SIZE' in env:
+        missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in env]
+        if missing or not (env['RANK'].isdigit() and env['WORLD_SIZE'].isdigit()):
+            raise UsageError(
+                f'RANK={env.get("RANK")} WORLD_SIZE={env.get("WORLD_SIZE")} are set but not by a launcher '
+                f'({", ".join(missing) or "not numbers"}): unset them to run one process, or start with torchrun'
+            )
+        return {k: env.get(k, '0') for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    if 'SLURM_STEP_NUM_TASKS' not in env:
+        if int(env.get('SLURM_NTASKS', 1)) > 1:  # a batch script that runs python itself: one process
+            raise UsageError(
+                f'SLURM_NTASKS is {env["SLURM_NTASKS"]} but this process was not started by srun: start one '
+                'process per task with `srun python ...` (or torchrun), or ask SLURM for one task'
+            )
         return {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0'}
-    address = env.get('MASTER_ADDR') or first_slurm_host(env.get('SLURM_STEP_NODELIST', env.get('SLURM_NODELIST', '')))
-    if not address:
-        raise UsageError(
-            'under srun, set MASTER_ADDR to the first node of the job (e.g. export MASTER_ADDR=$(scontrol '
-            'show hostnames "$SLURM_JOB_NODELIST" | head -n 1)), or launch with torchrun'
-        )
+    nodes = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST', '')
     return {
         'RANK': env['SLURM_PROCID'],
-        'WORLD_SIZE': str(tasks),
+        'WORLD_SIZE': env['SLURM_STEP_NUM_TASKS'],
         'LOCAL_RANK': env.get('SLURM_LOCALID', '0'),
-        'MASTER_ADDR': address,
-        'MASTER_PORT': env.get('MASTER_PORT', '29500'),
+        'MASTER_ADDR': env.get('MASTER_ADDR') or first_slurm_host(nodes),
+        # Two jobs whose first node is the same must not meet at one port.
+        'MASTER_PORT': env.get('MASTER_PORT') or str(20000 + int(env.get('SLURM_JOB_ID', 0)) % 20000),
     }
 
 
 def cuda_device_index(local_rank: int, count: int) -> int:
     """The GPU of a process among the `count` it sees: its local rank's, or the only one it sees when the launcher
-    gives each process its own (srun --gpus-per-task=1 or --gpu-bind, a site's cgroups)."""
+    gives each process its own (srun --gpus-per-task=1, a site's cgroups)."""
     if local_rank < count:
         return local_rank
     if count == 1:
         return 0
     raise UsageError(
-        f'local rank {local_rank} but this process sees {count} GPUs: start one process per GPU '
-        '(torchrun --nproc_per_node, srun --ntasks-per-node), or let each process see one GPU '
-        '(srun --gpus-per-task=1)'
+        f'local rank {local_rank} but this process sees {count} GPUs: start one process per GPU, or let each '
+        'process see one GPU (srun --gpus-per-task=1)'
     )
 
 
 def init_distributed(args):
-    """Sets args.rank, world_size, local_rank, distributed, device (a torch.device) and dist_backend, and under
-    torchrun or srun the process group (--dist-backend: NCCL on CUDA, gloo on the CPU, by default) with the
-    --dist-timeout, and the watch on the other processes (PeerWatch). Then only rank 0 prints."""
+    """Sets args.rank, world_size, device and dist_backend; with several processes the process group (NCCL on
+    CUDA, gloo on the CPU unless --dist-backend) with --dist-timeout. Then only rank 0 prints."""
     launch = launch_environment()
-    os.environ.update(launch)  # torch's env:// initialisation and our error lines read them
+    os.environ.update(launch)  # torch's env:// initialisation reads them
     args.rank, args.world_size = int(launch['RANK']), int(launch['WORLD_SIZE'])
-    args.local_rank = int(launch.get('LOCAL_RANK', 0))
-    args.distributed = args.world_size > 1
-    requested = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if requested == 'cuda':
+    if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda':
         if not torch.cuda.is_available():
             raise UsageError('--device cuda was asked for but CUDA is not available; use --device cpu')
-        index = cuda_device_index(args.local_rank, torch.cuda.device_count())
+        index = cuda_device_index(int(launch['LOCAL_RANK']), torch.cuda.device_count())
         torch.cuda.set_device(index)
         args.device = torch.device('cuda', index)
     else:
         args.device = torch.device('cpu')
-    backend = getattr(args, 'dist_backend', None) or ('nccl' if args.device.type == 'cuda' else 'gloo')
-    if backend == 'nccl' and args.device.type != 'cuda':
-        raise UsageError('--dist-backend nccl needs CUDA tensors: use --device cuda, or gloo on the CPU')
-    args.dist_backend = backend
-    if args.distributed:
+    args.dist_backend = args.dist_backend or ('nccl' if args.device.type == 'cuda' else 'gloo')
+    if args.dist_backend == 'nccl' and args.device.type != 'cuda':
+        raise UsageError('--dist-backend nccl needs CUDA: use --device cuda, or gloo on the CPU')
+    if args.world_size > 1:
         dist.init_process_group(
-            backend=backend,
-            init_method='env://',
-            world_size=args.world_size,
-            rank=args.rank,
+            backend=args.dist_backend,
             timeout=datetime.timedelta(minutes=args.dist_timeout),
-            device_id=args.device if backend == 'nccl' else None,
+            device_id=args.device if args.dist_backend == 'nccl' else None,
         )
-        watch_peers(args.rank, args.world_size)
-        silence_unless_main()
-        if (
-            int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0))
-            and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
-        ):
-            print(
-                'warning: with torchrun --max-restarts, also set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: restarted '
-                "workers can otherwise read the killed workers' addresses from torchrun's store and hang "
-                '(pytorch/pytorch#135712)'
-            )
+        if args.rank != 0:  # errors still reach stderr (cli.one_line_errors)
+            builtins.print = lambda *a, **k: None
+            warnings.filterwarnings('ignore')
 
 
 def is_distributed() -> bool:
@@ -125,47 +111,19 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def backend() -> Optional[str]:
-    """The process group's backend ('nccl', 'gloo'), None with one process."""
-    return dist.get_backend() if is_distributed() else None
-
-
-def cleanup_distributed():
-    """Count this process out of the watch on the others (see PeerWatch) and destroy the process group if one was
-    initialised."""
-    global _peer_watch
-    watch, _peer_watch = _peer_watch, None
-    if watch is not None:
-        watch.leave()
-    if is_distributed():
-        dist.destroy_process_group()
-
-
-def silence_unless_main():
-    """Only rank 0 prints progress (errors go to stderr directly, from every rank: see cli.run_cli)."""
-    if not is_main_process():
-        builtins.print = lambda *a, **k: None
-        warnings.filterwarnings('ignore')
-
-
 def _collective_device() -> torch.device:
-    """Where collective tensors must live: NCCL needs CUDA tensors, gloo CPU ones."""
-    if dist.get_backend() == 'nccl':
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
 
 
 def all_reduce_sum(values) -> list:
-    """Sum numbers over all processes (identity with one process): a list of numbers, or a tensor, which is read
-    on the host once, after the sum (a device tensor: one host synchronisation)."""
-    if not isinstance(values, torch.Tensor):
-        if get_world_size() == 1:
-            return list(values)
-        values = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    elif get_world_size() > 1:
+    """Numbers (a list, or a tensor read on the host once, after the sum) summed over the processes."""
+    if get_world_size() == 1:
+        return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if isinstance(values, torch.Tensor):
         values = values.to(_collective_device())
-    if get_world_size() > 1:
-        dist.all_reduce(values)
+    else:
+        values = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(values)
     return values.tolist()
 
 
@@ -187,166 +145,30 @@ def gather_objects(obj) -> Optional[list]:
     return gathered
 
 
-def first_error(error: Optional[str]) -> Optional[str]:
-    """Processes that must stop together when any of them failed: `error` is this process's one-line problem
-    or None; every process gets the first process's problem (naming its rank when there are several), or None."""
+def agree(error: Optional[str]):
+    """A check every process makes (its one-line problem or None): all stop together with the first problem,
+    which rank 0 reports, or all go on."""
     errors = [error]
     if get_world_size() > 1:
         errors = [None] * get_world_size()
         dist.all_gather_object(errors, error)
     failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if not failed:
-        return None
-    rank, message = failed[0]
-    return message if len(errors) == 1 else f'rank {rank}: {message}'
+    if failed:
+        rank, message = failed[0]
+        raise UsageError(message if len(errors) == 1 else f'rank {rank}: {message}', everywhere=True)
 
 
-def agree(error: Optional[str]):
-    """Every process stops together, with the same one line (rank 0 prints it), when any of them failed."""
-    message = first_error(error)
-    if message is not None:
-        raise UsageError(message, everywhere=True)
-
-
-def wait_for_main_process():
-    """The other processes wait here, explicitly, while rank 0 works alone (scoring COCO, writing
-    checkpoints); the wait is bounded by the process group's timeout (--dist-timeout)."""
+def barrier():
+    """The other processes wait here while rank 0 works alone (writing checkpoints, scoring COCO), at most
+    --dist-timeout."""
     if get_world_size() > 1:
         dist.barrier()
 
 
 def broadcast_buffers(*modules: torch.nn.Module):
-    """Give every process rank 0's buffers (BatchNorm statistics). Without SyncBatchNorm (not available
-    on the CPU) each process ends an epoch with the statistics of its own last batch."""
-    if get_world_size() == 1:
-        return
-    for module in modules:
-        for buffer in module.buffers():
-            dist.broadcast(buffer.data, src=0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# When one process fails alone
-# ----------------------------------------------------------------------------------------------------
-
-
-class PeerWatch:
-    """Ends this process within seconds of another one failing alone (an unreadable image, out of memory, a full
-    disk on rank 0), with that process's exit code; rank 0 reports its line. Without it the others would wait in
-    a collective: NCCL does not notice a dead or silent peer on the same node, and they would hang for
-    --dist-timeout, then abort.
-
-    The processes tell each other through the launcher's rendezvous store (torchrun's agent; rank 0 under srun),
-    on a connection of their own: a failing process posts (rank, exit code, line) there, and a thread here polls
-    it every `poll_seconds`. Losing the store (its host died) ends this process too. At the end every process
-    counts itself out, and rank 0, which holds the store under srun, waits (at most `leave_seconds`) until all
-    have, so that none loses the store while it still reads it."""
-
-    FAILURE, LEFT = 'failure', 'left'
-
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        address: str,
-        port: int,
-        prefix: str,
-        poll_seconds: float = 1.0,
-        leave_seconds: float = 10.0,
-    ):
-        self.rank, self.world_size = rank, world_size
-        self.poll_seconds, self.leave_seconds = poll_seconds, leave_seconds
-        client = dist.TCPStore(address, port, is_master=False, timeout=datetime.timedelta(seconds=30))
-        self.store = dist.PrefixStore(prefix, client)
-        self.ending = threading.RLock()  # taken by whichever ends this process: the main thread or the watch
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name='peer-watch', daemon=True)
-        self.thread.start()
-
-    def posted(self) -> Optional[Tuple[int, int, str]]:
-        """(rank, exit code, line) of the first process that failed alone, or None."""
-        if not self.store.check([self.FAILURE]):
-            return None
-        rank, code, line = self.store.get(self.FAILURE).decode().split('\n', 2)
-        return int(rank), int(code), line
-
-    def _watch(self):
-        while not self.stopped.wait(self.poll_seconds):
-            try:
-                failure = self.posted()
-            except RuntimeError:  # the store's host is gone (DistNetworkError)
-                if self.stopped.is_set():
-                    return
-                failure = (
-                    None,
-                    EXIT_FAILURE,
-                    'error: lost contact with the other processes (the rendezvous store, '
-                    'on rank 0 or the launcher, is gone: see their output)',
-                )
-            if failure is None or failure[0] == self.rank:
-                continue
-            if not self.ending.acquire(blocking=False):
-                return  # the main thread is ending this process itself
-            rank, code, line = failure
-            if rank is None and self.rank == 1 or rank is not None and self.rank == 0:
-                label, _, text = line.partition(': ')
-                report_line(f'{label}: rank {rank}: {text}' if rank is not None else line)
-            self._leave()
-            os._exit(code)
-
-    def _leave(self):
-        try:
-            left = self.store.add(self.LEFT, 1)
-            deadline = time.monotonic() + self.leave_seconds
-            while self.rank == 0 and left < self.world_size and time.monotonic() < deadline:
-                time.sleep(0.05)
-                left = self.store.add(self.LEFT, 0)
-        except RuntimeError:
-            pass  # the store is gone: nobody is left to read it
-
-    def end(self, failure: Optional[Tuple[int, str]] = None):
-        """The main thread ends this process (then `leave`s); `failure` (exit code, line) when it failed alone: the
-        other processes end with it (the first failure posted is the one they report)."""
-        self.ending.acquire()  # if the watch holds it, it is ending the process: this waits for the exit
-        self.stopped.set()
-        if failure is not None:
-            try:
-                self.store.compare_set(self.FAILURE, '', f'{self.rank}\n{failure[0]}\n{failure[1]}')
-            except RuntimeError:
-                pass
-
-    def leave(self):
-        """Count this process out (rank 0 waits for the others: see the class)."""
-        self.end()
-        self._leave()
-
-
-_peer_watch: Optional[PeerWatch] = None
-
-
-def watch_peers(rank: int, world_size: int):
-    """Start the PeerWatch of this process (under torchrun or srun: MASTER_ADDR and MASTER_PORT name the store)."""
-    global _peer_watch
-    if 'MASTER_ADDR' in os.environ and 'MASTER_PORT' in os.environ:
-        attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')  # torchrun's store outlives a restart
-        _peer_watch = PeerWatch(
-            rank, world_size, os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), f'ravlt/peers/{attempt}'
-        )
-
-
-def peer_failure() -> Optional[Tuple[int, int, str]]:
-    """(rank, exit code, line) of another process that failed alone, or None."""
-    if _peer_watch is None:
-        return None
-    try:
-        failure = _peer_watch.posted()
-    except RuntimeError:
-        return None
-    return failure if failure is not None and failure[0] != get_rank() else None
-
-
-def end_process(failure: Optional[Tuple[int, str]] = None):
-    """This process ends (cli.run_cli calls it before it reports anything); `failure` (exit code, line) when it
-    failed alone, so that the others end too. cleanup_distributed then counts it out."""
-    if _peer_watch is not None:
-        _peer_watch.end(failure)
+    """Rank 0's buffers (BatchNorm statistics) on every process: without SyncBatchNorm (gloo) each process ends an
+    epoch with its own."""
+    if get_world_size() > 1:
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)

@@ -1,5 +1,5 @@
-"""What main_det.py and main_seg.py share: the optimizer as the authors' mmcv configs build it, and COCO and
-mIoU evaluation (the training epoch is engine.train_one_epoch, shared with classification)."""
+"""What main_det.py and main_seg.py share: their flags and recipes, the optimizer as the authors' mmcv configs build
+it, and COCO and mIoU evaluation (the training epoch is engine.train_one_epoch, shared with classification)."""
 
 import contextlib
 import io
@@ -16,9 +16,10 @@ from timm.optim import create_optimizer_v2
 
 import distributed
 import utils
-from engine import evaluation_batches, optimizer_options, to_device
+from cli import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from engine import optimizer_options, to_device
+from errors import UsageError
 from models.dense import dense_backbone
-from utils import autocast
 
 COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
@@ -46,10 +47,46 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, norm_no_decay:
     )
 
 
-def layout_probe(model: torch.nn.Module):
-    """What model_factory.match_gradient_layouts runs once before training: the backbone (where parameters are
-    used in ways whose gradient layout varies) on a small image."""
-    return dense_backbone(model), torch.zeros(1, 3, 64, 64)
+def add_dense_arguments(parser, training, recipes: dict):
+    """--task, --pretrained and the flags each task's recipe sets; left at None they take the recipe's value, which
+    --help shows per task. `training`: the parser's training group."""
+    parser.add_argument('--task', default=next(iter(recipes)), choices=list(recipes))
+    training.add_argument(
+        '--pretrained',
+        default='',
+        help="backbone weights: an ImageNet checkpoint (ours or the authors') or the authors' mmdet / mmseg checkpoint",
+    )
+    training.add_argument('--lr', type=POSITIVE, default=None, help='learning rate (not scaled with the batch)')
+    training.add_argument('--weight-decay', type=NON_NEGATIVE, default=None)
+    training.add_argument('--warmup-iters', type=NON_NEGATIVE_INT, default=None, help='linear warm-up steps')
+    training.add_argument('--warmup-ratio', type=FRACTION, default=None, help='warm-up starts at lr * this')
+
+
+def show_recipe_defaults(parser, recipes: dict):
+    """--help gives each recipe flag's default per --task (call once every flag is added)."""
+    for action in parser._actions:
+        values = {task: str(recipe[action.dest]) for task, recipe in recipes.items() if action.dest in recipe}
+        if values and action.default is None:
+            text = ', '.join(f'{v} for {task}' for task, v in values.items())
+            action.help = f"{action.help or ''} (default: {text}, the --task recipe's)".lstrip()
+
+
+def apply_recipe(args, recipes: dict):
+    """Flags left at None take their task's recipe value."""
+    for key, value in recipes[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def check_img_scale(img_scale):
+    """(long, short) of --img-scale, LONG SHORT as mmdet / mmseg configs write it; the reverse order is refused."""
+    long, short = img_scale
+    if long < short:
+        raise UsageError(
+            f'--img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for ADE20K), got {long} '
+            f'{short}: did you mean {short} {long}?'
+        )
+    return long, short
 
 
 def coco_results(output: dict, image_id: int, category_of: Callable[[int], int]) -> List[dict]:
@@ -105,9 +142,10 @@ def coco_metrics(coco_gt: COCO, results: List[dict], iou_types) -> Dict[str, Opt
 def evaluate_coco(
     model: torch.nn.Module,
     data_loader: Iterable,
+    amp_dtype: Optional[torch.dtype] = None,
+    *,
     dataset,
     iou_types,
-    amp_dtype: Optional[torch.dtype] = None,
     print_freq: int = 50,
 ) -> Dict[str, Optional[float]]:
     """COCO AP of a torchvision detector on `data_loader` (a share per process when distributed), where the
@@ -115,8 +153,9 @@ def evaluate_coco(
     model.eval()
     device = utils.module_device(model)
     results = []
-    for images, targets in evaluation_batches(utils.MetricLogger().log_every(data_loader, print_freq, 'Test:')):
-        with autocast(device, amp_dtype):
+    for batch in utils.MetricLogger().log_every(data_loader, print_freq, 'Test:'):
+        images, targets = utils.checked(batch)
+        with utils.autocast(device, amp_dtype):
             outputs = model(to_device(images, device))
         for output, target in zip(outputs, targets):
             results += coco_results(output, target['image_id'], dataset.category_of)
@@ -147,9 +186,10 @@ def miou_metrics(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> Dict[s
 def evaluate_segmentation(
     model: torch.nn.Module,
     data_loader: Iterable,
+    amp_dtype: Optional[torch.dtype] = None,
+    *,
     num_classes: int,
     ignore_index: int,
-    amp_dtype: Optional[torch.dtype] = None,
     print_freq: int = 50,
 ) -> Dict[str, float]:
     """mIoU of whole-image inference, where the model is: logits resized to each label map's own size; pixel
@@ -157,9 +197,9 @@ def evaluate_segmentation(
     model.eval()
     device = utils.module_device(model)
     counts = torch.zeros(3, num_classes, dtype=torch.float64)
-    for batch in evaluation_batches(utils.MetricLogger().log_every(data_loader, print_freq, 'Test:')):
-        images, masks = to_device(batch, device)
-        with autocast(device, amp_dtype):
+    for batch in utils.MetricLogger().log_every(data_loader, print_freq, 'Test:'):
+        images, masks = to_device(utils.checked(batch), device)
+        with utils.autocast(device, amp_dtype):
             logits = model(images)
         logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode='bilinear', align_corners=False)
         tp, fp, fn, _ = smp.metrics.get_stats(

@@ -1,106 +1,62 @@
 """The run's output folder (--output_dir), held by rank 0: an exclusive lock for the run's lifetime (the kernel
-drops it when the process dies, killed or not; where the file system has no locks, a warning), and its files:
-config.yaml, log.txt (one JSON line per epoch), TensorBoard events, eval_results.json; checkpoints.py writes the
-checkpoints into it."""
+drops it when the process dies), and its files: config.yaml, log.txt (one JSON line per epoch), TensorBoard events,
+eval_results.json; checkpoints.py writes the checkpoints into it."""
 
-import errno
 import fcntl
 import json
 import os
-import tempfile
-from typing import Optional
 
 from errors import UsageError
 from utils import atomic_file, remove_stale_temporaries
 
 LOG_FILE = 'log.txt'
-# flock's errors where the file system has no locks (some network file systems: NFS without its lock service).
-NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class OutputFolder:
-    """Checked on creation (an existing folder is also locked then); made and locked by `create()`, which a run
-    calls once its inputs are known good and before it writes anything: a refused run leaves nothing behind."""
+    """Checked (and locked, when it exists) on creation; made and locked by `create()`, which a run calls once its
+    inputs are known good, before it writes anything: a refused run leaves nothing behind."""
 
     def __init__(self, path: str):
-        self.path, self.writer, self._lock, self.created = path, None, None, False
-        if os.path.exists(path):
-            if not os.path.isdir(path):
-                raise UsageError(f'--output_dir {path} exists and is not a folder')
-            self._check_writable()
+        self.path, self.writer, self._lock = path, None, None
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f'--output_dir {path} exists and is not a folder')
+        if os.path.isdir(path):
             self._take_lock()
-            return
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise UsageError(f'--output_dir {path} lies under a file, not a folder')
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(
-                f'cannot write to --output_dir {path} (permission denied in {parent}): choose a writable folder'
-            )
 
     def create(self):
-        """Make the folder if it is new, hold its lock, and remove the temporary files of an interrupted save."""
-        if self.created:
-            return
+        """Make the folder if it is new, lock it, and remove the temporary files of an interrupted save."""
         try:
             os.makedirs(self.path, exist_ok=True)
-        except FileExistsError:
-            raise UsageError(f'--output_dir {self.path} exists and is not a folder') from None
-        except NotADirectoryError:
-            raise UsageError(f'--output_dir {self.path} lies under a file, not a folder') from None
         except OSError as e:
-            raise UsageError(
-                f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable folder'
-            ) from None
-        self._check_writable()
+            raise UsageError(f'cannot make --output_dir {self.path} ({e.strerror.lower()})') from None
         if self._lock is None:
             self._take_lock()
-        self.created = True
         removed = remove_stale_temporaries(self.path)
         if removed:
             print(f'Removed {len(removed)} temporary file(s) left by an interrupted save: {", ".join(removed)}')
 
-    def _check_writable(self):
-        try:
-            tempfile.TemporaryFile(dir=self.path).close()
-        except OSError as e:
-            raise UsageError(
-                f'cannot write to --output_dir {self.path} ({e.strerror.lower()}): choose a writable folder'
-            ) from None
-
     def _take_lock(self):
+        if not os.access(self.path, os.W_OK):
+            raise UsageError(f'cannot write to --output_dir {self.path} (permission denied)')
         self._lock = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock)
-            self._lock = None
             raise UsageError(
-                f'another run is using --output_dir {self.path} right now: wait for it to end or choose another folder'
+                f'another run is using --output_dir {self.path} right now: wait for it or choose another'
             ) from None
-        except OSError as e:
-            if e.errno not in NO_LOCKS:
-                os.close(self._lock)
-                self._lock = None
-                raise
-            print(
-                f'warning: --output_dir {self.path} is on a file system without file locks ({e.strerror}): the run '
-                'goes on unlocked, so make sure no other run uses this folder at the same time (or choose a '
-                'folder on a local or lock-capable file system)'
-            )
+        except OSError as e:  # a file system without locks (NFS without its lock service)
+            print(f'warning: --output_dir {self.path} cannot be locked ({e.strerror}): make sure no other run uses it')
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     def write_text(self, name: str, text: str):
-        """Replace a small file atomically."""
         with atomic_file(self.file(name), 'w') as f:
             f.write(text)
 
     def read_log(self) -> list:
-        """The complete JSON lines of log.txt (a line cut off by a kill is left out)."""
+        """The whole JSON lines of log.txt (a line cut off by a kill is left out)."""
         entries = []
         if os.path.isfile(self.file(LOG_FILE)):
             with open(self.file(LOG_FILE)) as f:
@@ -111,10 +67,10 @@ class OutputFolder:
                         pass
         return [e for e in entries if isinstance(e, dict) and isinstance(e.get('epoch'), int)]
 
-    def restore_log(self, last_epoch: int, last_entry: Optional[dict]):
-        """At a (re)start: log.txt holds each epoch up to `last_epoch` (the resumed checkpoint's) exactly once,
-        that epoch's line from the checkpoint when it has it (a kill may have come before the line was written),
-        and the TensorBoard events are rewritten from it."""
+    def restore_log(self, last_epoch: int, last_entry):
+        """At a (re)start: log.txt holds each epoch up to `last_epoch` (the resumed checkpoint's) exactly once, that
+        epoch's line from the checkpoint (a kill may have come before it was written), and the TensorBoard events
+        are rewritten from it."""
         entries = self.read_log()
         last = [last_entry] if last_entry is not None else [e for e in entries if e['epoch'] == last_epoch][-1:]
         entries = [e for e in entries if e['epoch'] < last_epoch] + last

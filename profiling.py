@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fvcore's import
+import allocator
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-import allocator
 import models
 from deploy import INPUT_NAME, create_session, export, import_onnxruntime
 from errors import UsageError, first_line

@@ -1,35 +1,36 @@
-"""One invocation of an entry point (main.py, main_det.py, main_seg.py): `Run` sets up the processes, device,
-precision and output folder, decides what to resume, and then evaluates or trains a `Task`.
+"""A run of an entry point (main.py, main_det.py, main_seg.py): `Run` sets up the processes, device, precision and
+output folder and finds what to resume; `prepare` puts the model on its device with its EMA and resumed weights;
+then `evaluate`, or `train`: the epoch loop (train, check, evaluate, keep the best, save, log) and the stop signals.
 
-A task (classification, detection, segmentation) gives its model, data, loss, optimizer, schedule and
-evaluation; the rest is shared. Every random draw is a function of (seed, epoch, rank, position), so a run
-resumed at an epoch boundary or after a signal mid-epoch ends bit-identical to one never stopped (on the CPU;
-see docs/training.md for CUDA), and resuming with another process count works. One run at a time per
-output folder. Parts: distributed.py (processes), output_folder.py (the folder), checkpoints.py (what is
-saved and resumed), trainer.py (the epoch loop), model_factory.py (models and their inference form)."""
+Guarantees (tests/test_train*.py): every random draw is a function of (seed, epoch, rank, position), so a run
+resumed at an epoch boundary or after a signal mid-epoch ends bit-identical to one never stopped; `checkpoint.pth`,
+the resume point, is only replaced by a whole file with finite weights and a finite evaluation loss; log.txt and
+the TensorBoard events hold each epoch exactly once after any kill; SIGTERM / SIGUSR1 to any process (loader
+workers included) stop every process after the same step with a resumable checkpoint; one run per folder."""
 
 import datetime
 import json
+import math
 import os
+import signal
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import yaml
+from timm.utils import ModelEmaV3
 
-import allocator
 import checkpoints
 import distributed
 import engine
 import utils
-from errors import UsageError
-from model_ema import create_model_ema
-from model_factory import channels_last_convs, check_compiler, compile_model, for_inference, match_gradient_layouts
+from errors import Preempted, UsageError
+from model_factory import channels_last_convs, check_compiler, compile_model, inference_form, match_gradient_layouts
 from output_folder import OutputFolder
-from trainer import RESUME_FILE, StopSignals, Trainer, TrainingSetup, print_evaluation
 
-# Flags whose change does not change the training.
+RESUME_FILE = 'checkpoint.pth'
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what clusters send before they kill a job
+# Flags whose change does not change the training (the others are listed when a run resumes).
 IGNORED_CHANGES = {
     'resume',
     'eval',
@@ -44,94 +45,80 @@ IGNORED_CHANGES = {
     'start_epoch',
     'dist_backend',
     'deterministic',
+    'pin_mem',
 }
 
 
-@dataclass
-class Task:
-    """What a task gives the run."""
-
-    model: torch.nn.Module
-    dataset_val: torch.utils.data.Dataset
-    evaluate: Callable  # (model, data loader) -> {metric: value}, the same on every process
-    meta: dict  # kept in checkpoints and checked on resume (task, classes ...)
-    val_batch_size: int
-    shard_val: bool = True  # each process evaluates a disjoint share (else each the whole set)
-    collate_fn: Optional[Callable] = None
-    dataset_train: Optional[torch.utils.data.Dataset] = None
-    train_sampler: Optional[Callable] = None  # (dataset, world size, rank) -> sampler; default: shuffled shards
-    loss: Optional[Callable] = None  # (model, samples, targets) -> {name: loss}
-    make_optimizer: Optional[Callable] = None  # (model) -> optimizer
-    make_schedule: Optional[Callable] = None  # (optimizer, steps per epoch) -> (timm scheduler, total steps)
-    schedule_in_epochs: bool = True  # False: the schedule counts steps whatever the process count (segmentation)
-    evaluate_after: Callable = lambda steps_before, steps_after, total: True  # whether an epoch ends in evaluation
-    ema: Optional[dict] = None  # ModelEmaV3 arguments, or None for no EMA
-    fixed_input_size: bool = False  # every batch has the same size: cuDNN may benchmark its kernels once
-    layout_probe: Optional[Callable] = None  # (model) -> (module, input) for match_gradient_layouts
-    best_metric: Optional[str] = None  # keep best.pth (and best_ema.pth) by this metric
-    max_norm: Optional[float] = None
-    backup_every: int = 0  # keep backup{epoch}.pth every this many epochs
-    log_extra: dict = field(default_factory=dict)
-    length_flag: str = '--epochs'  # the flag that sets how long training runs
-    warmup_flag: str = '--warmup-epochs'
-
-
-def run_task(parser, args, model_flags, build_task: Callable, check_flags: Optional[Callable] = None) -> dict:
-    """What an entry point's main does: a Run; `check_flags(args)` once the flags are final (the checkpoint's
-    taken); the task built in it (data, model); then evaluate (--eval) or train. The output folder is made
-    only after all of these succeeded."""
-    with Run(parser, args, model_flags) as run:
-        if check_flags is not None:
-            try:
-                check_flags(args)
-            except UsageError as e:  # the same flags on every process: one line, from rank 0
-                raise UsageError(str(e), everywhere=True) from None
-        task = build_task(args, run)
-        return run.evaluate(task) if args.eval else run.train(task)
-
-
 class Run:
-    """One invocation of an entry point: set up on creation, then `train(task)` or `evaluate(task)`."""
+    """One invocation of an entry point; a context manager that releases the output folder at the end."""
 
     def __init__(self, parser, args, model_flags=()):
-        """Processes, device, precision and the output folder (checked, and locked if it exists; made by
-        `create_output`); rank 0 decides what to resume, every process loads it, and the model flags it was
-        trained with (`model_flags`, destinations) fill in those not given."""
+        """Processes, device, precision, the output folder (checked, and locked if it exists) and the checkpoint to
+        resume (--resume, else the output folder's own), whose model flags (`model_flags`) fill in those not given."""
         self.parser, self.args = parser, args
         distributed.init_distributed(args)
-        print(f'C allocator: {allocator.describe()}')
-        self.device, self.rank, self.world_size = args.device, args.rank, args.world_size
+        utils.keep_freed_memory()
+        self.device, self.world_size = args.device, args.world_size
         args.amp = args.amp or ('fp16' if self.device.type == 'cuda' else 'none')
         self.amp_dtype = utils.AMP_DTYPES[args.amp]
-        cores = len(os.sched_getaffinity(0)) // max(int(os.environ.get('LOCAL_WORLD_SIZE', 1)), 1)
         if args.num_workers is None:
+            cores = len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
             args.num_workers = min(args.default_num_workers, max(cores, 1))
         if args.deterministic:
-            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # before cuBLAS starts: fixed reductions
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # before cuBLAS starts
             torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.deterministic = True
+        if self.device.type == 'cuda':  # cuDNN benchmarks each new input size: only for fixed sizes
+            torch.backends.cudnn.benchmark = not args.deterministic and getattr(args, 'input_size', None) is not None
         if args.compile:
             check_compiler(self.device)
-        utils.seed_everything(args.seed)  # the model's initial weights (DDP gives every process rank 0's)
-        self.output = self._open_output()
-        try:
-            self._find_checkpoint(model_flags)
-        except BaseException:
-            self.close()
-            raise
-
-    def _open_output(self) -> Optional[OutputFolder]:
-        output, error = None, None
-        if self.args.output_dir and distributed.is_main_process():
+        utils.seed_everything(args.seed)  # the initial weights (DDP gives every process rank 0's)
+        self.output, error = None, None
+        if args.output_dir and distributed.is_main_process():
             try:
-                output = OutputFolder(self.args.output_dir)
+                self.output = OutputFolder(args.output_dir)
             except UsageError as e:
                 error = str(e)
         distributed.agree(error)
-        return output
+        self.checkpoint, self.resume_path = None, None
+        own = os.path.join(args.output_dir, RESUME_FILE) if args.output_dir else None
+        path = args.resume or (own if own and os.path.isfile(own) else '')
+        if args.resume and not args.eval and own and os.path.isfile(own) and not _same_folder(args.resume, own):
+            raise UsageError(
+                f'--output_dir {args.output_dir} holds a run of its own ({RESUME_FILE}): continue it without '
+                f'--resume, or give a new --output_dir to continue {args.resume}',
+                everywhere=True,
+            )
+        if path:
+            error = None
+            try:
+                self.checkpoint = checkpoints.load_checkpoint(path)
+            except UsageError as e:
+                error = str(e) + (
+                    '' if self.world_size == 1 else ' (on several nodes the output folder must be shared)'
+                )
+            distributed.agree(error)
+            self.resume_path = path
+            flags = checkpoints.flags_of(self.checkpoint)
+            self.take_flags('the checkpoint', {dest: flags[dest] for dest in model_flags if dest in flags})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.output is not None:
+            self.output.close()
+
+    def take_flags(self, source: str, values: dict):
+        """The flags of `values` ({destination: value}) that the user did not give take those values; says which."""
+        taken = {k: v for k, v in values.items() if k not in self.args.given and v != getattr(self.args, k)}
+        for dest, value in taken.items():
+            setattr(self.args, dest, value)
+        if taken:
+            listed = ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items())
+            print(f'From {source} (give a flag to override): {listed}')
 
     def create_output(self):
-        """Make (and lock) the output folder on rank 0: once the inputs are known good, before the first write."""
+        """Make and lock the output folder (rank 0): once the inputs are known good, before the first write."""
         error = None
         if self.output is not None:
             try:
@@ -140,371 +127,344 @@ class Run:
                 error = str(e)
         distributed.agree(error)
 
-    def _find_checkpoint(self, model_flags):
-        """Rank 0 decides what to resume (--resume, else the output folder's checkpoint.pth); every process reads it."""
-        args = self.args
-        self.checkpoint, self.resume_path = None, None
-        own = os.path.join(args.output_dir, RESUME_FILE) if args.output_dir else None
-        path = distributed.broadcast_object(args.resume or (own if own and os.path.isfile(own) else ''))
-        if path:
-            error = None
-            try:
-                self.checkpoint = checkpoints.load_checkpoint(path)
-            except UsageError as e:
-                error = (
-                    str(e)
-                    if self.world_size == 1
-                    else f'{e} (every process reads it: on several nodes the output folder must be shared)'
-                )
-                if own and path == own and os.path.isfile(path):
-                    error += _other_resume_points(args.output_dir)
-            distributed.agree(error)
-            self.resume_path = path
-            self.take_flags(self.checkpoint, model_flags, 'the checkpoint')
-        self.own_checkpoint = bool(path) and own is not None and os.path.abspath(path) == os.path.abspath(own)
+    def val_loader(self, dataset, batch_size: int, sharded: bool, collate_fn=None):
+        """Sharded: a strided share per process, without a DistributedSampler's padding (no image counted twice)."""
+        if sharded and self.world_size > 1:
+            dataset = torch.utils.data.Subset(dataset, range(self.args.rank, len(dataset), self.world_size))
+        sampler = torch.utils.data.SequentialSampler(dataset)
+        return utils.data_loader(dataset, sampler, batch_size, self.args, collate_fn)
 
-    def _select_kernels(self, task: Task):
-        """cuDNN benchmarks its convolutions for each new input size: only where every batch has the same size
-        (classification), and not with --deterministic."""
-        if self.device.type == 'cuda':
-            torch.backends.cudnn.benchmark = task.fixed_input_size and not self.args.deterministic
+    # ---------------------------------------------------------------- the model
 
-    def precision(self, model: torch.nn.Module) -> Optional[torch.dtype]:
-        """The autocast dtype to evaluate `model` in: the run's (--amp) on the run's device; float32 (None) for a
-        model kept elsewhere (an EMA on the CPU beside a CUDA run)."""
-        return self.amp_dtype if utils.module_device(model).type == self.device.type else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        """Release the output folder (its lock, the TensorBoard writer)."""
-        if self.output is not None:
-            self.output.close()
-            self.output = None
-
-    @property
-    def config(self) -> dict:
-        """The resolved flags (after the checkpoint's and the task's recipe), as written to config.yaml and
-        into checkpoints."""
-        return self.parser.to_config(self.args)
-
-    def take_flags(self, checkpoint: dict, dests, source: str):
-        """The flags `dests` (destinations) that the user did not give take `checkpoint`'s values; says which."""
-        saved = checkpoints.flags_of(
-            checkpoint, self.resume_path, self.parser, check=[d for d in dests if d not in self.args.given]
-        )
-        report_taken(source, {dest: saved[dest] for dest in dests if dest in saved}, self.args)
-
-    # ---------------------------------------------------------------- data
-
-    def _loader(self, dataset, batch_size, sampler, collate_fn, drop_last):
-        return torch.utils.data.DataLoader(
-            utils.SeededDataset(dataset),
-            sampler=utils.SeededSampler(sampler, self.args.seed, self.rank),
-            batch_size=batch_size,
-            num_workers=self.args.num_workers,
-            drop_last=drop_last,
-            persistent_workers=self.args.num_workers > 0,  # kept across epochs; each sample's seed travels with it
-            pin_memory=getattr(self.args, 'pin_mem', True) and self.device.type == 'cuda',
-            collate_fn=utils.collate_or_error(collate_fn or torch.utils.data.default_collate),
-        )
-
-    def val_loader(self, task: Task):
-        dataset = task.dataset_val
-        if task.shard_val and self.world_size > 1:
-            # A strided share per process, without the padding a DistributedSampler adds: no image counted twice.
-            dataset = torch.utils.data.Subset(dataset, range(self.rank, len(dataset), self.world_size))
-        return self._loader(
-            dataset, task.val_batch_size, torch.utils.data.SequentialSampler(dataset), task.collate_fn, drop_last=False
-        )
-
-    def train_loader(self, task: Task):
-        if task.train_sampler is not None:
-            sampler = task.train_sampler(task.dataset_train, self.world_size, self.rank)
-        else:
-            sampler = torch.utils.data.DistributedSampler(
-                task.dataset_train,
-                num_replicas=self.world_size,
-                rank=self.rank,
-                shuffle=True,
-                seed=self.args.seed,
-                drop_last=True,
-            )
-        loader = self._loader(task.dataset_train, self.args.batch_size, sampler, task.collate_fn, drop_last=True)
-        if len(loader) == 0:
-            raise UsageError(
-                f'the training set ({len(task.dataset_train)} images, {len(sampler)} per process and '
-                f'epoch) is smaller than one batch of {self.args.batch_size}: lower --batch-size'
-            )
-        return loader
-
-    # ---------------------------------------------------------------- model
-
-    def _check_meta(self, task: Task):
-        saved = self.checkpoint.get('meta')
-        saved = saved if isinstance(saved, dict) else {}
-        if task.meta.get('task') != 'classification' and 'task' not in saved:
-            raise UsageError(
-                f'{self.resume_path} is not a main_det.py / main_seg.py checkpoint: backbone weights (an '
-                "ImageNet checkpoint, ours or the authors', or the authors' mmdet / mmseg one) go to "
-                '--pretrained'
-            )
-        for key, value in task.meta.items():
-            theirs = saved.get(key)
-            if key in saved and theirs != value:
-                if key == 'classes':
-                    raise UsageError(
-                        f'{self.resume_path} was trained on {len(theirs)} classes, this data set has '
-                        f'{len(value)}: their class lists must match'
-                    )
-                raise UsageError(f'{self.resume_path} has {key} {theirs!r}, this run {value!r}')
-
-    def _load_weights(self, task: Task, model, model_ema):
-        self._check_meta(task)
-        checkpoints.load_weights(model, self.checkpoint, self.resume_path, self.args.model)
-        if model_ema is None:
-            return
-        if isinstance(self.checkpoint.get('model_ema'), dict):
-            checkpoints.load_weights(model_ema.module, self.checkpoint, self.resume_path, self.args.model, ema=True)
-        else:
-            model_ema.set(model)
-
-    @property
-    def sync_batchnorm(self) -> bool:
-        """BatchNorm statistics over all processes (SyncBatchNorm: NCCL only)."""
-        return self.world_size > 1 and distributed.backend() == 'nccl'
-
-    def _prepare_model(self, task: Task, train: bool):
-        """The model on its device, its EMA, the resumed weights, then SyncBatchNorm and DDP for training.
-        Returns (model for the steps, the bare model, its EMA or None)."""
-        model = task.model
-        if train and self.sync_batchnorm:
+    def prepare(self, model, meta: dict, ema: Optional[dict] = None, probe=None, train: bool = True):
+        """The model on its device (channels-last convs; for training SyncBatchNorm with NCCL and, from one backward
+        of `probe` = (module, example input), parameters in their gradients' layout), its EMA (`ema`: ModelEmaV3's
+        arguments; for --eval only when the checkpoint has one) and the resumed weights. Returns (model, EMA)."""
+        if self.checkpoint is not None:
+            self._check_meta(meta)
+        if train and self.world_size > 1 and self.args.dist_backend == 'nccl':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif train and self.world_size > 1:
-            print(
-                "SyncBatchNorm needs NCCL: with gloo each process keeps its own BatchNorm statistics (rank 0's "
-                'are copied to all before each evaluation)'
-            )
         model.to(self.device)
         channels_last_convs(model)
-        if train and task.layout_probe is not None:
-            match_gradient_layouts(*task.layout_probe(model), self.amp_dtype)
-        model_ema = None
-        if task.ema is not None and (train or isinstance((self.checkpoint or {}).get('model_ema'), dict)):
-            model_ema = create_model_ema(model, **task.ema)
+        if train and probe is not None:
+            match_gradient_layouts(*probe, self.amp_dtype)
+        has_ema = isinstance((self.checkpoint or {}).get('model_ema'), dict)
+        model_ema = ModelEmaV3(model, **ema) if ema is not None and (train or has_ema) else None
         if self.checkpoint is not None:
-            self._load_weights(task, model, model_ema)
-        if not train:
-            return model, model, model_ema
-        ddp = model
-        if self.world_size > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None
-            )
-        if self.args.compile:  # DDP inside: torch.compile splits the graph at DDP's buckets (gradients overlap)
-            ddp = compile_model(ddp, self.device)
-        return ddp, model, model_ema
+            checkpoints.load_weights(model, self.checkpoint, self.resume_path, self.args.model)
+            if model_ema is not None and has_ema:
+                checkpoints.load_weights(model_ema.module, self.checkpoint, self.resume_path, self.args.model, ema=True)
+            elif model_ema is not None:
+                model_ema.set(model)
+        return model, model_ema
 
-    def inference_form(self, model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
-        """What an evaluation runs: model_factory.for_inference (a copy unless `inplace`), compiled with --compile.
-        A copy of the same model reuses the compiled code: torch.compile guards on the module's structure, not on
-        the object."""
-        model = for_inference(model, inplace=inplace)
+    def _check_meta(self, meta: dict):
+        saved = self.checkpoint.get('meta') if isinstance(self.checkpoint.get('meta'), dict) else {}
+        if meta.get('task') != 'classification' and 'task' not in saved:
+            raise UsageError(
+                f'{self.resume_path} is not a main_det.py / main_seg.py checkpoint: backbone weights (an ImageNet '
+                "checkpoint, ours or the authors', or the authors' mmdet / mmseg one) go to --pretrained"
+            )
+        for key, value in meta.items():
+            if key in saved and value is not None and saved[key] is not None and saved[key] != value:
+                if key == 'classes':
+                    raise UsageError(
+                        f'{self.resume_path} was trained on other classes ({len(saved[key])}: '
+                        f'{", ".join(map(str, saved[key][:3]))} ...) than this data set has ({len(value)}: '
+                        f'{", ".join(map(str, value[:3]))} ...): use the data it was trained on'
+                    )
+                raise UsageError(f'{self.resume_path} has {key} {saved[key]!r}, this run {value!r}')
+
+    def _inference_copy(self, model):
+        """What an evaluation runs: the inference form of a copy, on the run's device (an EMA kept on the CPU is
+        evaluated there too), compiled with --compile (a copy of the same model reuses the compiled code)."""
+        model = inference_form(model).to(self.device)
         return compile_model(model, self.device) if self.args.compile else model
 
-    # ---------------------------------------------------------------- evaluation only
+    # ---------------------------------------------------------------- --eval
 
-    def evaluate(self, task: Task) -> dict:
-        """--eval: the metrics of the weights and, when the checkpoint has them, of the EMA weights; written to
-        OUTPUT_DIR/eval_results.json. The settings line holds the flags evaluation reads."""
-        print(json.dumps(self.parser.evaluation_config(self.args)))
-        self._select_kernels(task)
-        _, model, model_ema = self._prepare_model(task, train=False)
-        self.checkpoint = None  # loaded: its memory is free again
+    def evaluate(self, model, model_ema, loader_val, evaluate: Callable) -> dict:
+        """The metrics of the weights and, when the checkpoint has them, of the EMA weights (`evaluate(model, loader,
+        amp_dtype)`); written to OUTPUT_DIR/eval_results.json."""
         if self.resume_path is None:
             print('No checkpoint given (--resume): evaluating the weights the model was built with')
         broken = utils.non_finite_tensors(model)
         if broken:
-            raise FloatingPointError(
-                f'the weights hold NaN or infinite values ({len(broken)} tensors, e.g. '
-                f'{broken[0]}): nothing to evaluate'
-            )
+            raise FloatingPointError(f'the weights hold NaN or infinite values (e.g. {broken[0]}): nothing to evaluate')
+        self.checkpoint = None  # loaded: its memory is free again
         self.create_output()
-        loader = self.val_loader(task)
-        stats = task.evaluate(for_inference(model, inplace=True), loader)
-        print_evaluation('Weights', stats, len(task.dataset_val))
+        model = inference_form(model, inplace=True)
+        stats = evaluate(compile_model(model, self.device) if self.args.compile else model, loader_val, self.amp_dtype)
+        print(f'* Weights: {utils.format_metrics(stats)} ({len(loader_val.dataset)} images)')
         results = dict(stats)
-        if task.ema is not None:  # the EMA's numbers: null when the checkpoint has no EMA
-            ema_stats = (
-                dict.fromkeys(stats)
-                if model_ema is None
-                else task.evaluate(self.inference_form(model_ema.module, inplace=True), loader)
-            )
-            if model_ema is not None:
-                print_evaluation('EMA weights', ema_stats, len(task.dataset_val))
+        if model_ema is not None:
+            ema_stats = evaluate(self._inference_copy(model_ema.module), loader_val, self.amp_dtype)
+            print(f'* EMA weights: {utils.format_metrics(ema_stats)} ({len(loader_val.dataset)} images)')
             results.update({f'ema_{k}': v for k, v in ema_stats.items()})
-        if not all(v is None or v == v and abs(v) != float('inf') for v in results.values()):
-            raise FloatingPointError(
-                f'the evaluation gave non-finite values ({utils.format_metrics(results)}): the weights are not usable'
-            )
         if self.output is not None:
             self.output.write_text('eval_results.json', json.dumps(results, indent=2) + '\n')
             print(f'Results written to {self.output.file("eval_results.json")}')
-        else:
-            print('No --output_dir: no eval_results.json written (the results are the lines above)')
         return results
 
     # ---------------------------------------------------------------- training
 
-    def train(self, task: Task) -> dict:
-        """Train with evaluation, checkpoints and logs; returns the last evaluation's metrics."""
-        args, config = self.args, self.config
+    def train(
+        self,
+        model,
+        model_ema,
+        optimizer,
+        lr_scheduler,
+        loader_train,
+        loader_val,
+        evaluate: Callable,
+        *,
+        meta: dict,
+        total_steps: int,
+        criterion: Optional[Callable] = None,
+        mixup_fn: Optional[Callable] = None,
+        max_norm: Optional[float] = None,
+        steps_fixed: bool = False,
+        eval_interval: Optional[int] = None,
+        best_metric: Optional[str] = None,
+        backup_every: int = 0,
+        length_flag: str = '--epochs',
+    ) -> dict:
+        """Train for `total_steps` with evaluation (after every epoch, or after the epoch that passes each multiple
+        of `eval_interval` steps, and the last), checkpoints and logs; returns the last evaluation's metrics.
+        `steps_fixed`: the schedule counts steps whatever the process count and batch (segmentation)."""
+        args, config = self.args, self.parser.to_config(self.args)
         print(json.dumps(config))
-        self._select_kernels(task)
-        model, model_without_ddp, model_ema = self._prepare_model(task, train=True)
-        loader_val, loader_train = self.val_loader(task), self.train_loader(task)
         steps_per_epoch = len(loader_train)
-        optimizer = task.make_optimizer(model_without_ddp)
-        lr_scheduler, total_steps = task.make_schedule(optimizer, steps_per_epoch)
         scaler = engine.grad_scaler(self.device, self.amp_dtype)
         state = checkpoints.TrainingState(start_epoch=getattr(args, 'start_epoch', 0))
         if self.checkpoint is not None:
-            state = self._resume(task, optimizer, scaler, steps_per_epoch)
-            self.checkpoint = None  # loaded: its memory (weights, EMA, optimizer state) is free again
-        if task.schedule_in_epochs:
-            num_epochs = -(-total_steps // steps_per_epoch)
-        else:  # by the step: the steps already done, whatever the process count and batch they were taken with
+            state = self._resume(optimizer, scaler, steps_per_epoch, steps_fixed)
+        self.checkpoint = None  # loaded: its memory (weights, EMA, optimizer state) is free again
+        if steps_fixed:  # the steps already done, whatever the process count and batch they were taken with
             left = max(total_steps - state.global_step, 0) + state.first_step
-            num_epochs = state.start_epoch + (state.pending_eval is not None) + -(-left // steps_per_epoch)
+            num_epochs = state.start_epoch + math.ceil(left / steps_per_epoch)
+        else:
+            num_epochs = math.ceil(total_steps / steps_per_epoch)
         if state.start_epoch >= num_epochs:
-            return self._complete(task, state)
+            value = getattr(args, length_flag.lstrip('-').replace('-', '_'))
+            print(
+                f'The run is complete: {self.resume_path} (epoch {state.start_epoch - 1}, step {state.global_step}) '
+                f'ends {length_flag} {value}; give {length_flag} above {value} to continue it'
+            )
+            return {k[5:]: v for k, v in (state.last_log or {}).items() if k.startswith('test_') and 'ema' not in k}
         self.create_output()
         if self.output is not None:
             self.output.write_text('config.yaml', yaml.safe_dump(config, sort_keys=False))
-            self.output.restore_log(state.start_epoch - 1, state.last_log if self.own_checkpoint else None)
+            own = self.resume_path and _same_folder(self.resume_path, self.output.file(RESUME_FILE))
+            self.output.restore_log(state.start_epoch - 1, state.last_log if own else None)
         warmup = getattr(lr_scheduler, 'warmup_t', 0)
         if warmup and warmup >= (num_epochs if lr_scheduler.t_in_epochs else total_steps):
-            print(
-                f'warning: the warm-up ({warmup} {"epochs" if lr_scheduler.t_in_epochs else "steps"}) covers the '
-                f'whole run: the learning rate never reaches its set value (lower {task.warmup_flag})'
-            )
-        trainer = Trainer(
-            self,
-            task,
-            TrainingSetup(
+            print('warning: the warm-up covers the whole run: the learning rate never reaches its set value')
+        ddp = model
+        if self.world_size > 1:
+            # --deterministic: no bucket rebuild after the first step (it would change the gradient buffers' layout,
+            # and with it a ring all-reduce's summation order, between a resumed run and an uninterrupted one).
+            ddp = torch.nn.parallel.DistributedDataParallel(
                 model,
-                model_without_ddp,
-                model_ema,
-                optimizer,
-                lr_scheduler,
-                scaler,
-                loader_train,
-                loader_val,
-                total_steps,
-            ),
-            state,
-        )
-        print(f'number of params: {trainer.n_parameters}')
-        start_time, stop = time.time(), StopSignals()  # before the announcement: a signal after it is handled
-        print(
-            f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from epoch '
-            f'{state.start_epoch}: total batch {args.batch_size * self.world_size}, '
-            f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}'
-        )
-        try:
-            stats = trainer.train(num_epochs, stop)
-        finally:
-            stop.restore()
+                device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                find_unused_parameters=args.deterministic,
+            )
+        if args.compile:  # DDP inside: the graph splits at DDP's buckets, gradients overlap
+            ddp = compile_model(ddp, self.device)
+        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f'number of params: {n_parameters}')
+        sampler, stats, start_time = loader_train.sampler, {}, time.time()
+        with StopSignals() as stop:  # before the announcement: a signal after it is handled
+            print(
+                f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from '
+                f'epoch {state.start_epoch}: total batch {args.batch_size * self.world_size}, '
+                f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}'
+            )
+            for epoch in range(state.start_epoch, num_epochs):
+                sampler.set_epoch(epoch)
+                sampler.skip(state.first_step * args.batch_size)
+                lr_scheduler.step(epoch)
+                steps_before = state.global_step - state.first_step
+                result = engine.train_one_epoch(
+                    ddp,
+                    criterion,
+                    loader_train,
+                    optimizer,
+                    scaler,
+                    self.device,
+                    epoch,
+                    amp_dtype=self.amp_dtype,
+                    mixup_fn=mixup_fn,
+                    lr_scheduler=lr_scheduler,
+                    model_ema=model_ema,
+                    max_norm=max_norm,
+                    seed=args.seed,
+                    first_step=state.first_step,
+                    global_step=state.global_step,
+                    last_step=total_steps,
+                    totals=state.totals,
+                    stop_requested=stop,
+                    print_freq=args.print_freq,
+                )
+                state.global_step, state.first_step, state.totals = result.global_step, 0, None
+                save = dict(
+                    model=model,
+                    model_ema=model_ema,
+                    optimizer=optimizer,
+                    lr_scheduler=lr_scheduler,
+                    scaler=scaler,
+                    state=state,
+                    args=config,
+                    meta=meta,
+                    world_size=self.world_size,
+                )
+                if result.stopped and result.steps < steps_per_epoch and result.global_step < total_steps:
+                    progress = {'steps': result.steps, 'global_step': result.global_step, 'totals': result.totals}
+                    self._save(checkpoints.training_checkpoint(epoch=epoch - 1, progress=progress, **save), RESUME_FILE)
+                    raise Preempted(
+                        f'{stop.received or "a stop signal (to another process)"} received during epoch '
+                        f'{epoch}; stopped after {result.steps} of its {steps_per_epoch} steps{self._resumes()}'
+                    )
+                due = eval_interval is None or state.global_step // eval_interval > steps_before // eval_interval
+                evaluation, names = {}, [RESUME_FILE]  # the resume point last
+                if due or state.global_step >= total_steps:
+                    evaluation, improved = self._evaluate_epoch(
+                        epoch, model, model_ema, loader_val, evaluate, state, best_metric
+                    )
+                    stats, names = {k: v for k, v in evaluation.items() if not k.startswith('ema_')}, improved + names
+                if backup_every and epoch % backup_every == 0:
+                    names.insert(0, f'backup{epoch}.pth')
+                state.last_log = {
+                    'epoch': epoch,
+                    'step': state.global_step,
+                    'n_parameters': n_parameters,
+                    **{f'train_{k}': v for k, v in result.stats.items()},
+                    **{f'test_{k}': v for k, v in evaluation.items()},
+                }
+                self._save(checkpoints.training_checkpoint(epoch=epoch, **save), *names)
+                if self.output is not None:
+                    self.output.append_log(state.last_log)
+                if epoch + 1 < num_epochs and distributed.all_reduce_sum([float(stop())])[0]:
+                    raise Preempted(
+                        f'{stop.received or "a stop signal (to another process)"} received during epoch '
+                        f'{epoch}; stopped after it{self._resumes()}'
+                    )
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
         return stats
 
-    def _complete(self, task: Task, state: checkpoints.TrainingState) -> dict:
-        """A finished run started again: nothing to train; its last evaluation's metrics."""
-        flag = task.length_flag
-        value = getattr(self.args, flag.lstrip('-').replace('-', '_'))
-        print(
-            f'The run is complete: {self.resume_path} (epoch {state.start_epoch - 1}, step {state.global_step}) '
-            f'ends {flag} {value}; give {flag} above {value} to continue it'
-        )
-        last = state.last_log or {}
-        return {
-            k[len('test_') :]: v for k, v in last.items() if k.startswith('test_') and not k.startswith('test_ema_')
-        }
+    def _evaluate_epoch(self, epoch, model, model_ema, loader_val, evaluate, state, best_metric):
+        """Evaluate the weights and the EMA weights of an epoch (finite weights and loss, or the run stops unsaved);
+        returns the metrics (`ema_` for the EMA's) and the best*.pth files they earn."""
+        weights = [model] + ([model_ema.module] if model_ema is not None else [])
+        broken = utils.non_finite_tensors(*weights)
+        if broken:
+            raise FloatingPointError(
+                f'epoch {epoch} ended with NaN or infinite weights (e.g. {broken[0]}): not '
+                f'saved; {self._resume_point(state)}'
+            )
+        if self.world_size > 1 and self.args.dist_backend != 'nccl':  # no SyncBatchNorm: rank 0's statistics
+            distributed.broadcast_buffers(*weights)
+        stats, improved = {}, []
+        for prefix, label, weights_ in (
+            ('', 'Weights', model),
+            ('ema_', 'EMA weights', model_ema and model_ema.module),
+        ):
+            if weights_ is None:
+                continue
+            result = evaluate(self._inference_copy(weights_), loader_val, self.amp_dtype)
+            print(f'* {label}: {utils.format_metrics(result)} ({len(loader_val.dataset)} images)')
+            if not prefix and not math.isfinite(result.get('loss', 0.0)):
+                raise FloatingPointError(
+                    f'epoch {epoch} gives an evaluation loss of {result["loss"]}: not saved; '
+                    f'{self._resume_point(state)}'
+                )
+            key = best_metric and f'{best_metric}{"_ema" if prefix else ""}'
+            if key and result.get(best_metric) is not None and result[best_metric] > state.best.get(key, -math.inf):
+                state.best[key] = result[best_metric]
+                improved.append(f'best{"_ema" if prefix else ""}.pth')
+            stats.update({prefix + k: v for k, v in result.items()})
+        if state.best:
+            print('Best: ' + ', '.join(f'{k} {v:.2f}' for k, v in state.best.items()))
+        return stats, improved
 
-    def _resume(self, task: Task, optimizer, scaler, steps_per_epoch: int) -> checkpoints.TrainingState:
-        saved_opt, opt = checkpoints.flags_of(self.checkpoint).get('opt'), getattr(self.args, 'opt', None)
+    def _save(self, checkpoint: dict, *names: str):
+        """One serialisation under every name, in order (the resume point last); the other processes wait."""
+        if self.output is not None:
+            checkpoints.save_checkpoint(checkpoint, *map(self.output.file, names))
+        distributed.barrier()
+
+    def _resumes(self) -> str:
+        if not self.args.output_dir:
+            return ' (no --output_dir: nothing saved)'
+        return f': {os.path.join(self.args.output_dir, RESUME_FILE)} resumes there (run the same command again)'
+
+    def _resume_point(self, state) -> str:
+        if not self.args.output_dir:
+            return 'nothing is saved without --output_dir'
+        if state.last_log is None:
+            return 'no checkpoint was written yet'
+        path = os.path.join(self.args.output_dir, RESUME_FILE)
+        return f'the resume point stays {path} of epoch {state.last_log["epoch"]}'
+
+    def _resume(self, optimizer, scaler, steps_per_epoch: int, steps_fixed: bool) -> checkpoints.TrainingState:
+        flags, args = checkpoints.flags_of(self.checkpoint), self.args
         if (
             'epoch' in self.checkpoint
-            and isinstance(saved_opt, str)
-            and opt is not None
-            and saved_opt.lower() != opt.lower()
+            and isinstance(flags.get('opt'), str)
+            and flags['opt'].lower() != getattr(args, 'opt', flags['opt']).lower()
         ):
             raise UsageError(
-                f'{self.resume_path} was trained with --opt {saved_opt}, whose state --opt {opt} cannot '
-                f'continue: resume with --opt {saved_opt}, or start from its weights with --finetune'
+                f'{self.resume_path} was trained with --opt {flags["opt"]}, whose state --opt {args.opt} '
+                'cannot continue: resume with its --opt, or start from its weights with --finetune'
             )
         state = checkpoints.restore_training(
             self.checkpoint,
             self.resume_path,
             optimizer=optimizer,
             scaler=scaler,
-            best_metric=task.best_metric,
             world_size=self.world_size,
-            batch_size=self.args.batch_size,
+            batch_size=args.batch_size,
             steps_per_epoch=steps_per_epoch,
-            schedule_in_epochs=task.schedule_in_epochs,
-            amp=self.args.amp,
-            start_option='--finetune' if hasattr(self.args, 'finetune') else '--pretrained',
+            steps_fixed=steps_fixed,
+            amp=args.amp,
         )
-        ours = isinstance(self.checkpoint.get('args'), dict)  # the authors' flags mean other things
-        now = {k.replace('-', '_'): v for k, v in self.config.items()}
-        changed = {
-            k: (v, now[k])
-            for k, v in (checkpoints.flags_of(self.checkpoint) if ours else {}).items()
-            if k in now and k not in IGNORED_CHANGES and v != now[k]
-        }
-        if changed:
-            print(
-                'Changed since the checkpoint, applied: '
-                + ', '.join(
-                    f'--{k.replace("_", "-")} {json.dumps(a)} -> {json.dumps(b)}' for k, (a, b) in changed.items()
+        if isinstance(self.checkpoint.get('args'), dict):  # ours (the authors' flags mean other things)
+            now = {k.replace('-', '_'): v for k, v in self.parser.to_config(args).items()}
+            changed = {
+                k: (v, now[k]) for k, v in flags.items() if k in now and k not in IGNORED_CHANGES and v != now[k]
+            }
+            if changed:
+                print(
+                    'Changed since the checkpoint, applied: '
+                    + ', '.join(
+                        f'--{k.replace("_", "-")} {json.dumps(a)} -> {json.dumps(b)}' for k, (a, b) in changed.items()
+                    )
                 )
-            )
-        epoch = self.checkpoint['epoch']
-        print(
-            f'Resumed from {self.resume_path} (epoch {epoch}'
-            + (f', step {state.first_step} of epoch {state.start_epoch}' if state.first_step else '')
-            + ')'
-        )
+        progress = f', step {state.first_step} of epoch {state.start_epoch}' if state.first_step else ''
+        print(f'Resumed from {self.resume_path} (epoch {self.checkpoint["epoch"]}{progress})')
         return state
 
 
-def report_taken(source: str, values: dict, args):
-    """Set the flags of `values` ({destination: value}) that the user did not give, and print those that
-    changed."""
-    taken = {}
-    for dest, value in values.items():
-        if dest not in args.given and value != getattr(args, dest):
-            setattr(args, dest, value)
-            taken[dest] = value
-    if taken:
-        print(
-            f'From {source} (give a flag to override): '
-            + ', '.join(f'--{k.replace("_", "-")} {json.dumps(v)}' for k, v in taken.items())
-        )
+def _same_folder(a: str, b: str) -> bool:
+    return os.path.dirname(os.path.realpath(a)) == os.path.dirname(os.path.realpath(b))
 
 
-def _other_resume_points(folder: str) -> str:
-    """For the message about a damaged checkpoint.pth: the whole checkpoints beside it a run can resume from."""
-    others = checkpoints.resumable_checkpoints(folder, exclude=RESUME_FILE)
-    if not others:
-        return ''
-    first = others[0].split(' (')[0]
-    return (
-        f'; whole checkpoints in {folder} to resume from: {", ".join(others)} (e.g. --resume '
-        f'{os.path.join(folder, first)})'
-    )
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask the run to stop (a repeated signal, from the cluster and from torchrun, counts once):
+    noticed between steps, agreed by all processes where the host next reads the losses (every --print-freq steps,
+    engine.train_one_epoch). Computing, evaluating and saving are never cut short."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

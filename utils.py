@@ -1,16 +1,15 @@
-"""Small helpers of the run and the loops: files replaced atomically, autocast precision, the data-loading
-wrappers that make every random draw a function of (seed, epoch, rank, position), and metric logging."""
+"""Small helpers of the run and the loops: files replaced atomically, precision, seeding, data loaders whose every
+random draw is a function of (seed, epoch, rank, position), and metric logging."""
 
 import contextlib
+import ctypes
 import datetime
 import errno
 import glob
 import os
 import random
 import signal
-import stat
 import tempfile
-import threading
 import time
 from collections import defaultdict, deque
 from typing import List, Optional
@@ -18,92 +17,36 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from errors import UsageError, is_out_of_memory
+from errors import UsageError
 
 # ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
 
 
-def output_kind(path) -> str:
-    """How atomic_file writes `path`: 'replace' (a regular file, or none yet: a temporary file renamed over it)
-    or 'stream' (a character device or a FIFO, such as /dev/null, a terminal or a pipe: written in place, never
-    replaced). A folder, a block device or a socket is refused with a one-line UsageError: replacing one would
-    destroy it, and writing into a disk device destroys what it holds."""
-    try:
-        mode = os.stat(path).st_mode  # through symbolic links: what a link points to is what gets written
-    except FileNotFoundError:
-        return 'replace'
-    except OSError as e:
-        raise UsageError(f'cannot write {path} ({e.strerror.lower()})') from None
-    if stat.S_ISREG(mode):
-        return 'replace'
-    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
-        return 'stream'
-    if stat.S_ISDIR(mode):
-        raise UsageError(f'cannot write {path}: it is a folder; give a file name')
-    kind = 'a block device' if stat.S_ISBLK(mode) else 'a socket' if stat.S_ISSOCK(mode) else 'not a file'
-    raise UsageError(
-        f'refusing to write {path}: it is {kind} (outputs go to regular files, or to character '
-        'devices and FIFOs such as /dev/null or a pipe)'
-    )
-
-
-def check_output_file(path, flag: str):
-    """Refuse, before any work, an output file that atomic_file could not write: a folder, a block device, a
-    socket, or a file whose folder is missing or not writable (one-line UsageErrors naming `flag`)."""
-    try:
-        if output_kind(path) == 'stream':
-            return
-    except UsageError as e:
-        raise UsageError(f'{flag}: {e}') from None
-    folder = os.path.dirname(os.path.realpath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f'{flag} {path}: the folder {folder} does not exist')
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f'{flag} {path}: the folder {folder} is not writable')
+def check_output_file(path, flag: str, suffixes=()):
+    """Refuse, before any work, an output file that is not a regular file (a folder, /dev/null: a rename would
+    replace it), whose folder is missing, or whose name lacks the expected suffix (a figure written over
+    checkpoint.pth)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f'{flag} {path} exists and is not a regular file: give a file name')
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UsageError(f'{flag} {path}: its folder does not exist')
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise UsageError(f'{flag} {path}: expected a file name ending in {" or ".join(suffixes)}')
 
 
 @contextlib.contextmanager
 def atomic_file(path, mode: str = 'wb'):
     """Open `path` for writing such that it always holds a whole file: a temporary file beside it, fsynced and
-    renamed over it when the block ends (the old file stays until the new one is complete; a symbolic link is
-    followed, so the file it points to is replaced). On an error the temporary file is removed; a full disk
-    raises OSError(ENOSPC) naming `path`. A character device or a FIFO is written in place, a folder, block
-    device or socket refused (see output_kind). Ctrl-C during the write lets it finish first (a second Ctrl-C
-    stops it at once, the temporary file removed), then raises KeyboardInterrupt."""
-    path = os.fspath(path)
-    kind = output_kind(path)
-    with _ctrl_c_deferred():
-        if kind == 'stream':
-            with _open_stream(path, mode) as f:
-                yield f
-        else:
-            with _replacing(os.path.realpath(path), path, mode) as f:
-                yield f
-
-
-@contextlib.contextmanager
-def _open_stream(path: str, mode: str):
-    flags = os.O_WRONLY | os.O_NONBLOCK  # a FIFO nobody reads: ENXIO at once instead of waiting forever
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        if e.errno == errno.ENXIO:
-            raise UsageError(f'cannot write {path}: it is a FIFO that no process reads') from None
-        raise
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, mode) as f:
-        yield f
-
-
-@contextlib.contextmanager
-def _replacing(target: str, named: str, mode: str):
+    renamed over it when the block ends. A symbolic link is followed; only a regular file is replaced."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise UsageError(f'refusing to replace {path}: it is not a regular file')
     directory = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates the file private (0600)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -111,13 +54,17 @@ def _replacing(target: str, named: str, mode: str):
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."): say what it was.
+        os.remove(tmp)
+        # torch.save reports a failed write as a RuntimeError: say what it was when the disk is full.
         if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), named) from None
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) from None
         raise
     sync_folder(directory)  # the rename itself survives a crash
+
+
+def _disk_is_full(directory: str) -> bool:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize < 64 * 2**20
 
 
 def sync_folder(directory: str):
@@ -129,46 +76,9 @@ def sync_folder(directory: str):
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _ctrl_c_deferred():
-    """Ctrl-C (SIGINT) while a file is written: noted, and raised as KeyboardInterrupt once the write is done, so
-    that torch.save is never cut off inside its C++ writer (which turns the interrupt into "unexpected pos" or
-    aborts). A second Ctrl-C interrupts at once; whatever the write then raises becomes KeyboardInterrupt.
-    Only where Python's own SIGINT handler is installed, in the main thread."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
-        return
-    pressed = []
-
-    def note(signum, frame):
-        pressed.append(signum)
-        if len(pressed) > 1:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    except BaseException:
-        if pressed:
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pressed:
-        raise KeyboardInterrupt
-
-
-def _disk_is_full(directory: str) -> bool:
-    stats = os.statvfs(directory)
-    return stats.f_bavail * stats.f_frsize < 64 * 2**20
-
-
 def remove_stale_temporaries(folder) -> List[str]:
-    """Delete the temporary files (see atomic_file) that killed writes left in `folder` (call only while no
-    other process writes there: a run holds its output folder's lock). Returns their names."""
+    """Delete the temporary files that killed writes left in `folder` (only while no other process writes there:
+    a run holds its output folder's lock); returns their names."""
     stale = sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), '.*.tmp')))
     for path in stale:
         os.remove(path)
@@ -176,8 +86,23 @@ def remove_stale_temporaries(folder) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Precision
+# Memory and precision
 # ----------------------------------------------------------------------------------------------------
+
+
+def keep_freed_memory():
+    """Keep freed memory in the process (glibc): every large block is otherwise mapped on its own and handed back
+    when freed, so each eager step faults in and zeroes its temporaries again (about 200,000 minor page faults per
+    RAVLT-S eval step at batch 16, 224²; a few thousand with this: docs/performance.md). Leaves the user's own
+    allocator settings alone, and RAVLT_KEEP_HEAP=0 turns it off."""
+    own = any(k.startswith('MALLOC_') for k in os.environ) or 'malloc' in os.environ.get('LD_PRELOAD', '')
+    if own or os.environ.get('RAVLT_KEEP_HEAP', '1') == '0':
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no block mapped on its own
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): the top of the heap is kept
+
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
 
@@ -190,16 +115,20 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
-    """Where a module's weights are (the CPU for a module without any)."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device('cpu')
+    return next(module.parameters(), torch.empty(0)).device
+
+
+def non_finite_tensors(*modules: torch.nn.Module) -> List[str]:
+    """Names of the floating-point weights and buffers holding a NaN or an infinity (one read on the host)."""
+    named = [(name, t) for module in modules for name, t in module.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named]).tolist() if named else []
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Seeding: every generator is seeded from (seed, epoch, rank, position), so no generator state is ever
-# saved and a resumed run, at an epoch boundary or mid-epoch, with any number of data-loading workers,
-# draws exactly the numbers an uninterrupted one draws.
+# Seeding: every generator is seeded from (seed, epoch, rank, position), so no generator state is saved and a
+# run resumed at an epoch boundary or mid-epoch, with any number of data-loading workers, draws exactly the
+# numbers an uninterrupted one draws.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -209,33 +138,14 @@ def derive_seed(*keys: int) -> int:
 
 
 def seed_everything(seed: int):
-    """Seed python's, numpy's and torch's global generators (torch's on every device)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-class LoadError:
-    """What a sample that could not be loaded becomes in a batch: the message, naming the file;
-    `out_of_memory`: the failure was memory running out while loading it, not the file."""
-
-    def __init__(self, message: str, out_of_memory: bool = False):
-        self.message = message
-        self.out_of_memory = out_of_memory
-
-
-def describe_sample(dataset, index: int) -> str:
-    """The file behind a sample, for error messages: `dataset.sample_path(index)` through Subsets."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset, index = dataset.dataset, dataset.indices[index]
-    describe = getattr(dataset, 'sample_path', None)
-    return describe(index) if describe is not None else f'sample {index} of {type(dataset).__name__}'
-
-
 class SeededSampler(torch.utils.data.Sampler):
-    """Wraps a sampler: yields (index, keys) pairs, the keys (seed, epoch, rank, position in the epoch) from which
-    SeededDataset derives the sample's seed (in the data-loading worker: nothing per sample in the training
-    process). `skip(n)` starts the current epoch at position n (a mid-epoch resume)."""
+    """Wraps a sampler: yields (index, (seed, epoch, rank, position)), from which SeededDataset seeds the sample's
+    transform. `skip(n)` starts the current epoch at position n (a mid-epoch resume)."""
 
     def __init__(self, sampler, seed: int, rank: int):
         self.sampler, self.seed, self.rank = sampler, seed, rank
@@ -258,11 +168,16 @@ class SeededSampler(torch.utils.data.Sampler):
         return max(len(self.sampler) - self.start, 0)
 
 
+class LoadError:
+    """A sample that could not be loaded, as it travels in a batch: the message names its file."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class SeededDataset(torch.utils.data.Dataset):
-    """Wraps a dataset to take (index, keys) pairs (SeededSampler's): the global generators are seeded from the
-    keys before each sample's transform, so its augmentation depends neither on the worker that loads it nor on
-    what that worker loaded before (workers kept across epochs included). A sample that fails to load becomes a
-    LoadError naming its file."""
+    """Takes SeededSampler's (index, keys): the global generators are seeded from the keys before each sample's
+    transform, whichever worker loads it. A sample that fails to load becomes a LoadError naming its file."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -275,66 +190,69 @@ class SeededDataset(torch.utils.data.Dataset):
         seed_everything(derive_seed(*keys))
         try:
             return self.dataset[index]
-        except Exception as e:  # any failure of a sample: reported with its file, in one line
-            detail = ' '.join(str(e).split()) or type(e).__name__
-            return LoadError(f'{describe_sample(self.dataset, index)}: {detail}', is_out_of_memory(e))
+        except Exception as e:
+            dataset = self.dataset
+            while isinstance(dataset, torch.utils.data.Subset):
+                dataset, index = dataset.dataset, dataset.indices[index]
+            name = dataset.sample_path(index) if hasattr(dataset, 'sample_path') else f'sample {index}'
+            name = dataset.samples[index][0] if hasattr(dataset, 'samples') else name
+            return LoadError(f'cannot load {name}: {" ".join(str(e).split()) or type(e).__name__}')
 
 
 def collate_or_error(collate_fn):
     """A collate function that passes a batch's first LoadError on instead of collating."""
 
     def collate(batch):
-        error = next((s for s in batch if isinstance(s, LoadError)), None)
-        return error if error is not None else collate_fn(batch)
+        return next((s for s in batch if isinstance(s, LoadError)), None) or collate_fn(batch)
 
     return collate
 
 
+def checked(batch):
+    """A batch, or the one-line error of the sample in it that could not be loaded."""
+    if isinstance(batch, LoadError):
+        raise UsageError(batch.message)
+    return batch
+
+
+def _ignore_stop_signals(worker_id: int):
+    """Loader workers leave a cluster's stop signal to their process, which saves and then ends them (torch's
+    worker handler would die of a SIGTERM that does not come from the parent; SIGUSR1 ends a process)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def data_loader(dataset, sampler, batch_size: int, args, collate_fn=None, drop_last: bool = False):
+    """A DataLoader whose samples are seeded from (--seed, epoch, rank, position), with --num_workers persistent
+    workers (pinned memory on CUDA)."""
+    return torch.utils.data.DataLoader(
+        SeededDataset(dataset),
+        sampler=SeededSampler(sampler, args.seed, args.rank),
+        batch_size=batch_size,
+        num_workers=args.num_workers,
+        drop_last=drop_last,
+        persistent_workers=args.num_workers > 0,
+        pin_memory=args.pin_mem and args.device.type == 'cuda',
+        collate_fn=collate_or_error(collate_fn or torch.utils.data.default_collate),
+        worker_init_fn=_ignore_stop_signals,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
-# Metric logging
+# Metric logging (DeiT's)
 # ----------------------------------------------------------------------------------------------------
 
 
 def format_metrics(stats: dict) -> str:
     """'acc1 99.722, acc5 100.000, loss 0.034'; a metric that does not apply is null, as in the JSON files."""
-    return ', '.join(
-        f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {"null" if v is None else v}' for k, v in stats.items()
-    )
-
-
-class DataWait:
-    """When the main process began waiting for the batch it waits for now (time.monotonic()), or None while it
-    does anything else: how a stop signal tells a run stuck on its data from a busy one (trainer.StopSignals)."""
-
-    since: Optional[float] = None
-
-
-def _watched(iterable):
-    """Yield from `iterable`, recording in DataWait.since each wait for the next item."""
-    DataWait.since = time.monotonic()
-    try:
-        iterator = iter(iterable)
-        while True:
-            DataWait.since = time.monotonic()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                DataWait.since = None
-            yield item
-    finally:
-        DataWait.since = None
+    return ', '.join(f'{k} {"null" if v is None else f"{v:.3f}"}' for k, v in stats.items())
 
 
 class SmoothedValue:
-    """A series of values: the median and mean over a recent window and the global average."""
+    """A series of values: the median over a recent window and the (weighted) global average."""
 
     def __init__(self, window_size: int = 20, fmt: str = '{median:.4f} ({global_avg:.4f})'):
-        self.deque = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
+        self.deque, self.total, self.count, self.fmt = deque(maxlen=window_size), 0.0, 0, fmt
 
     def update(self, value: float, n: int = 1):
         self.deque.append(value)
@@ -342,29 +260,14 @@ class SmoothedValue:
         self.total += value * n
 
     @property
-    def median(self) -> float:
-        return float(np.median(self.deque)) if self.deque else 0.0
-
-    @property
-    def avg(self) -> float:
-        return float(np.mean(self.deque)) if self.deque else 0.0
-
-    @property
     def global_avg(self) -> float:
         return self.total / max(self.count, 1)
 
-    @property
-    def max(self) -> float:
-        return max(self.deque) if self.deque else 0.0
-
-    @property
-    def value(self) -> float:
-        return self.deque[-1] if self.deque else 0.0
-
     def __str__(self) -> str:
-        return self.fmt.format(
-            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
-        )
+        median = float(np.median(self.deque)) if self.deque else 0.0
+        avg = float(np.mean(self.deque)) if self.deque else 0.0
+        value = self.deque[-1] if self.deque else 0.0
+        return self.fmt.format(median=median, avg=avg, global_avg=self.global_avg, value=value)
 
 
 class MetricLogger:
@@ -374,17 +277,12 @@ class MetricLogger:
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
 
-    def update(self, **kwargs):
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.item()
-            self.meters[name].update(float(value))
-
-    def add_meter(self, name: str, meter: SmoothedValue):
-        self.meters[name] = meter
+    def update(self, n: int = 1, **values):
+        for name, value in values.items():
+            self.meters[name].update(float(value), n)
 
     def totals(self) -> dict:
-        """{name: [total, count]}: what `restore` needs to continue the global averages (a mid-epoch resume)."""
+        """{name: [total, count]}: what `restore` continues from (a mid-epoch resume)."""
         return {name: [meter.total, meter.count] for name, meter in self.meters.items()}
 
     def restore(self, totals: dict):
@@ -398,40 +296,24 @@ class MetricLogger:
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 
     def log_every(self, iterable, print_freq: int, header: str = '', start: int = 0, total: Optional[int] = None):
-        """Yield from `iterable`, printing after every `print_freq`-th step (and the last) the step, ETA, the
-        meters, the time per step and the data-loading time. `start`: the first step's number (a resumed
-        epoch); `total`: the steps of a whole epoch."""
-        total = total if total is not None else start + len(iterable)
-        width = len(str(total))
-        step_time = SmoothedValue(fmt='{avg:.4f}')
-        data_time = SmoothedValue(fmt='{avg:.4f}')
+        """Yield from `iterable`, printing every `print_freq` steps (and at the last) the step, ETA, the meters and
+        the time per step and for data. `start`: the first step's number (a resumed epoch); `total`: the steps of
+        a whole epoch."""
+        total = start + len(iterable) if total is None else total
+        step_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
         begin = end = time.time()
-        for i, obj in enumerate(_watched(iterable), start=start):
+        for i, obj in enumerate(iterable, start=start):
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)
             if (i + 1) % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(step_time.global_avg * (total - i - 1)))
-                parts = [
-                    f'{header} [{i:>{width}}/{total}]',
-                    f'eta: {eta}',
-                    str(self),
-                    f'time: {step_time}',
-                    f'data: {data_time}',
-                ]
+                parts = [f'{header} [{i:>{len(str(total))}}/{total}]', f'eta: {eta}', str(self)]
+                parts += [f'time: {step_time}', f'data: {data_time}']
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     parts.append(f'max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB')
                 print(self.delimiter.join(p for p in parts if p), flush=True)
             end = time.time()
-        steps = max(step_time.count, 1)
-        elapsed = datetime.timedelta(seconds=int(time.time() - begin))
-        print(f'{header} Total time: {elapsed} ({(time.time() - begin) / steps:.4f} s / it)', flush=True)
-
-
-def non_finite_tensors(*modules: torch.nn.Module) -> List[str]:
-    """Names of the floating-point weights and buffers that hold a NaN or an infinity (one read on the host)."""
-    named = [(name, t) for module in modules for name, t in module.state_dict().items() if t.is_floating_point()]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named]).tolist()
-    return [name for (name, _), ok in zip(named, finite) if not ok]
+        elapsed = time.time() - begin
+        per_step = elapsed / max(step_time.count, 1)
+        print(f'{header} Total time: {datetime.timedelta(seconds=int(elapsed))} ({per_step:.4f} s / it)', flush=True)

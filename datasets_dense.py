@@ -20,23 +20,10 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from datasets import load_rgb_image, open_regular
 from errors import UsageError
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-
-
-def check_img_scale(img_scale):
-    """(long, short) of --img-scale, which takes LONG SHORT as mmdet / mmseg configs write it (1333 800,
-    2048 512); the reverse order is refused rather than guessed."""
-    long, short = img_scale
-    if long < short:
-        raise UsageError(
-            f'--img-scale takes LONG SHORT (e.g. 1333 800 for COCO, 2048 512 for ADE20K), got {long} '
-            f'{short}: did you mean {short} {long}?'
-        )
-    return long, short
 
 
 def collate_lists(batch):
@@ -66,14 +53,6 @@ def coco_paths(data_path: str, split: str):
     return images, annotations
 
 
-class CocoImages(CocoDetection):
-    """torchvision's CocoDetection reading its images as datasets.load_rgb_image reads them (regular files only,
-    every depth in 8-bit RGB)."""
-
-    def _load_image(self, id: int) -> Image.Image:
-        return load_rgb_image(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
-
-
 class CocoInstances(torch.utils.data.Dataset):
     """A COCO-format split as (image float in [0, 1], target) for torchvision's detectors.
 
@@ -87,7 +66,7 @@ class CocoInstances(torch.utils.data.Dataset):
         image_folder, annotation_file = coco_paths(data_path, split)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
-                self.coco_dataset = CocoImages(image_folder, annotation_file)
+                self.coco_dataset = CocoDetection(image_folder, annotation_file)
         except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise UsageError(f'{annotation_file} is not a COCO annotation file ({type(e).__name__}: {e})') from None
         self.coco = self.coco_dataset.coco
@@ -271,8 +250,7 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         return len(self.images)
 
     def load_mask(self, index: int) -> torch.Tensor:
-        with open_regular(self.labels[index]) as f:
-            mask = np.array(Image.open(f), dtype=np.int64)
+        mask = np.array(Image.open(self.labels[index]), dtype=np.int64)
         if mask.ndim != 2:
             raise UsageError(f'{self.labels[index]} is not a single-channel label image (shape {mask.shape})')
         if self.reduce_zero_label:
@@ -290,7 +268,7 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         return f'{self.images[index]} (labels {self.labels[index]})'
 
     def __getitem__(self, index: int):
-        image = tv_tensors.Image(TF.pil_to_tensor(load_rgb_image(self.images[index])))
+        image = tv_tensors.Image(TF.pil_to_tensor(Image.open(self.images[index]).convert('RGB')))
         mask = tv_tensors.Mask(self.load_mask(index))
         if mask.shape != image.shape[-2:]:
             raise UsageError(
