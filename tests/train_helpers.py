@@ -93,6 +93,7 @@ def command_env(**extra) -> dict:
         'SLURM_NTASKS',
         'SLURM_LOCALID',
         'SLURM_STEP_NUM_TASKS',
+        'SLURM_JOB_ID',
         'MASTER_ADDR',
         'MASTER_PORT',
     ):
@@ -117,13 +118,14 @@ def run_here(entry_point, args):
     """An entry point's command line (`main`, `main_det`, `main_seg`) run in this process, as its command runs
     under command_env (the error policy included, one thread) but without starting an interpreter: a result
     with the returncode, stdout and stderr a CompletedProcess has."""
-    from cli import run_cli
+    from cli import one_line_errors
 
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_cli(entry_point.cli, [str(a) for a in args])
+            with one_line_errors():
+                entry_point.main(entry_point.get_args_parser().parse_args([str(a) for a in args]))
         except SystemExit as e:
             code = e.code
         finally:
