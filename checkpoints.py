@@ -8,6 +8,7 @@ and its classes); the authors' ImageNet files (`args` an argparse.Namespace); th
 
 import argparse
 import functools
+import inspect
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -161,6 +162,17 @@ def load_weights(
     problem = _mismatch(model_name, state, own, allowed_missing)
     if problem:
         raise UsageError(f'{source}: {problem}')
+    kinds, flags = getattr(model, 'attn_types', None), flags_of(checkpoint)
+    if kinds is not None and 'model_kwargs' in flags:  # ours record the arguments: kinds of one shape share names
+        theirs = (flags['model_kwargs'] or {}).get(
+            'attn_types', inspect.signature(type(model)).parameters['attn_types'].default
+        )
+        theirs = [theirs] * len(kinds) if isinstance(theirs, str) else list(theirs)
+        if theirs != list(kinds):
+            raise UsageError(
+                f'{source} was trained with attn_types {theirs}, the model has {list(kinds)}: give its attn_types '
+                'in --model-kwargs (or leave --model-kwargs out to take them from the checkpoint)'
+            )
     model.load_state_dict(state, strict=False)
 
 

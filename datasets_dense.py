@@ -71,8 +71,10 @@ class CocoInstances(torch.utils.data.Dataset):
             raise UsageError(f'{annotation_file} is not a COCO annotation file ({type(e).__name__}: {e})') from None
         self.coco = self.coco_dataset.coco
         self.category_ids = sorted(self.coco.getCatIds())
-        if not self.category_ids:
-            raise UsageError(f'{annotation_file} defines no categories')
+        if not self.category_ids or not all(isinstance(c, int) and c >= 0 for c in self.category_ids):
+            raise UsageError(
+                f'{annotation_file}: its category ids must be integers, 0 or more (got {self.category_ids[:5]})'
+            )
         used = {a['category_id'] for a in self.coco.dataset.get('annotations', [])}
         undefined = sorted(used - set(self.category_ids))
         if undefined:
@@ -253,15 +255,19 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
         mask = np.array(Image.open(self.labels[index]), dtype=np.int64)
         if mask.ndim != 2:
             raise UsageError(f'{self.labels[index]} is not a single-channel label image (shape {mask.shape})')
-        if self.reduce_zero_label:
-            mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
+        # File labels: the classes (from 1 with --reduce-zero-label, whose 0 is ignored) and 255, ignored.
         labels = np.unique(mask)
-        labels = labels[labels != IGNORE_INDEX]
-        if len(labels) and labels.max() >= self.num_classes:
+        wrong = labels[
+            ((labels < 0) | (labels >= self.num_classes + self.reduce_zero_label)) & (labels != IGNORE_INDEX)
+        ]
+        if len(wrong):
+            top = self.num_classes - 1 + self.reduce_zero_label
             raise UsageError(
-                f'{self.labels[index]} holds label {labels.max() + int(self.reduce_zero_label)} but '
-                f"--num-classes is {self.num_classes}: set --num-classes to the data set's class count"
+                f'{self.labels[index]} holds label {wrong[-1]}, outside 0..{top} and 255 (ignored) for --num-classes '
+                f"{self.num_classes}: set --num-classes to the data set's class count"
             )
+        if self.reduce_zero_label:
+            mask = np.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask - 1)
         return torch.from_numpy(mask)
 
     def sample_path(self, index: int) -> str:

@@ -28,7 +28,7 @@ def launch_environment(env=None) -> dict:
     (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID; the rendezvous on the step's first node, at a port
     derived from the job id unless MASTER_PORT is set), else one process."""
     env = os.environ if env is None else env
-    if 'RANK' in env or 'WORLD_SIZE' in env:
+    if ('RANK' in env or 'WORLD_SIZE' in env) and env.get('WORLD_SIZE') != '1':
         missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in env]
         if missing or not (env['RANK'].isdigit() and env['WORLD_SIZE'].isdigit()):
             raise UsageError(
@@ -71,8 +71,9 @@ def init_distributed(args):
     """Sets args.rank, world_size, device and dist_backend; with several processes the process group (NCCL on
     CUDA, gloo on the CPU unless --dist-backend) with --dist-timeout. Then only rank 0 prints."""
     launch = launch_environment()
-    os.environ.update(launch)  # torch's env:// initialisation reads them
     args.rank, args.world_size = int(launch['RANK']), int(launch['WORLD_SIZE'])
+    if args.world_size > 1:
+        os.environ.update(launch)  # torch's env:// initialisation reads them
     if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda':
         if not torch.cuda.is_available():
             raise UsageError('--device cuda was asked for but CUDA is not available; use --device cpu')

@@ -27,7 +27,7 @@ from cli import COUNT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, numbe
 from datasets import DATA_SETS, build_dataset
 from errors import UsageError
 from model_factory import checkpoint_classes, create_model, model_from_checkpoint
-from models import resolve_model_name
+from models import RAVLT_CONFIGS, resolve_model_name
 from run import Run
 
 # The flags that describe the model and its evaluation: --eval and --resume take them from the checkpoint.
@@ -92,6 +92,12 @@ def get_args_parser() -> cli.ArgumentParser:
         '--sched-on-updates',
         action='store_true',
         help='step the schedule after every optimizer step, not once per epoch (short runs)',
+    )
+    schedule.add_argument(
+        '--sched-after-epoch',
+        action='store_true',
+        help="step the schedule after each epoch, as the authors' loop does: epoch e >= 1 trains at lr(e - 1), "
+        'epochs 0 and 1 at --warmup-lr (default: epoch e at lr(e))',
     )
     schedule.add_argument('--decay-epochs', type=POSITIVE, default=30, metavar='N', help='for the step scheduler')
     schedule.add_argument('--decay-rate', type=POSITIVE, default=0.1, metavar='RATE', help='for the step scheduler')
@@ -185,6 +191,12 @@ def main(args):
                     f'in train, {len(dataset_val.classes)} in val'
                 )
 
+        own = RAVLT_CONFIGS.get(resolve_model_name(args.model), {}).get('drop_path_rate')
+        if not (args.eval or args.finetune) and args.drop_path is not None and own not in (None, args.drop_path):
+            print(
+                f"note: --drop-path {args.drop_path} replaces {args.model}'s own {own} (the authors' run.sh passes "
+                f'--drop-path 0.05, which their code ignores: their {args.model} trained at {own})'
+            )
         create_kwargs = dict(
             drop_rate=args.drop, **({} if args.drop_path is None else {'drop_path_rate': args.drop_path})
         )
@@ -286,6 +298,7 @@ def main(args):
             max_norm=args.clip_grad,
             best_metric='acc1',
             backup_every=args.save_freq,
+            schedule_lag=int(args.sched_after_epoch),
         )
 
 

@@ -228,10 +228,12 @@ class Run:
         best_metric: Optional[str] = None,
         backup_every: int = 0,
         length_flag: str = '--epochs',
+        schedule_lag: int = 0,
     ) -> dict:
         """Train for `total_steps` with evaluation (after every epoch, or after the epoch that passes each multiple
         of `eval_interval` steps, and the last), checkpoints and logs; returns the last evaluation's metrics.
-        `steps_fixed`: the schedule counts steps whatever the process count and batch (segmentation)."""
+        `steps_fixed`: the schedule counts steps whatever the process count and batch (segmentation).
+        `schedule_lag` 1: epoch e trains at the schedule's lr(e - 1), as the authors' loop steps it."""
         args, config = self.args, self.parser.to_config(self.args)
         print(json.dumps(config))
         steps_per_epoch = len(loader_train)
@@ -273,6 +275,14 @@ class Run:
             ddp = compile_model(ddp, self.device)
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f'number of params: {n_parameters}')
+        used, images = steps_per_epoch * args.batch_size * self.world_size, len(loader_train.dataset)
+        if used < images:
+            print(
+                f'note: {images - used} of the {images} training images are left out of each epoch (incomplete '
+                'batches); a --batch-size that divides the images of each process uses them all'
+            )
+        if not args.output_dir:
+            print('warning: no --output_dir: nothing is saved (no checkpoint, no log)')
         sampler, stats, start_time = loader_train.sampler, {}, time.time()
         with StopSignals() as stop:  # before the announcement: a signal after it is handled
             print(
@@ -280,75 +290,83 @@ class Run:
                 f'epoch {state.start_epoch}: total batch {args.batch_size * self.world_size}, '
                 f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}'
             )
-            for epoch in range(state.start_epoch, num_epochs):
-                sampler.set_epoch(epoch)
-                sampler.skip(state.first_step * args.batch_size)
-                lr_scheduler.step(epoch)
-                steps_before = state.global_step - state.first_step
-                result = engine.train_one_epoch(
-                    ddp,
-                    criterion,
-                    loader_train,
-                    optimizer,
-                    scaler,
-                    self.device,
-                    epoch,
-                    amp_dtype=self.amp_dtype,
-                    mixup_fn=mixup_fn,
-                    lr_scheduler=lr_scheduler,
-                    model_ema=model_ema,
-                    max_norm=max_norm,
-                    seed=args.seed,
-                    first_step=state.first_step,
-                    global_step=state.global_step,
-                    last_step=total_steps,
-                    totals=state.totals,
-                    stop_requested=stop,
-                    print_freq=args.print_freq,
-                )
-                state.global_step, state.first_step, state.totals = result.global_step, 0, None
-                save = dict(
-                    model=model,
-                    model_ema=model_ema,
-                    optimizer=optimizer,
-                    lr_scheduler=lr_scheduler,
-                    scaler=scaler,
-                    state=state,
-                    args=config,
-                    meta=meta,
-                    world_size=self.world_size,
-                )
-                if result.stopped and result.steps < steps_per_epoch and result.global_step < total_steps:
-                    progress = {'steps': result.steps, 'global_step': result.global_step, 'totals': result.totals}
-                    self._save(checkpoints.training_checkpoint(epoch=epoch - 1, progress=progress, **save), RESUME_FILE)
-                    raise Preempted(
-                        f'{stop.received or "a stop signal (to another process)"} received during epoch '
-                        f'{epoch}; stopped after {result.steps} of its {steps_per_epoch} steps{self._resumes()}'
+            try:
+                for epoch in range(state.start_epoch, num_epochs):
+                    sampler.set_epoch(epoch)
+                    sampler.skip(state.first_step * args.batch_size)
+                    lr_scheduler.step(max(epoch - schedule_lag, 0))
+                    steps_before = state.global_step - state.first_step
+                    result = engine.train_one_epoch(
+                        ddp,
+                        criterion,
+                        loader_train,
+                        optimizer,
+                        scaler,
+                        self.device,
+                        epoch,
+                        amp_dtype=self.amp_dtype,
+                        mixup_fn=mixup_fn,
+                        lr_scheduler=lr_scheduler,
+                        model_ema=model_ema,
+                        max_norm=max_norm,
+                        seed=args.seed,
+                        first_step=state.first_step,
+                        global_step=state.global_step,
+                        last_step=total_steps,
+                        totals=state.totals,
+                        stop_requested=stop,
+                        print_freq=args.print_freq,
                     )
-                due = eval_interval is None or state.global_step // eval_interval > steps_before // eval_interval
-                evaluation, names = {}, [RESUME_FILE]  # the resume point last
-                if due or state.global_step >= total_steps:
-                    evaluation, improved = self._evaluate_epoch(
-                        epoch, model, model_ema, loader_val, evaluate, state, best_metric
+                    state.global_step, state.first_step, state.totals = result.global_step, 0, None
+                    save = dict(
+                        model=model,
+                        model_ema=model_ema,
+                        optimizer=optimizer,
+                        lr_scheduler=lr_scheduler,
+                        scaler=scaler,
+                        state=state,
+                        args=config,
+                        meta=meta,
+                        world_size=self.world_size,
                     )
-                    stats, names = {k: v for k, v in evaluation.items() if not k.startswith('ema_')}, improved + names
-                if backup_every and epoch % backup_every == 0:
-                    names.insert(0, f'backup{epoch}.pth')
-                state.last_log = {
-                    'epoch': epoch,
-                    'step': state.global_step,
-                    'n_parameters': n_parameters,
-                    **{f'train_{k}': v for k, v in result.stats.items()},
-                    **{f'test_{k}': v for k, v in evaluation.items()},
-                }
-                self._save(checkpoints.training_checkpoint(epoch=epoch, **save), *names)
-                if self.output is not None:
-                    self.output.append_log(state.last_log)
-                if epoch + 1 < num_epochs and distributed.all_reduce_sum([float(stop())])[0]:
-                    raise Preempted(
-                        f'{stop.received or "a stop signal (to another process)"} received during epoch '
-                        f'{epoch}; stopped after it{self._resumes()}'
-                    )
+                    if result.stopped and result.steps < steps_per_epoch and result.global_step < total_steps:
+                        progress = {'steps': result.steps, 'global_step': result.global_step, 'totals': result.totals}
+                        self._save(
+                            checkpoints.training_checkpoint(epoch=epoch - 1, progress=progress, **save), RESUME_FILE
+                        )
+                        raise Preempted(
+                            f'{stop.received or "a stop signal (to another process)"} received during epoch '
+                            f'{epoch}; stopped after {result.steps} of its {steps_per_epoch} steps{self._resumes()}'
+                        )
+                    due = eval_interval is None or state.global_step // eval_interval > steps_before // eval_interval
+                    evaluation, names = {}, [RESUME_FILE]  # the resume point last
+                    if due or state.global_step >= total_steps:
+                        evaluation, improved = self._evaluate_epoch(
+                            epoch, model, model_ema, loader_val, evaluate, state, best_metric
+                        )
+                        stats, names = (
+                            {k: v for k, v in evaluation.items() if not k.startswith('ema_')},
+                            improved + names,
+                        )
+                    if backup_every and epoch % backup_every == 0:
+                        names.insert(0, f'backup{epoch}.pth')
+                    state.last_log = {
+                        'epoch': epoch,
+                        'step': state.global_step,
+                        'n_parameters': n_parameters,
+                        **{f'train_{k}': v for k, v in result.stats.items()},
+                        **{f'test_{k}': v for k, v in evaluation.items()},
+                    }
+                    self._save(checkpoints.training_checkpoint(epoch=epoch, **save), *names)
+                    if self.output is not None:
+                        self.output.append_log(state.last_log)
+                    if epoch + 1 < num_epochs and distributed.all_reduce_sum([float(stop())])[0]:
+                        raise Preempted(
+                            f'{stop.received or "a stop signal (to another process)"} received during epoch '
+                            f'{epoch}; stopped after it{self._resumes()}'
+                        )
+            except KeyboardInterrupt:  # Ctrl-C: say where the run can resume
+                raise KeyboardInterrupt(self._resume_point(state)) from None
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
         return stats
 

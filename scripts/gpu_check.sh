@@ -1,109 +1,141 @@
 #!/usr/bin/env bash
-# What one CUDA GPU can check of the training paths, in one go (sized for well under 8 minutes on one
-# H200-class GPU: tiny models, synthetic data), each run into a fresh folder OUTPUT_ROOT/<date>-<time>-<pid>
-# (default OUTPUT_ROOT: output/gpu_check), every result under it:
-#   pytest.txt            the tests that need CUDA (pytest -k cuda)
-#   host_syncs.json       host synchronisations of 32 fp16 training steps (CUDA sync debug mode; fails above one
-#                         per --print-freq steps and one per epoch)
-#   cls_reference/        two processes on the one GPU (gloo with CUDA tensors), --deterministic, fp16, --clip-grad,
-#                         --model-ema-force-cpu: two epochs never stopped
-#   cls_resumed/          the same run stopped by SIGTERM in epoch 1, then started again
-#   resume_exact.txt      whether cls_resumed ends bit-identical to cls_reference (weights, EMA, optimizer)
-#   cls_bf16/             one process, bf16, cuDNN benchmarking (no --deterministic)
-#   cls_bf16_compile/     the same with --compile (Inductor, triton kernels)
-#   det/, seg/            main_det.py (Mask R-CNN) and main_seg.py (Semantic FPN), two processes on the GPU
-#   benchmark_*.json      with BENCHMARK=1 only: scripts/benchmark.py in fp32, fp16, bf16 and under torch.compile
-#                         (several more minutes; AUTHORS_FILE=path/to/RALA.py adds the authors' model)
-# NCCL needs one GPU per process, so it is not exercised with one GPU.
+# What one CUDA GPU can check of the training paths, in one go, with the machine's own Python (a GPU node often
+# has torch, torchvision and timm installed and no package index): packages it lacks come from wheels carried
+# beside this script (WHEELS, default .gpu_wheels/, made by `bash scripts/gpu_check.sh --prepare` where pip can
+# download). Sized for under 8 minutes on one H100-class GPU (tiny models and synthetic data, but for the
+# benchmark). Every result goes under OUT (default output/gpu_check/<date>-<time>):
+#   env.txt               python, torch, the GPU; which backend two processes on one GPU use (NCCL if it takes
+#                         two ranks on one device, else gloo)
+#   pytest.txt            the tests that need CUDA (RALA's dtypes under real CUDA autocast ...)
+#   stop/                 two processes, loader workers, fp16, --deterministic: a run never stopped; the same run
+#                         stopped by SIGTERM to every process (torchrun, the training processes, their loader
+#                         workers) in epoch 1 and started again; resume_exact.txt: bit-identical or not
+#   amp_fp16/, amp_bf16/  one process, a short run in each precision
+#   compile_ddp/          two processes with --compile (DDP inside torch.compile)
+#   host_syncs.json       host synchronisations of 32 fp16 training steps (at most one per --print-freq steps)
+#   benchmark.json        RAVLT-S against the authors' implementation (AUTHORS_FILE=path/to/RALA.py), bf16, batch
+#                         128: img/s and peak memory, eval and train
+#   steps.txt             each step's exit code and the expected one
 #
-#   bash scripts/gpu_check.sh [OUTPUT_ROOT]
+#   bash scripts/gpu_check.sh --prepare     # here, with pip and a network: the wheels for the GPU node
+#   bash scripts/gpu_check.sh               # there: PYTHON (default python3), WHEELS, OUT, AUTHORS_FILE
 #   DRY_RUN=1 bash scripts/gpu_check.sh     # print the commands, run nothing
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
-OUT="${1:-output/gpu_check}/$(date +%Y%m%d-%H%M%S)-$$"
-BATCH="${BATCH:-128}"
-
+PYTHON="${PYTHON:-python3}"
+WHEELS="${WHEELS:-.gpu_wheels}"
+NEEDED=(fvcore iopath yacs termcolor)  # pure Python: what main.py needs beyond a GPU node's usual packages
+if [ "${1:-}" = --prepare ]; then
+    mkdir -p "$WHEELS"
+    exec "$PYTHON" -m pip wheel --no-deps --wheel-dir "$WHEELS" fvcore==0.1.5.post20221221 iopath==0.1.10 \
+        yacs==0.1.8 termcolor==3.1.0
+fi
+OUT="${OUT:-output/gpu_check/$(date +%Y%m%d-%H%M%S)}"
+DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu rehearses the steps that need no GPU (tests/test_gpu_check.py)
 FAILED=0
 
-# Run a step (print it; with DRY_RUN only print it); a failure is recorded in $OUT/steps.txt and the check goes
-# on. step_expecting NAME CODE ... records the exit code of a step that is meant to fail (a stop signal).
-step() {
-    step_expecting "" 0 "$@"
-}
-
-step_expecting() {
-    local name="$1" expected="$2"
-    shift 2
+run() {  # run [--expect CODE] NAME COMMAND...: record the exit code; a failure marks the check failed
+    local expected=0
+    if [ "$1" = --expect ]; then expected="$2"; shift 2; fi
+    local name="$1"
+    shift
     echo "+ $(printf '%q ' "$@")"
-    if [ -z "${DRY_RUN:-}" ]; then
-        local code=0
-        "$@" || code=$?
-        echo "$code (expected $expected) $*" >> "$OUT/steps.txt"
-        if [ "$code" != "$expected" ]; then
-            echo "step failed with exit code $code (expected $expected): $*"
-            FAILED=1
-        fi
-    fi
+    [ -n "${DRY_RUN:-}" ] && return 0
+    local code=0
+    "$@" > "$OUT/$name.log" 2>&1 || code=$?
+    echo "$name: exit $code (expected $expected)" | tee -a "$OUT/steps.txt"
+    [ "$code" = "$expected" ] || FAILED=1
 }
 
-if [ -z "${DRY_RUN:-}" ]; then
-    python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device is visible; this script checks the GPU paths')"
-    mkdir -p "$OUT"
-fi
+descendants() {  # every process a process started, its loader workers included
+    local child
+    for child in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+
 echo "Results: $OUT"
+if [ -z "${DRY_RUN:-}" ]; then
+    mkdir -p "$OUT"
+    missing=$(for p in "${NEEDED[@]}"; do "$PYTHON" -c "import $p" 2>/dev/null || echo "$p"; done)
+    if [ -n "$missing" ]; then
+        if ! ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+            echo "error: $PYTHON lacks $(echo $missing) and $WHEELS/ holds no wheels: run 'bash scripts/gpu_check.sh --prepare' where pip can download, and carry $WHEELS/ here" >&2
+            exit 2
+        fi
+        SITE="$(mktemp -d)"
+        "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl || exit 2
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    "$PYTHON" - > "$OUT/env.txt" 2>&1 <<EOF || { cat "$OUT/env.txt"; exit 2; }
+import sys, torch, timm, fvcore
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__)
+if '$DEVICE' == 'cuda':
+    assert torch.cuda.is_available(), 'no CUDA device is visible'
+    print(torch.cuda.get_device_name(), 'CUDA', torch.version.cuda)
+EOF
+fi
+BACKEND=gloo
+if [ "$DEVICE" = cuda ] && [ -z "${DRY_RUN:-}" ] && "$PYTHON" - >> "$OUT/env.txt" 2>&1 <<'EOF'
+import os, torch, torch.distributed as dist, torch.multiprocessing as mp
+def rank(r):
+    dist.init_process_group('nccl', init_method='tcp://127.0.0.1:29517', rank=r, world_size=2)
+    x = torch.ones(1, device='cuda')
+    dist.all_reduce(x)
+    assert x.item() == 2
+    dist.destroy_process_group()
+mp.spawn(rank, nprocs=2)
+EOF
+then BACKEND=nccl; fi
+[ -z "${DRY_RUN:-}" ] && echo "two processes on one GPU: $BACKEND" >> "$OUT/env.txt"
 
 TINY='{"embed_dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 4], "projection_dim": 64}'
 CLS=(--model RAVLT_T --model-kwargs "$TINY" --data-set FAKE --input-size 64 --batch-size 32 --epochs 2
-     --warmup-epochs 1 --device cuda --num_workers 2 --print-freq 4 --save-freq 0 --model-ema-warmup)
-TWO_ON_ONE=(torchrun --standalone --nproc_per_node=2)
+     --warmup-epochs 1 --device "$DEVICE" --num_workers 2 --print-freq 4 --save-freq 0 --model-ema-warmup)
+TWO=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2)
+AMP=fp16
+[ "$DEVICE" = cpu ] && AMP=bf16
+STOP=("${CLS[@]}" --dist-backend "$BACKEND" --deterministic --amp "$AMP" --clip-grad 1.0 --model-ema-force-cpu)
 
-step bash -o pipefail -c "python -m pytest -q -k cuda tests/ 2>&1 | tee '$OUT/pytest.txt'"
-
-step python scripts/host_syncs.py --json "$OUT/host_syncs.json" -- "${CLS[@]}" --epochs 1 --amp fp16 \
-    --output_dir "$OUT/host_syncs"
-
-EXACT=(--dist-backend gloo --deterministic --amp fp16 --clip-grad 1.0 --model-ema-force-cpu)
-step "${TWO_ON_ONE[@]}" main.py "${CLS[@]}" "${EXACT[@]}" --output_dir "$OUT/cls_reference"
-# Rank 0 sends itself SIGTERM before the run's step 20 (epoch 1, step 4 of 16): every process stops at step 8.
-step_expecting cls_stopped 1 env SIGNAL_AT=0:20:SIGTERM "${TWO_ON_ONE[@]}" tests/fault_injection.py main.py \
-    "${CLS[@]}" "${EXACT[@]}" --output_dir "$OUT/cls_resumed"
-step "${TWO_ON_ONE[@]}" main.py "${CLS[@]}" "${EXACT[@]}" --output_dir "$OUT/cls_resumed"
-step bash -o pipefail -c "python scripts/compare_checkpoints.py '$OUT/cls_reference/checkpoint.pth' \
-'$OUT/cls_resumed/checkpoint.pth' | tee '$OUT/resume_exact.txt'"
-
-step python main.py "${CLS[@]}" --amp bf16 --output_dir "$OUT/cls_bf16"
-step python main.py "${CLS[@]}" --amp bf16 --compile --output_dir "$OUT/cls_bf16_compile"
-
-step python -c "import sys, pathlib; sys.path.insert(0, 'tests'); import test_dense as d; \
-root = pathlib.Path(sys.argv[1]); d.write_coco(root / 'coco', 'train2017'); d.write_coco(root / 'coco', 'val2017'); \
-d.write_ade(root / 'ade', 'training'); d.write_ade(root / 'ade', 'validation', num_images=2)" "$OUT/data"
-DENSE=(--model RAVLT_T --model-kwargs "$TINY" --device cuda --dist-backend gloo --num_workers 1 --batch-size 1
-       --lr 1e-3 --print-freq 2)
-step "${TWO_ON_ONE[@]}" main_det.py --task maskrcnn "${DENSE[@]}" --data-path "$OUT/data/coco" --img-scale 96 64 \
-    --epochs 2 --lr-steps 1 --warmup-iters 2 --output_dir "$OUT/det"
-step "${TWO_ON_ONE[@]}" main_seg.py --task semfpn "${DENSE[@]}" --data-path "$OUT/data/ade" --num-classes 3 \
-    --img-scale 64 48 --crop-size 48 --iters 6 --eval-interval 2 --output_dir "$OUT/seg"
-
-if [ -n "${BENCHMARK:-}" ]; then
-    MODELS=(RAVLT_T RAVLT_S)
-    AUTHORS=()
-    if [ -n "${AUTHORS_FILE:-}" ]; then
-        MODELS=(RAVLT_T authors:RAVLT_T RAVLT_S authors:RAVLT_S)
-        # shellcheck disable=SC2206  # a space-separated list of folders
-        AUTHORS=(--authors-file "$AUTHORS_FILE" --authors-path-extra ${AUTHORS_PATH_EXTRA:-})
-    fi
-    for amp in none fp16 bf16; do
-        step python scripts/benchmark.py --device cuda --model "${MODELS[@]}" convnext_tiny --mode eval train \
-            --batch-size "$BATCH" --amp "$amp" --channels-last --memory --matmul-rate \
-            --json "$OUT/benchmark_$amp.json" "${AUTHORS[@]}"
-    done
-    step python scripts/benchmark.py --device cuda --model RAVLT_T RAVLT_S --backend eager compile --mode eval train \
-        --batch-size "$BATCH" --amp bf16 --channels-last --json "$OUT/benchmark_compile_bf16.json"
+if [ "$DEVICE" = cuda ]; then
+    run pytest "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_reference.py tests/test_benchmark.py
 fi
-
-echo "GPU check done: $OUT"
+run stop_reference "${TWO[@]}" main.py "${STOP[@]}" --output_dir "$OUT/stop/reference"
+echo "+ SIGTERM to every process in epoch 1, then the same command again"
 if [ -z "${DRY_RUN:-}" ]; then
-    cat "$OUT/steps.txt"
+    "${TWO[@]}" main.py "${STOP[@]}" --output_dir "$OUT/stop/resumed" > "$OUT/stop_stopped.log" 2>&1 &
+    LAUNCHER=$!
+    for _ in $(seq 600); do grep -q 'Epoch: \[1\] \[ *3/' "$OUT/stop_stopped.log" && break; sleep 0.5; done
+    kill -TERM "$LAUNCHER" $(descendants "$LAUNCHER") 2> /dev/null
+    wait "$LAUNCHER"
+    # rank 0 says where it stopped; no training process reports an error
+    if grep -q '^\[rank 0\] stopped: SIGTERM received during epoch 1' "$OUT/stop_stopped.log" \
+        && ! grep -q '^\[rank [0-9]*\] error' "$OUT/stop_stopped.log"; then
+        echo "stop_stopped: stopped and saved" | tee -a "$OUT/steps.txt"
+    else
+        echo "stop_stopped: NOT stopped as expected" | tee -a "$OUT/steps.txt"
+        FAILED=1
+    fi
 fi
+run stop_resumed "${TWO[@]}" main.py "${STOP[@]}" --output_dir "$OUT/stop/resumed"
+run resume_exact "$PYTHON" scripts/compare_checkpoints.py "$OUT/stop/reference/checkpoint.pth" \
+    "$OUT/stop/resumed/checkpoint.pth"
+for amp in fp16 bf16; do
+    run "amp_$amp" "$PYTHON" main.py "${CLS[@]}" --epochs 1 --amp "$amp" --output_dir "$OUT/amp_$amp"
+done
+if [ "$DEVICE" = cuda ]; then
+    run compile_ddp "${TWO[@]}" main.py "${CLS[@]}" --epochs 1 --amp bf16 --dist-backend "$BACKEND" --compile \
+        --output_dir "$OUT/compile_ddp"
+    run host_syncs "$PYTHON" scripts/host_syncs.py --json "$OUT/host_syncs.json" -- "${CLS[@]}" --epochs 1 \
+        --amp fp16 --output_dir "$OUT/host_syncs"
+    if [ -n "${AUTHORS_FILE:-}" ]; then
+        run benchmark "$PYTHON" scripts/benchmark.py --device cuda --model RAVLT_S authors:RAVLT_S --mode eval train \
+            --batch-size 128 --amp bf16 --memory --iters 10 --authors-file "$AUTHORS_FILE" --json "$OUT/benchmark.json"
+    else
+        echo "benchmark: skipped (no AUTHORS_FILE)" | tee -a "$OUT/steps.txt"
+    fi
+fi
+echo "GPU check done: $OUT"
 exit "$FAILED"

@@ -20,8 +20,25 @@ from errors import UsageError
 from train_helpers import TINY, assert_same_training, descendants, finish, free_port, start, torchrun_command
 
 STEPS = 16  # FAKE's 1,024 training images in batches of 32 on two processes
-ARGS = TINY + ['--data-set', 'FAKE', '--batch-size', '32', '--epochs', '1', '--warmup-epochs', '0', '--drop-path',
-               '0.2', '--save-freq', '0', '--model-ema-warmup', '--num_workers', '2', '--print-freq', '2']
+ARGS = TINY + [
+    '--data-set',
+    'FAKE',
+    '--batch-size',
+    '32',
+    '--epochs',
+    '1',
+    '--warmup-epochs',
+    '0',
+    '--drop-path',
+    '0.2',
+    '--save-freq',
+    '0',
+    '--model-ema-warmup',
+    '--num_workers',
+    '2',
+    '--print-freq',
+    '2',
+]
 
 
 def launch(launcher: str, out, args=ARGS, nproc: int = 2, **env) -> list:
@@ -32,10 +49,17 @@ def launch(launcher: str, out, args=ARGS, nproc: int = 2, **env) -> list:
     if launcher == 'torchrun':
         return [start(torchrun_command(nproc, command[0], command[1:]), **env)]
     port, job = free_port(), str(free_port())
-    srun = dict(SLURM_STEP_NUM_TASKS=str(nproc), SLURM_NTASKS=str(nproc), SLURM_STEP_NODELIST='localhost',
-                SLURM_JOB_ID=job, MASTER_PORT=str(port))
-    return [start([sys.executable, *command], SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **srun, **env)
-            for r in range(nproc)]
+    srun = dict(
+        SLURM_STEP_NUM_TASKS=str(nproc),
+        SLURM_NTASKS=str(nproc),
+        SLURM_STEP_NODELIST='localhost',
+        SLURM_JOB_ID=job,
+        MASTER_PORT=str(port),
+    )
+    return [
+        start([sys.executable, *command], SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **srun, **env)
+        for r in range(nproc)
+    ]
 
 
 def exit_codes(out) -> list:
@@ -73,6 +97,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize(
     'launcher, sig',
     [('torchrun', signal.SIGTERM), ('torchrun', signal.SIGUSR1), ('srun', signal.SIGTERM)],
+    ids=['torchrun-SIGTERM', 'torchrun-SIGUSR1', 'srun-SIGTERM'],
 )
 def test_a_signal_to_every_process_saves_exits_3_and_resumes_bit_identical(reference, tmp_path, launcher, sig):
     out = tmp_path / 'run'
@@ -125,7 +150,11 @@ def test_srun_tasks_meet_at_the_first_node_on_a_port_of_their_job():
     srun = {'SLURM_PROCID': '3', 'SLURM_STEP_NUM_TASKS': '8', 'SLURM_LOCALID': '3', 'SLURM_STEP_NODELIST': 'gpu[07-08]'}
     first = distributed.launch_environment({**srun, 'SLURM_JOB_ID': '123456'})
     second = distributed.launch_environment({**srun, 'SLURM_JOB_ID': '123457'})
-    assert first['MASTER_ADDR'] == 'gpu07' and (first['RANK'], first['WORLD_SIZE'], first['LOCAL_RANK']) == ('3', '8', '3')
+    assert first['MASTER_ADDR'] == 'gpu07' and (first['RANK'], first['WORLD_SIZE'], first['LOCAL_RANK']) == (
+        '3',
+        '8',
+        '3',
+    )
     assert first['MASTER_PORT'] != second['MASTER_PORT']
     assert distributed.launch_environment({**srun, 'SLURM_JOB_ID': '1', 'MASTER_PORT': '4000'})['MASTER_PORT'] == '4000'
 
