@@ -232,12 +232,11 @@ class Run:
     ) -> dict:
         """Train for `total_steps` with evaluation (after every epoch, or after the epoch that passes each multiple
         of `eval_interval` steps, and the last), checkpoints and logs; returns the last evaluation's metrics.
-        `steps_fixed`: the schedule counts steps whatever the process count and batch (segmentation).
+        `steps_fixed`: the schedule counts steps whatever the process count and batch (segmentation);
         `schedule_lag` 1: epoch e trains at the schedule's lr(e - 1), as the authors' loop steps it."""
         args, config = self.args, self.parser.to_config(self.args)
         print(json.dumps(config))
-        steps_per_epoch = len(loader_train)
-        scaler = engine.grad_scaler(self.device, self.amp_dtype)
+        steps_per_epoch, scaler = len(loader_train), engine.grad_scaler(self.device, self.amp_dtype)
         state = checkpoints.TrainingState(start_epoch=getattr(args, 'start_epoch', 0))
         if self.checkpoint is not None:
             state = self._resume(optimizer, scaler, steps_per_epoch, steps_fixed)
@@ -259,41 +258,42 @@ class Run:
             self.output.write_text('config.yaml', yaml.safe_dump(config, sort_keys=False))
             own = self.resume_path and _same_folder(self.resume_path, self.output.file(RESUME_FILE))
             self.output.restore_log(state.start_epoch - 1, state.last_log if own else None)
-        warmup = getattr(lr_scheduler, 'warmup_t', 0)
-        if warmup and warmup >= (num_epochs if lr_scheduler.t_in_epochs else total_steps):
-            print('warning: the warm-up covers the whole run: the learning rate never reaches its set value')
+        self._say_what_is_left_out(lr_scheduler, num_epochs, total_steps, loader_train)
         ddp = model
         if self.world_size > 1:
-            # --deterministic: no bucket rebuild after the first step (it would change the gradient buffers' layout,
-            # and with it a ring all-reduce's summation order, between a resumed run and an uninterrupted one).
+            # --deterministic: no bucket rebuild after the first step, which would give the steps after a resume
+            # another gradient buffer layout, and a ring all-reduce another summation order, than the run never
+            # stopped (4 processes: tests/test_preemption.py).
+            device_ids = [self.device.index] if self.device.type == 'cuda' else None
             ddp = torch.nn.parallel.DistributedDataParallel(
-                model,
-                device_ids=[self.device.index] if self.device.type == 'cuda' else None,
-                find_unused_parameters=args.deterministic,
+                model, device_ids=device_ids, find_unused_parameters=args.deterministic
             )
         if args.compile:  # DDP inside: the graph splits at DDP's buckets, gradients overlap
             ddp = compile_model(ddp, self.device)
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f'number of params: {n_parameters}')
-        used, images = steps_per_epoch * args.batch_size * self.world_size, len(loader_train.dataset)
-        if used < images:
-            print(
-                f'note: {images - used} of the {images} training images are left out of each epoch (incomplete '
-                'batches); a --batch-size that divides the images of each process uses them all'
-            )
-        if not args.output_dir:
-            print('warning: no --output_dir: nothing is saved (no checkpoint, no log)')
-        sampler, stats, start_time = loader_train.sampler, {}, time.time()
+        parts = dict(
+            model=model,
+            model_ema=model_ema,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scaler=scaler,
+            state=state,
+            args=config,
+            meta=meta,
+            world_size=self.world_size,
+        )  # what checkpoints hold
+        stats, start_time = {}, time.time()
         with StopSignals() as stop:  # before the announcement: a signal after it is handled
+            lr = optimizer.param_groups[0].get('initial_lr', optimizer.param_groups[0]['lr'])
             print(
                 f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from '
-                f'epoch {state.start_epoch}: total batch {args.batch_size * self.world_size}, '
-                f'lr {optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]):.3g}'
+                f'epoch {state.start_epoch}: total batch {args.batch_size * self.world_size}, lr {lr:.3g}'
             )
             try:
                 for epoch in range(state.start_epoch, num_epochs):
-                    sampler.set_epoch(epoch)
-                    sampler.skip(state.first_step * args.batch_size)
+                    loader_train.sampler.set_epoch(epoch)
+                    loader_train.sampler.skip(state.first_step * args.batch_size)
                     lr_scheduler.step(max(epoch - schedule_lag, 0))
                     steps_before = state.global_step - state.first_step
                     result = engine.train_one_epoch(
@@ -318,36 +318,24 @@ class Run:
                         print_freq=args.print_freq,
                     )
                     state.global_step, state.first_step, state.totals = result.global_step, 0, None
-                    save = dict(
-                        model=model,
-                        model_ema=model_ema,
-                        optimizer=optimizer,
-                        lr_scheduler=lr_scheduler,
-                        scaler=scaler,
-                        state=state,
-                        args=config,
-                        meta=meta,
-                        world_size=self.world_size,
-                    )
                     if result.stopped and result.steps < steps_per_epoch and result.global_step < total_steps:
                         progress = {'steps': result.steps, 'global_step': result.global_step, 'totals': result.totals}
-                        self._save(
-                            checkpoints.training_checkpoint(epoch=epoch - 1, progress=progress, **save), RESUME_FILE
-                        )
+                        self._save(checkpoints.training_checkpoint(epoch=epoch - 1, progress=progress, **parts))
                         raise Preempted(
-                            f'{stop.received or "a stop signal (to another process)"} received during epoch '
-                            f'{epoch}; stopped after {result.steps} of its {steps_per_epoch} steps{self._resumes()}'
+                            f'{stop.received or "a stop signal (to another process)"} received during '
+                            f'epoch {epoch}; stopped after {result.steps} of its {steps_per_epoch} steps'
+                            f'{self._resumes()}'
                         )
-                    due = eval_interval is None or state.global_step // eval_interval > steps_before // eval_interval
-                    evaluation, names = {}, [RESUME_FILE]  # the resume point last
-                    if due or state.global_step >= total_steps:
-                        evaluation, improved = self._evaluate_epoch(
+                    evaluation, names = {}, [RESUME_FILE]  # the resume point written last
+                    if (
+                        eval_interval is None
+                        or state.global_step // eval_interval > steps_before // eval_interval
+                        or (state.global_step >= total_steps)
+                    ):
+                        evaluation, improved = self._evaluate(
                             epoch, model, model_ema, loader_val, evaluate, state, best_metric
                         )
-                        stats, names = (
-                            {k: v for k, v in evaluation.items() if not k.startswith('ema_')},
-                            improved + names,
-                        )
+                        stats, names = {k: v for k, v in evaluation.items() if 'ema_' not in k}, improved + names
                     if backup_every and epoch % backup_every == 0:
                         names.insert(0, f'backup{epoch}.pth')
                     state.last_log = {
@@ -357,47 +345,60 @@ class Run:
                         **{f'train_{k}': v for k, v in result.stats.items()},
                         **{f'test_{k}': v for k, v in evaluation.items()},
                     }
-                    self._save(checkpoints.training_checkpoint(epoch=epoch, **save), *names)
+                    self._save(checkpoints.training_checkpoint(epoch=epoch, **parts), *names)
                     if self.output is not None:
                         self.output.append_log(state.last_log)
                     if epoch + 1 < num_epochs and distributed.all_reduce_sum([float(stop())])[0]:
                         raise Preempted(
-                            f'{stop.received or "a stop signal (to another process)"} received during epoch '
-                            f'{epoch}; stopped after it{self._resumes()}'
+                            f'{stop.received or "a stop signal (to another process)"} received during '
+                            f'epoch {epoch}; stopped after it{self._resumes()}'
                         )
             except KeyboardInterrupt:  # Ctrl-C: say where the run can resume
                 raise KeyboardInterrupt(self._resume_point(state)) from None
         print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
         return stats
 
-    def _evaluate_epoch(self, epoch, model, model_ema, loader_val, evaluate, state, best_metric):
+    def _say_what_is_left_out(self, lr_scheduler, num_epochs: int, total_steps: int, loader_train):
+        args = self.args
+        warmup = getattr(lr_scheduler, 'warmup_t', 0)
+        if warmup and warmup >= (num_epochs if lr_scheduler.t_in_epochs else total_steps):
+            print('warning: the warm-up covers the whole run: the learning rate never reaches its set value')
+        used, images = len(loader_train) * args.batch_size * self.world_size, len(loader_train.dataset)
+        if used < images:
+            print(
+                f'note: {images - used} of the {images} training images are left out of each epoch (incomplete '
+                'batches); a --batch-size that divides the images of each process uses them all'
+            )
+        if not args.output_dir:
+            print('warning: no --output_dir: nothing is saved (no checkpoint, no log)')
+
+    def _evaluate(self, epoch, model, model_ema, loader_val, evaluate, state, best_metric):
         """Evaluate the weights and the EMA weights of an epoch (finite weights and loss, or the run stops unsaved);
         returns the metrics (`ema_` for the EMA's) and the best*.pth files they earn."""
         weights = [model] + ([model_ema.module] if model_ema is not None else [])
         broken = utils.non_finite_tensors(*weights)
         if broken:
             raise FloatingPointError(
-                f'epoch {epoch} ended with NaN or infinite weights (e.g. {broken[0]}): not '
-                f'saved; {self._resume_point(state)}'
+                f'epoch {epoch} ended with NaN or infinite weights (e.g. {broken[0]}): not saved; '
+                f'{self._resume_point(state)}'
             )
         if self.world_size > 1 and self.args.dist_backend != 'nccl':  # no SyncBatchNorm: rank 0's statistics
             distributed.broadcast_buffers(*weights)
         stats, improved = {}, []
-        for prefix, label, weights_ in (
-            ('', 'Weights', model),
-            ('ema_', 'EMA weights', model_ema and model_ema.module),
-        ):
-            if weights_ is None:
-                continue
-            result = evaluate(self._inference_copy(weights_), loader_val, self.amp_dtype)
+        for prefix, label, module in zip(('', 'ema_'), ('Weights', 'EMA weights'), weights):
+            result = evaluate(self._inference_copy(module), loader_val, self.amp_dtype)
             print(f'* {label}: {utils.format_metrics(result)} ({len(loader_val.dataset)} images)')
             if not prefix and not math.isfinite(result.get('loss', 0.0)):
                 raise FloatingPointError(
                     f'epoch {epoch} gives an evaluation loss of {result["loss"]}: not saved; '
                     f'{self._resume_point(state)}'
                 )
-            key = best_metric and f'{best_metric}{"_ema" if prefix else ""}'
-            if key and result.get(best_metric) is not None and result[best_metric] > state.best.get(key, -math.inf):
+            key = f'{best_metric}{"_ema" if prefix else ""}'
+            if (
+                best_metric
+                and result.get(best_metric) is not None
+                and result[best_metric] > state.best.get(key, -math.inf)
+            ):
                 state.best[key] = result[best_metric]
                 improved.append(f'best{"_ema" if prefix else ""}.pth')
             stats.update({prefix + k: v for k, v in result.items()})
@@ -408,7 +409,7 @@ class Run:
     def _save(self, checkpoint: dict, *names: str):
         """One serialisation under every name, in order (the resume point last); the other processes wait."""
         if self.output is not None:
-            checkpoints.save_checkpoint(checkpoint, *map(self.output.file, names))
+            checkpoints.save_checkpoint(checkpoint, *map(self.output.file, names or [RESUME_FILE]))
         distributed.barrier()
 
     def _resumes(self) -> str:

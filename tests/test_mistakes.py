@@ -4,6 +4,7 @@ happens. Tiny models on tiny class folders, in this process."""
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import main
 import main_seg
 from datasets_dense import ADE20KSegmentation, CocoInstances
 from errors import UsageError
+from helpers import ROOT
 from train_helpers import TINY, assert_one_line_error, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -229,3 +231,16 @@ def test_ade20k_labels_outside_the_classes_are_refused(tmp_path, label):
         ADE20KSegmentation(str(tmp_path), 'validation', False, num_classes=150)
     result = run_here(main_seg, ['--eval', '--data-path', tmp_path, '--device', 'cpu', '--model', 'RAVLT_T'])
     assert_one_line_error(result.returncode, result.stdout, result.stderr, 2, f'holds label {label}')
+
+
+def test_an_old_python_is_told_before_anything_is_installed(tmp_path):
+    """Python 3.9 used to meet pip's conflict error after minutes of downloads."""
+    fake = tmp_path / 'python3'
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.18"\nexit 1\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', RAVLT_VENV_ROOT=str(tmp_path / 'venvs'))
+    result = subprocess.run(['bash', '-c', 'source scripts/env.sh'], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert_one_line_error(
+        result.returncode, result.stdout, result.stderr, 1, 'Python 3.10 or newer is needed', '3.9.18'
+    )
+    assert not (tmp_path / 'venvs').exists()
