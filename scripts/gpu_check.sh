@@ -92,11 +92,13 @@ then BACKEND=nccl; fi
 [ -z "${DRY_RUN:-}" ] && echo "two processes on one GPU: $BACKEND" >> "$OUT/env.txt"
 
 TINY='{"embed_dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 4], "projection_dim": 64}'
-CLS=(--model RAVLT_T --model-kwargs "$TINY" --data-set FAKE --input-size 64 --batch-size 32 --epochs 2
+SIZE=64
+[ "$DEVICE" = cpu ] && SIZE=32
+CLS=(--model RAVLT_T --model-kwargs "$TINY" --data-set FAKE --input-size "$SIZE" --batch-size 32 --epochs 2
      --warmup-epochs 1 --device "$DEVICE" --num_workers 2 --print-freq 4 --save-freq 0 --model-ema-warmup)
 TWO=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2)
 AMP=fp16
-[ "$DEVICE" = cpu ] && AMP=bf16
+[ "$DEVICE" = cpu ] && AMP=none
 STOP=("${CLS[@]}" --dist-backend "$BACKEND" --deterministic --amp "$AMP" --clip-grad 1.0 --model-ema-force-cpu)
 
 if [ "$DEVICE" = cuda ]; then
@@ -122,10 +124,10 @@ fi
 run stop_resumed "${TWO[@]}" main.py "${STOP[@]}" --output_dir "$OUT/stop/resumed"
 run resume_exact "$PYTHON" scripts/compare_checkpoints.py "$OUT/stop/reference/checkpoint.pth" \
     "$OUT/stop/resumed/checkpoint.pth"
-for amp in fp16 bf16; do
-    run "amp_$amp" "$PYTHON" main.py "${CLS[@]}" --epochs 1 --amp "$amp" --output_dir "$OUT/amp_$amp"
-done
 if [ "$DEVICE" = cuda ]; then
+    for amp in fp16 bf16; do
+        run "amp_$amp" "$PYTHON" main.py "${CLS[@]}" --epochs 1 --amp "$amp" --output_dir "$OUT/amp_$amp"
+    done
     run compile_ddp "${TWO[@]}" main.py "${CLS[@]}" --epochs 1 --amp bf16 --dist-backend "$BACKEND" --compile \
         --output_dir "$OUT/compile_ddp"
     run host_syncs "$PYTHON" scripts/host_syncs.py --json "$OUT/host_syncs.json" -- "${CLS[@]}" --epochs 1 \
