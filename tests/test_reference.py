@@ -170,8 +170,9 @@ def test_rala_under_cudas_autocast_keeps_the_authors_low_precision_tensors():
     half, single = torch.float16, torch.float32
     ours, out = products(lambda: attn(x, sin, cos))
     theirs, _ = products(lambda: reference.attention(attn, x, rope.angle))
-    # scores (k', mean q'), normaliser (q', sum alpha k'), kv (RoPE(alpha k'), v), output (RoPE(q'), kv)
-    assert ours == [(half, half), (half, single), (single, half), (half, half)]
+    # scores (k', mean q'), kv (RoPE(alpha k'), v), normaliser (q', sum alpha k'), output (RoPE(q'), kv)
+    assert ours == [(half, half), (single, half), (half, single), (half, half)]
+    # the reference: scores, normaliser, kv, output
     assert theirs == [(half, half), (half, single), (single, half), (single, half)]
     assert out.dtype == half
 
