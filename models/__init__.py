@@ -3,9 +3,9 @@
 from .ravlt import (
     ATTENTION_TYPES,
     PAPER_RESULTS,
+    RALA,
     RAVLT,
     RAVLT_CONFIGS,
-    RankAugmentedLinearAttention,
     SoftmaxAttention,
     checkpoint_filter_fn,
 )
@@ -15,7 +15,7 @@ __all__ = [
     'PAPER_RESULTS',
     'RAVLT',
     'RAVLT_CONFIGS',
-    'RankAugmentedLinearAttention',
+    'RALA',
     'SoftmaxAttention',
     'checkpoint_filter_fn',
     'AUTHOR_NAMES',

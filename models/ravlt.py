@@ -14,13 +14,13 @@ RAVLT is a four-stage hierarchical network on (B, C, H, W) maps. Stages 1-2 use 
 (few tokens) use softmax attention; both kinds share one parameter layout, apply 2-D RoPE to q and
 k, add a 5x5 depthwise LePE of v and gate the result with a fourth projection `o`.
 
-For the paper's ablation, `attn_types` also takes RALA with either of its rank augmentations removed and
-plain linear attention (`ATTENTION_TYPES`). Kinds that keep LePE and the gate have RALA's parameters (their
-checkpoints load into one another); those without them have no `o` projection and no LePE, so nothing
-unused is trained, counted or synchronised.
+For the paper's ablation, `attn_types` also takes RALA with either or both of its rank augmentations switched
+off (`RALA(dim, heads, alpha=..., gate_lepe=...)`; the names are `ATTENTION_TYPES`). Kinds that keep LePE and
+the gate have RALA's parameters (their checkpoints load into one another); those without them have no `o`
+projection and no LePE, so nothing unused is trained, counted or synchronised.
 
 Module attribute names follow the authors' code, so their checkpoints (`RAVLT_T.pth` ...) load with
-`strict=True`; class names say what the modules are.
+`strict=True`.
 
 Inference: `timm.utils.reparameterize_model(model)` folds the BatchNorms of the stem and the downsampling
 layers into their convs and the skip connection of each FFN's depthwise conv into its kernel. The result
@@ -30,7 +30,8 @@ longer has the authors' layout.
 
 import errno
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -45,11 +46,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = [
     'RAVLT',
-    'RankAugmentedLinearAttention',
+    'RALA',
     'SoftmaxAttention',
-    'GatedLinearAttention',
-    'ReweightedLinearAttention',
-    'LinearAttention',
     'ATTENTION_TYPES',
     'RAVLT_CONFIGS',
     'PAPER_RESULTS',
@@ -95,196 +93,120 @@ class RotaryEmbedding2d(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """RoPE: each channel pair (x0, x1) = x[..., 2i:2i + 2] of x (..., head_dim) turns to
-    (x0 cos - x1 sin, x1 cos + x0 sin); sin and cos broadcast against (..., head_dim / 2). Computed in
-    the tables' precision (float32 under autocast, as the authors'); the result has x's dtype.
-
-    A pair is a complex number, so the rotation is one complex multiply: one pass over x. x's last dim
-    must be contiguous (as it is on the token views of a channels-last map).
-    """
+    """RoPE of token-major x (B, N, heads, head_dim) with the (N, head_dim / 2) tables: each channel pair
+    (x0, x1) turns to (x0 cos - x1 sin, x1 cos + x0 sin), in the tables' precision (float32 under autocast, as
+    the authors'); the result has x's dtype. x's last dim must be contiguous."""
+    # One complex multiply; against x cos + rotate(x) sin: RALA training 1.2-1.4x, RAVLT-S 1024^2 peak 192 vs 209 MiB.
     pairs = torch.view_as_complex(x.to(cos.dtype).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None]).flatten(-2).to(x.dtype)
 
 
-@torch.fx.wrap  # one node in FX graphs: its branch depends on the device, not on traced values
-def elu_plus_one(x: torch.Tensor, exp_form_device: str = 'cpu') -> torch.Tensor:
-    """elu(x) + 1, RALA's feature map. On `exp_form_device` as relu(x) + exp(min(x, 0)): the same values and
-    gradients (1 at x = 0, as elu's), but `exp` is vectorised on the CPU where elu's `expm1` is not (6x faster
-    there). Elsewhere F.elu, one kernel, whose result keeps the autocast dtype under CUDA autocast (which runs
-    `exp` in float32), as the authors'."""
-    if x.device.type == exp_form_device:
-        positive = F.relu(x)
-        return positive + torch.exp(x - positive)
-    return F.elu(x) + 1.0
+def projection(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], i: int) -> torch.Tensor:
+    """Projection i (q, k, v, o: 0, 1, 2, 3) of x, C channels of the 1x1 conv `qkvo` (`qkv`), computed alone."""
+    C = weight.shape[1]
+    return F.conv2d(x, weight[i * C : (i + 1) * C], None if bias is None else bias[i * C : (i + 1) * C])
 
 
-def normalized_linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
-) -> torch.Tensor:
-    """RoPE(q) (sum_tokens RoPE(k) v^T) / (q . sum_tokens(k) + 1e-6) of positive features q, k whose key
-    weights sum to one over the tokens; all token-major (B, N, heads, head_dim)."""
-    # Products as einsum: fvcore counts them as the authors' matmuls.
-    z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k.sum(dim=1)) + 1e-6)
-    sin, cos = sin[:, None], cos[:, None]
-    kv = torch.einsum('bnhd,bnhe->bhde', apply_rope(k, sin, cos), v)
-    return torch.einsum('bnhd,bhde->bnhe', apply_rope(q, sin, cos), kv) * z.unsqueeze(-1)
-
-
-def rank_augmented_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """RALA's attention: keys re-weighted by alpha = softmax_tokens(scale * mean(q') . k').
-
-    With q' = elu(q) + 1, k' = elu(k) + 1 and k'' = N * alpha * k' (per token):
-    out = RoPE(q') (RoPE(k'')^T v / N) / (q' . mean_tokens(k'') + 1e-6). The N and 1/N cancel, so
-    alpha * k' is used throughout.
+class RALA(nn.Module):
+    """Rank-augmented linear attention (`rala`) and the paper's ablations of its two rank augmentations:
+    `alpha=False` weights every key alike (1 / N) instead of by alpha, `gate_lepe=False` drops LePE and the
+    gate o with their parameters (one `qkv` conv instead of `qkvo`, no `lepe`). Both off: plain linear
+    attention (`linear`), the paper's baseline.
     """
-    q, k = elu_plus_one(q), elu_plus_one(k)
-    scores = torch.einsum('bnhd,bhd->bnh', k, q.mean(dim=1))  # mean_tokens(q') . k'
-    k = k * torch.softmax(scale * scores, dim=1).unsqueeze(-1)  # alpha * k'
-    return normalized_linear_attention(q, k, v, sin, cos)
 
+    alpha: Final[bool]
+    gate_lepe: Final[bool]
 
-def linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor
-) -> torch.Tensor:
-    """Plain linear attention with RALA's features and RoPE, every key weighted alike (alpha = 1 / N):
-    out = RoPE(q') (RoPE(k')^T v / N) / (q' . mean_tokens(k') + 1e-6)."""
-    q, k = elu_plus_one(q), elu_plus_one(k)
-    return normalized_linear_attention(q, k / k.shape[1], v, sin, cos)
-
-
-class AttentionBase(nn.Module):
-    """What every attention kind shares: heads, 2-D RoPE tables from the stage, token views of a map."""
-
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, alpha: bool = True, gate_lepe: bool = True):
         super().__init__()
-        assert dim % num_heads == 0 and (dim // num_heads) % 4 == 0, 'head_dim must be a multiple of 4 (2-D RoPE)'
-        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.alpha = alpha
+        self.gate_lepe = gate_lepe
+        if gate_lepe:
+            self.qkvo = nn.Conv2d(dim, dim * 4, 1)
+            self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        else:
+            self.qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
 
-    def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
-        """Projections first .. first + count - 1 of (q, k, v, o) as (B, count * C, H, W)."""
-        raise NotImplementedError
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op in RAVLT; RoPE needs the token views below
+        tokens = [B, H * W, self.num_heads, self.head_dim]  # token-major heads, views of a channels-last map
+        if self.gate_lepe:
+            weight, bias = self.qkvo.weight, self.qkvo.bias
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias
+        # Projections q, k, v (o comes last), each its own conv, so that q and k die early. Against views of one
+        # conv: RAVLT-S stage 1 eval 1.3-1.5x, training 1.1-1.25x; RAVLT-S 1024^2 peak 192 vs 209 MiB.
+        q = projection(x, weight, bias, 0).permute(0, 2, 3, 1).reshape(tokens)
+        k = projection(x, weight, bias, 1).permute(0, 2, 3, 1).reshape(tokens)
+        v = projection(x, weight, bias, 2)
+        # Positive features phi(x) = elu(x) + 1.
+        q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        if self.alpha:
+            # alpha = softmax over tokens of scale * mean(phi(q)) . phi(k_n), re-weighting the keys.
+            alpha = torch.softmax(self.scale * torch.einsum('bnhd,bhd->bnh', k, q.mean(dim=1)), dim=1)
+            k = k * alpha.unsqueeze(-1)
+        else:
+            k = k / (H * W)  # every key weighted alike
+        # 2-D RoPE on k, and the KV buffer sum_n RoPE(k_n) v_n^T (head_dim x head_dim per head).
+        # (Products as einsum: fvcore counts them as the authors' matmuls.)
+        kv = torch.einsum('bnhd,bnhe->bhde', apply_rope(k, sin, cos), v.permute(0, 2, 3, 1).reshape(tokens))
+        # Normaliser z_n = 1 / (phi(q_n) . sum_m k_m + 1e-6).
+        z = 1.0 / (torch.einsum('bnhd,bhd->bnh', q, k.sum(dim=1)) + 1e-6)
+        del k
+        # Output z_n RoPE(q_n) kv, RoPE on q.
+        out = torch.einsum('bnhd,bhde->bnhe', apply_rope(q, sin, cos), kv) * z.unsqueeze(-1)
+        del q
+        out = out.reshape(B, H, W, C).permute(0, 3, 1, 2)
+        if self.gate_lepe:
+            # LePE (5x5 depthwise conv of v) and the gate o.
+            out = (out + self.lepe(v)) * projection(x, weight, bias, 3)
+        return self.proj(out)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, g * C, H, W) -> (B, H * W, g * heads, head_dim): a view of a channels-last map."""
-        B, _, H, W = x.shape
-        return x.permute(0, 2, 3, 1).reshape(B, H * W, -1, self.head_dim)
 
-    def query_key(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """q and k of x, token-major (B, N, heads, head_dim)."""
-        q, k = self.tokens(self.project(x, 0, 2)).chunk(2, dim=2)
-        return q, k
-
-    def attend(self, x: torch.Tensor, v: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        """attention(q(x), k(x), v) with v and the result token-major (B, N, heads, head_dim)."""
-        raise NotImplementedError
-
-
-def _projection_slice(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], start: int, stop: int
-) -> torch.Tensor:
-    """Output channels start .. stop - 1 of a 1x1 conv: separate convs give dense maps, each alive only while
-    needed (q and k die inside `attend`, o is made after it)."""
-    return F.conv2d(x, weight[start:stop], bias[start:stop] if bias is not None else None)
-
-
-class GatedAttentionBase(AttentionBase):
-    """RAVLT's attention layout: one 1x1 conv to q, k, v, o; a 5x5 depthwise LePE of v; the output gated by
-    o and projected: proj((attend(q, k, v) + lepe(v)) * o)."""
+class SoftmaxAttention(nn.Module):
+    """Softmax attention with 2-D RoPE on q and k, LePE and the gate o (`softmax`, stages 3-4); RALA's
+    parameters (`qkvo`, `lepe`, `proj`)."""
 
     def __init__(self, dim: int, num_heads: int):
-        super().__init__(dim, num_heads)
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkvo = nn.Conv2d(dim, dim * 4, 1)
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
-        return _projection_slice(x, self.qkvo.weight, self.qkvo.bias, first * self.dim, (first + count) * self.dim)
-
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        x = x.contiguous(memory_format=torch.channels_last)  # token views need it; free inside RAVLT
-        v = self.project(x, 2)
-        out = self.attend(x, self.tokens(v), sin, cos).reshape(B, H, W, C).permute(0, 3, 1, 2)
-        return self.proj((out + self.lepe(v)) * self.project(x, 3))
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op in RAVLT; RoPE needs the token views below
+        tokens = [B, H * W, self.num_heads, self.head_dim]  # token-major heads, views of a channels-last map
+        weight, bias = self.qkvo.weight, self.qkvo.bias
+        # Projections q, k, v (o comes last), each its own conv as in RALA. Against views of one conv: stages 3-4
+        # eval 1.05-1.2x, training 1.0x.
+        q = projection(x, weight, bias, 0).permute(0, 2, 3, 1).reshape(tokens)
+        k = projection(x, weight, bias, 1).permute(0, 2, 3, 1).reshape(tokens)
+        v = projection(x, weight, bias, 2)
+        # 2-D RoPE on q and k, heads first (B, heads, N, head_dim).
+        q, k = apply_rope(q, sin, cos).transpose(1, 2), apply_rope(k, sin, cos).transpose(1, 2)
+        # softmax(q k^T / sqrt(head_dim)) v, never forming the N x N scores. Against softmax(q k^T) v written out:
+        # stage 3 eval 1.1-1.3x, training 1.1-1.2x; RAVLT-S 1024^2 peak 192 vs 691 MiB.
+        out = F.scaled_dot_product_attention(q, k, v.permute(0, 2, 3, 1).reshape(tokens).transpose(1, 2))
+        del q, k
+        out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        # LePE (5x5 depthwise conv of v) and the gate o.
+        return self.proj((out + self.lepe(v)) * projection(x, weight, bias, 3))
 
 
-class UngatedAttentionBase(AttentionBase):
-    """The layout without the output's rank augmentations: one 1x1 conv to q, k, v and the projection of the
-    attention's output, proj(attend(q, k, v)). No gate o, no LePE."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__(dim, num_heads)
-        self.qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
-
-    def project(self, x: torch.Tensor, first: int, count: int = 1) -> torch.Tensor:
-        return _projection_slice(x, self.qkv.weight, self.qkv.bias, first * self.dim, (first + count) * self.dim)
-
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        x = x.contiguous(memory_format=torch.channels_last)
-        v = self.project(x, 2)
-        return self.proj(self.attend(x, self.tokens(v), sin, cos).reshape(B, H, W, C).permute(0, 3, 1, 2))
-
-
-class RankAugmentedLinearAttention(GatedAttentionBase):
-    """RALA (`rala`): linear attention with both rank augmentations, the keys re-weighted by alpha (the KV
-    buffer's) and LePE plus the gate o (the output's); see `rank_augmented_attention`."""
-
-    def attend(self, x, v, sin, cos):
-        q, k = self.query_key(x)
-        return rank_augmented_attention(q, k, v, sin, cos, self.scale)
-
-
-class SoftmaxAttention(GatedAttentionBase):
-    """Softmax attention with 2-D RoPE on q and k (`softmax`; stages 3-4), through scaled_dot_product_attention."""
-
-    def attend(self, x, v, sin, cos):
-        q, k = self.query_key(x)
-        sin, cos = sin[:, None], cos[:, None]
-        q = apply_rope(q, sin, cos).transpose(1, 2)  # (B, h, N, d)
-        k = apply_rope(k, sin, cos).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
-
-
-class GatedLinearAttention(GatedAttentionBase):
-    """RALA without alpha (`rala_no_alpha`): plain linear attention plus LePE and the gate o, the output's
-    rank augmentations alone. RALA's parameters."""
-
-    def attend(self, x, v, sin, cos):
-        q, k = self.query_key(x)
-        return linear_attention(q, k, v, sin, cos)
-
-
-class ReweightedLinearAttention(UngatedAttentionBase):
-    """RALA without LePE and gate (`rala_no_gate_lepe`): the keys re-weighted by alpha, the KV buffer's rank
-    augmentation alone."""
-
-    def attend(self, x, v, sin, cos):
-        q, k = self.query_key(x)
-        return rank_augmented_attention(q, k, v, sin, cos, self.scale)
-
-
-class LinearAttention(UngatedAttentionBase):
-    """Plain linear attention (`linear`), the paper's baseline: features elu + 1 and RoPE, as RALA's, but no
-    alpha, no LePE, no gate."""
-
-    def attend(self, x, v, sin, cos):
-        q, k = self.query_key(x)
-        return linear_attention(q, k, v, sin, cos)
-
-
-# `attn_types` names. RALA's rank augmentations: alpha for the KV buffer, LePE and the gate o for the output.
+# `attn_types` names: RALA, its ablations and softmax attention.
 ATTENTION_TYPES = {
-    'linear': LinearAttention,
-    'rala_no_alpha': GatedLinearAttention,
-    'rala_no_gate_lepe': ReweightedLinearAttention,
-    'rala': RankAugmentedLinearAttention,
+    'linear': partial(RALA, alpha=False, gate_lepe=False),
+    'rala_no_alpha': partial(RALA, alpha=False),
+    'rala_no_gate_lepe': partial(RALA, gate_lepe=False),
+    'rala': RALA,
     'softmax': SoftmaxAttention,
 }
 
@@ -467,28 +389,22 @@ def _per_stage(value, num_stages: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * num_stages
 
 
-def _check_stages(embed_dims, depths, num_heads, attn_types, mlp_ratio, projection_dim):
-    """Stage settings RAVLT can be built from, else a ValueError saying which one is wrong."""
-
-    def positive_ints(name, values):
-        if (
-            not isinstance(values, (list, tuple))
-            or not values
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-        ):
-            raise ValueError(f'{name} must be a list of positive integers, one per stage, got {values!r}')
-
-    for name, values in (('depths', depths), ('embed_dims', embed_dims), ('num_heads', num_heads)):
-        positive_ints(name, values)
+def _check_stages(embed_dims, depths, num_heads, attn_types):
+    """A ValueError for the plausible mistakes in the per-stage settings."""
     if not len(embed_dims) == len(depths) == len(num_heads) == len(attn_types):
         raise ValueError(
             f'embed_dims, depths, num_heads and attn_types must have one value per stage, got '
             f'{len(embed_dims)}, {len(depths)}, {len(num_heads)} and {len(attn_types)}'
         )
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < float('inf'):
-        raise ValueError(f'mlp_ratio must be a positive number, got {mlp_ratio!r}')
-    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
-        raise ValueError(f'projection_dim must be a positive integer, got {projection_dim!r}')
+    for name, values in (('depths', depths), ('embed_dims', embed_dims), ('num_heads', num_heads)):
+        if not all(v > 0 for v in values):
+            raise ValueError(f'{name} must be a list of positive integers, one per stage, got {values!r}')
+    unknown = sorted(set(attn_types) - set(ATTENTION_TYPES))
+    if unknown:
+        raise ValueError(f'unknown attention type(s) {unknown}; choose from {sorted(ATTENTION_TYPES)}')
+    for dim, heads in zip(embed_dims, num_heads):
+        if dim % heads or dim // heads % 4:
+            raise ValueError(f'head_dim (embed_dim / num_heads) must be a multiple of 4, got {dim} / {heads}')
 
 
 class RAVLT(nn.Module):
@@ -531,10 +447,7 @@ class RAVLT(nn.Module):
         super().__init__()
         num_stages = len(depths)
         attn_types = _per_stage(attn_types, num_stages)
-        unknown = sorted(set(attn_types) - set(ATTENTION_TYPES))
-        if unknown:
-            raise ValueError(f'unknown attention type(s) {unknown}; choose from {sorted(ATTENTION_TYPES)}')
-        _check_stages(embed_dims, depths, num_heads, attn_types, mlp_ratio, projection_dim)
+        _check_stages(embed_dims, depths, num_heads, attn_types)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.embed_dims = list(embed_dims)

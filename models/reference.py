@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ravlt import ATTENTION_TYPES, RAVLTBlock
+from .ravlt import RALA, RAVLTBlock, SoftmaxAttention
 
 # kind: (alpha, LePE and gate)
 LINEAR_KINDS = {
@@ -84,9 +84,10 @@ def softmax_attention(q, k, v, sin, cos, scale: float):
 
 def kind_of(module: nn.Module) -> str:
     """The `attn_types` name of an attention module."""
-    for kind, cls in ATTENTION_TYPES.items():
-        if type(module) is cls:
-            return kind
+    if isinstance(module, SoftmaxAttention):
+        return 'softmax'
+    if isinstance(module, RALA):
+        return next(kind for kind, flags in LINEAR_KINDS.items() if flags == (module.alpha, module.gate_lepe))
     raise TypeError(f'no reference for {type(module).__name__}')
 
 
@@ -127,13 +128,13 @@ def attention_terms(module: nn.Module, x: torch.Tensor, angle: torch.Tensor, kin
         q, k, v = module.qkv(x).chunk(3, dim=1)
     sin, cos = rope_tables(angle, H, W)
     if kind == 'softmax':
-        out, attn = softmax_attention(heads(q), heads(k), heads(v), sin, cos, module.scale)
+        out, attn = softmax_attention(heads(q), heads(k), heads(v), sin, cos, d**-0.5)
         terms = {'attention_matrix': attn}
         gated = True
     else:
         alpha, gated = LINEAR_KINDS[kind]
         if alpha:
-            out, kv = rala(heads(q), heads(k), heads(v), sin, cos, module.scale)
+            out, kv = rala(heads(q), heads(k), heads(v), sin, cos, d**-0.5)
         else:
             out, kv = linear_attention(heads(q), heads(k), heads(v), sin, cos)
         terms = {'kv_buffer': kv}

@@ -12,7 +12,7 @@ from timm.utils import reparameterize_model
 import models
 from hash_fill import fill_value, hash_fill_, hash_input
 from helpers import ROOT, TINY_KWARGS, VARIANTS, rel_err, tiny
-from models.ravlt import RankAugmentedLinearAttention, SoftmaxAttention
+from models.ravlt import RALA, SoftmaxAttention
 
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 
@@ -84,8 +84,8 @@ def test_rope_buffers_and_block_kinds(variant):
         model = timm.create_model(variant)
     kinds = [{type(b.attn) for b in stage.blocks} for stage in model.layers]
     assert kinds == [
-        {RankAugmentedLinearAttention},
-        {RankAugmentedLinearAttention},
+        {RALA},
+        {RALA},
         {SoftmaxAttention},
         {SoftmaxAttention},
     ]
@@ -278,7 +278,7 @@ def test_grad_checkpointing_same_outputs_and_gradients():
 
 def test_all_linear_model_for_large_inputs():
     model = tiny(attn_types=('rala',) * 4).eval()
-    assert all(isinstance(b.attn, RankAugmentedLinearAttention) for s in model.layers for b in s.blocks)
+    assert all(isinstance(b.attn, RALA) for s in model.layers for b in s.blocks)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 80)).shape == (1, 7)
     with pytest.raises(

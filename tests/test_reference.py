@@ -4,8 +4,6 @@ differ from one another and relate to RALA as the paper defines them; the model 
 torch.compile(fullgraph=True), exports with torch.export, runs under bf16 autocast (and under CUDA's autocast
 policy, simulated, with the authors' low-precision tensors) and takes channels-last input and weights."""
 
-import functools
-
 import pytest
 import timm
 import torch
@@ -15,17 +13,7 @@ import models  # noqa: F401  (registers the RAVLT models)
 from cuda_autocast import CudaAutocast
 from helpers import rel_err
 from models import ravlt, reference
-from models.ravlt import (
-    ATTENTION_TYPES,
-    LinearAttention,
-    RAVLTBlock,
-    ReweightedLinearAttention,
-    RotaryEmbedding2d,
-    apply_rope,
-    elu_plus_one,
-    linear_attention,
-    rank_augmented_attention,
-)
+from models.ravlt import ATTENTION_TYPES, RALA, RAVLTBlock, RotaryEmbedding2d, apply_rope
 
 
 def randomize_(module, seed=0):
@@ -63,11 +51,8 @@ CASES = [  # kind, heads, head_dim, (H, W), batch
 ]
 
 
-@pytest.mark.parametrize('kind, heads, head_dim, size, batch', CASES + [('rala-cuda-form', 2, 4, (13, 9), 1)])
-def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, head_dim, size, batch, monkeypatch):
-    if kind == 'rala-cuda-form':  # elu + 1 as it is computed off the CPU, here on CPU tensors
-        kind = 'rala'
-        monkeypatch.setattr(ravlt, 'elu_plus_one', functools.partial(elu_plus_one, exp_form_device='none'))
+@pytest.mark.parametrize('kind, heads, head_dim, size, batch', CASES)
+def test_attention_and_block_equal_reference_forward_and_backward(kind, heads, head_dim, size, batch):
     block, rope = make_block(kind, heads, head_dim)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, heads * head_dim, *size, generator=gen, dtype=torch.float64)
@@ -115,10 +100,11 @@ def test_ablation_kinds_compute_different_functions():
 
 def test_rala_with_uniform_key_weights_is_plain_linear_attention():
     """alpha = softmax(scale * mean(q') . k') is uniform at scale 0: RALA then is plain linear attention, in
-    the reference (output and KV buffer) and in the model's functions."""
+    the reference (output and KV buffer) and in the model's module."""
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, 35, 8, generator=gen, dtype=torch.float64) for _ in range(3))
-    sin, cos = reference.rope_tables(RotaryEmbedding2d(8).double().angle, 7, 5)
+    rope = RotaryEmbedding2d(8).double()
+    sin, cos = reference.rope_tables(rope.angle, 7, 5)
     for got, expected in zip(
         reference.rala(q, k, v, sin, cos, scale=0.0), reference.linear_attention(q, k, v, sin, cos)
     ):
@@ -127,22 +113,21 @@ def test_rala_with_uniform_key_weights_is_plain_linear_attention():
         rel_err(reference.rala(q, k, v, sin, cos, scale=8**-0.5)[1], reference.linear_attention(q, k, v, sin, cos)[1])
         > 1e-2
     )
-    fast_sin, fast_cos = RotaryEmbedding2d(8).double()(7, 5)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # token-major, as the model's
-    torch.testing.assert_close(
-        rank_augmented_attention(q, k, v, fast_sin, fast_cos, 0.0),
-        linear_attention(q, k, v, fast_sin, fast_cos),
-        rtol=1e-13,
-        atol=1e-15,
-    )
+    rala = randomize_(RALA(24, 3))
+    rala.scale = 0.0
+    linear = RALA(24, 3, alpha=False).double()
+    linear.load_state_dict(rala.state_dict())
+    x = torch.randn(2, 24, 7, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(rala(x, *rope(7, 5)), linear(x, *rope(7, 5)), rtol=1e-13, atol=1e-15)
 
 
-@pytest.mark.parametrize('kind, cls', [('linear', LinearAttention), ('rala_no_gate_lepe', ReweightedLinearAttention)])
-def test_gated_weights_computed_without_gate_equal_the_ungated_module(kind, cls):
+@pytest.mark.parametrize('kind', ['linear', 'rala_no_gate_lepe'])
+def test_gated_weights_computed_without_gate_equal_the_ungated_module(kind):
     """A block with RALA's parameters computed as an ungated kind (what the rank analysis reports as
     `computed_as`) is that kind's module holding the q, k, v slices of `qkvo` and the same `proj`."""
     block, rope = make_block('rala', 2, 8)
-    ungated = cls(16, 2).double()
+    ungated = ATTENTION_TYPES[kind](16, 2).double()
     with torch.no_grad():
         ungated.qkv.weight.copy_(block.attn.qkvo.weight[:48])
         ungated.qkv.bias.copy_(block.attn.qkvo.bias[:48])
@@ -167,56 +152,29 @@ def test_block_and_attention_leave_their_channels_last_input_unchanged(grad):
     assert torch.equal(x, kept)
 
 
-def test_elu_plus_one_equals_elu_values_and_gradients():
-    x = torch.tensor([-800.0, -30.0, -1.5, -1e-8, -0.0, 0.0, 1e-8, 0.7, 40.0, 1e30], dtype=torch.float64)
-    x = torch.cat([x, torch.randn(1000, dtype=torch.float64) * 3])
-    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    weights = torch.rand_like(x)
-    (elu_plus_one(ours) * weights).sum().backward()
-    ((torch.nn.functional.elu(theirs) + 1.0) * weights).sum().backward()
-    # Absolute: elu(x) + 1 itself rounds off exp(x) for very negative x (elu(-30) + 1 keeps 3 digits).
-    torch.testing.assert_close(elu_plus_one(x), torch.nn.functional.elu(x) + 1.0, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-15, atol=0)
-    assert torch.equal(ours.grad[4:6], weights[4:6])  # slope 1 at -0.0 and 0.0, as elu's
-
-
-def test_rala_under_cudas_autocast_keeps_the_authors_low_precision_tensors(monkeypatch):
+def test_rala_under_cudas_autocast_keeps_the_authors_low_precision_tensors():
     """CUDA's autocast runs `exp`, `softmax` and `sum` in float32 (the CPU's has other lists, so the CPU bf16 tests
-    cannot see it). Under a simulation of CUDA's policy (tests/cuda_autocast.py), with elu + 1 computed as it is on
-    CUDA: q' and k' and the scores stay float16 where the authors' code has them so; every product's operands
-    are at most as wide as the authors' (RoPE in float32 as theirs, then cast: q'k'v's first operand is float16
-    here, float32 there); less is saved for backward than with the CPU's form of elu + 1, which CUDA's autocast
-    would widen to float32."""
-    attn = ravlt.RankAugmentedLinearAttention(32, 2).to(memory_format=torch.channels_last)
+    cannot see it). Under a simulation of CUDA's policy (tests/cuda_autocast.py): q' and k' and the scores stay
+    float16 where the authors' code has them so; every product's operands are at most as wide as the authors'
+    (RoPE in float32 as theirs, then cast: q'k'v's first operand is float16 here, float32 there)."""
+    attn = ravlt.RALA(32, 2).to(memory_format=torch.channels_last)
     rope = RotaryEmbedding2d(16)
     x = torch.randn(2, 32, 12, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
     sin, cos = rope(12, 10)
 
-    def run(fn):
-        saved = []
-        with (
-            torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
-            ),
-            CudaAutocast(torch.float16) as policy,
-        ):
+    def products(fn):
+        with CudaAutocast(torch.float16) as policy:
             out = fn()
-        return (
-            [dtypes for name, dtypes in policy.products if name in ('einsum', 'matmul', '__matmul__')],
-            sum(saved),
-            out,
-        )
+        return [dtypes for name, dtypes in policy.products if name in ('einsum', 'matmul', '__matmul__')], out
 
     half, single = torch.float16, torch.float32
-    cpu_products, cpu_saved, _ = run(lambda: attn(x, sin, cos))
-    monkeypatch.setattr(ravlt, 'elu_plus_one', functools.partial(elu_plus_one, exp_form_device='none'))
-    ours, saved, out = run(lambda: attn(x, sin, cos))
-    theirs, _, _ = run(lambda: reference.attention(attn, x, rope.angle))
-    # scores (k', mean q'), normaliser (q', sum alpha k'), kv (RoPE(alpha k'), v), output (RoPE(q'), kv)
-    assert ours == [(half, half), (half, single), (single, half), (half, half)]
+    ours, out = products(lambda: attn(x, sin, cos))
+    theirs, _ = products(lambda: reference.attention(attn, x, rope.angle))
+    # scores (k', mean q'), kv (RoPE(alpha k'), v), normaliser (q', sum alpha k'), output (RoPE(q'), kv)
+    assert ours == [(half, half), (single, half), (half, single), (half, half)]
+    # the reference: scores, normaliser, kv, output
     assert theirs == [(half, half), (half, single), (single, half), (single, half)]
-    assert cpu_products[0] == (single, single)  # what the CPU's form of elu + 1 would give on CUDA
-    assert saved < 0.9 * cpu_saved and out.dtype == half
+    assert out.dtype == half
 
 
 def test_rope_tables_follow_the_buffer():
@@ -235,10 +193,10 @@ def test_rope_equals_reference_in_the_tables_precision():
     (the tables' dtype, as under autocast) and returned as float16."""
     rope = RotaryEmbedding2d(8)
     sin, cos = rope(3, 4)
-    x = torch.randn(2, 12, 8)
-    expected = reference.rope(x.double(), *(t.double().repeat_interleave(2, -1) for t in (sin, cos)))
+    x = torch.randn(2, 12, 3, 8)  # (B, N, heads, head_dim)
+    expected = reference.rope(x.double(), *(t.double().repeat_interleave(2, -1)[:, None] for t in (sin, cos)))
     torch.testing.assert_close(apply_rope(x, sin, cos).double(), expected, rtol=1e-6, atol=1e-6)
-    strided = torch.randn(2, 12, 16)[..., 4:12]  # a channel slice: rows strided, pairs adjacent
+    strided = torch.randn(2, 12, 3, 16)[..., 4:12]  # a channel slice: rows strided, pairs adjacent
     torch.testing.assert_close(apply_rope(strided, sin, cos), apply_rope(strided.contiguous(), sin, cos))
     half = apply_rope(x.half(), sin, cos)
     assert half.dtype == torch.float16
