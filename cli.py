@@ -264,6 +264,10 @@ def add_common_arguments(parser: ArgumentParser, *, model: str, batch_size: int,
 # ----------------------------------------------------------------------------------------------------
 
 
+# Files that cannot be written: a full disk or quota, a read-only or foreign file, the output folder removed.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT)
+
+
 def _failure_line(e: BaseException):
     """(exit code, line, whether every process reports it) for an error a user can act on, else None (a bug)."""
     if isinstance(e, UsageError):
@@ -278,7 +282,7 @@ def _failure_line(e: BaseException):
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text:
         advice = 'lower --batch-size, the input size or --num_workers (or use --amp bf16)'
         return EXIT_FAILURE, f'error: out of memory ({text[:200]}); {advice}; the checkpoints on disk are whole', True
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
         where = f' ({e.filename})' if e.filename else ''
         return EXIT_FAILURE, f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints on disk are whole', True
     if isinstance(e, RuntimeError) and 'DataLoader worker' in text:

@@ -8,6 +8,7 @@ these tests are marked slow, and they share the shapes of one tiny model so that
 import pytest
 
 import checkpoints
+import engine
 import main
 import model_factory
 from errors import UsageError
@@ -53,15 +54,28 @@ def test_training_and_evaluation_match_eager_within_float32_rounding(eager_run, 
 
 
 @pytest.mark.slow
-def test_eval_with_compile_gives_the_eager_evaluation(compiled_run, tmp_path):
-    results = {}
+def test_eval_with_compile_evaluates_the_weights_and_the_ema_compiled_as_eager_does(eager_run, monkeypatch):
+    """--eval --compile compiles both evaluations, the weights' and the EMA's, and they give eager's numbers."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    evaluate, evaluated = engine.evaluate, []
+
+    def spied(model, *args, **kwargs):
+        evaluated.append(isinstance(model, OptimizedModule))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, 'evaluate', spied)
+    results, compiled = {}, {}
     for name, extra in (('eager', []), ('compiled', ['--compile'])):
-        result = run_here(main, DIGITS + ['--eval', '--resume', compiled_run / 'checkpoint.pth', *extra])
+        evaluated.clear()
+        result = run_here(main, DIGITS + ['--eval', '--resume', eager_run / 'checkpoint.pth', *extra])
         assert result.returncode == 0, result.stderr
         results[name] = [
             line for line in result.stdout.splitlines() if line.startswith(('* Weights:', '* EMA weights:'))
         ]
-    assert len(results['eager']) == 2
+        compiled[name] = list(evaluated)
+    assert compiled == {'eager': [False, False], 'compiled': [True, True]}
+    assert [line.split(':')[0] for line in results['compiled']] == ['* Weights', '* EMA weights']
 
     def numbers(lines):
         return [float(word.rstrip(',')) for line in lines for word in line.split() if word[0].isdigit()]

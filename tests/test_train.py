@@ -394,9 +394,7 @@ def test_a_finished_run_started_again_says_it_is_complete(digits_run, tmp_path):
     assert sorted(os.listdir(folder)) == ['checkpoint.pth', 'log.txt']  # nothing written
     assert (folder / 'checkpoint.pth').read_bytes() == before
     args = main.get_args_parser().parse_args([str(a) for a in DIGITS + ['--epochs', '2', '--output_dir', folder]])
-    assert main.main(args) == {
-        k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')
-    }
+    assert main.main(args) == {k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')}
 
 
 @pytest.mark.slow
