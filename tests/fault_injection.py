@@ -5,8 +5,6 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
                      every epoch, and its evaluation share
     FAULTS_AT=F:N    the process records the minor page faults of each of the evaluated model's first N forward
                      passes into the JSON file F, then ends (exit code 0)
-    FRAMES_AT=F      the process records the stack at the model's first forward pass (a training step, or the
-                     evaluation of --eval) into the JSON file F, then ends (exit code 0)
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
     PREEMPT_AT=S:N   under torchrun, as a cluster preempts a job: once every process has reached the run's
                      optimizer step S (each has asked whether to stop, without the signal), rank 0 sends signal N
@@ -33,10 +31,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import checkpoints
 import engine
-import run
 from errors import UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
 
 
@@ -96,37 +92,6 @@ def faults_at(path, steps):
         return evaluate(model, data_loader, *args, **kwargs)
 
     engine.evaluate = counted
-
-
-def own_frames() -> list:
-    """'file:function' of the frames on the stack that are the project's own code: the repository's Python files
-    outside models/ and tests/ (the entry point, run.py, engine.py ...)."""
-    frames, frame = [], sys._getframe(1)
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        relative = os.path.relpath(path, ROOT)
-        if path.endswith('.py') and not relative.startswith(('..', 'models' + os.sep, 'tests' + os.sep)):
-            frames.append(f'{relative}:{frame.f_code.co_qualname}')
-        frame = frame.f_back
-    return frames[::-1]  # the outermost first
-
-
-def frames_at(path):
-    prepare = run.Run.prepare
-
-    def prepared(self, *args, **kwargs):
-        model, model_ema = prepare(self, *args, **kwargs)
-
-        def first_forward(module, inputs):
-            with open(path, 'w') as f:
-                json.dump({'frames': own_frames(), 'training': module.training}, f)
-            sys.stdout.flush()
-            os._exit(0)
-
-        model.register_forward_pre_hook(first_forward)
-        return model, model_ema
-
-    run.Run.prepare = prepared
 
 
 def signal_at(rank, step, name):
@@ -201,8 +166,6 @@ if __name__ == '__main__':
         spy(os.environ['SPY_DIR'])
     if 'FAULTS_AT' in os.environ:
         faults_at(*os.environ['FAULTS_AT'].rsplit(':', 1))
-    if 'FRAMES_AT' in os.environ:
-        frames_at(os.environ['FRAMES_AT'])
     if 'SIGNAL_AT' in os.environ:
         signal_at(*os.environ['SIGNAL_AT'].split(':'))
     if 'PREEMPT_AT' in os.environ:

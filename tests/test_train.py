@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import pytest
 import timm
@@ -20,6 +21,7 @@ import engine
 import main
 import run
 import utils
+from helpers import ROOT
 from model_factory import model_from_checkpoint
 from train_helpers import (
     DIGITS,
@@ -660,3 +662,51 @@ def test_no_pin_mem_turns_pinned_host_memory_off_on_cuda():
         loader = utils.data_loader(data, torch.utils.data.SequentialSampler(data), 2, args)
         pinned[(args.pin_mem, device)] = loader.pin_memory
     assert pinned == {(True, 'cuda'): True, (False, 'cuda'): False, (True, 'cpu'): False}
+
+
+def own_frames() -> list:
+    """'file:function' of the frames on the caller's stack that are the project's own code, the outermost first:
+    the repository's Python files outside models/ and tests/ (the entry point, run.py, engine.py ...)."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        relative = os.path.relpath(os.path.abspath(frame.f_code.co_filename), ROOT)
+        if relative.endswith('.py') and not relative.startswith(('..', 'models' + os.sep, 'tests' + os.sep)):
+            frames.append(f'{relative}:{frame.f_code.co_qualname}')
+        frame = frame.f_back
+    return frames[::-1]
+
+
+@pytest.mark.parametrize(
+    'extra, frames',
+    [
+        ([], ['main.py:<module>', 'main.py:main', 'run.py:Run.train', 'engine.py:train_one_epoch']),
+        (['--eval'], ['main.py:<module>', 'main.py:main', 'run.py:Run.evaluate', 'engine.py:evaluate']),
+    ],
+)
+def test_the_path_to_the_model_is_short(monkeypatch, extra, frames):
+    """From `python main.py` to the model's forward, in a training step and in --eval, at most 5 of the project's
+    own frames (its Python files outside models/ and tests/; Python's, pytest's, torch's and this test's do not
+    count) are on the stack: what a reader follows to the model is the entry point, the run and the loop. main.py
+    runs as a script (runpy, as `python main.py` runs it); the first forward after run.prepare is the one counted."""
+    import runpy
+
+    class Reached(Exception):
+        pass
+
+    prepare = run.Run.prepare
+
+    def prepared(self, *args, **kwargs):
+        model, model_ema = prepare(self, *args, **kwargs)
+
+        def first_forward(module, inputs):
+            raise Reached(own_frames(), module.training)
+
+        model.register_forward_pre_hook(first_forward)
+        return model, model_ema
+
+    monkeypatch.setattr(run.Run, 'prepare', prepared)
+    monkeypatch.setattr(sys, 'argv', ['main.py', *map(str, DIGITS), *extra])
+    with pytest.raises(Reached) as reached:
+        runpy.run_path(os.path.join(ROOT, 'main.py'), run_name='__main__')
+    assert reached.value.args == (frames, not extra)
+    assert len(frames) <= 5
