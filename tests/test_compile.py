@@ -15,6 +15,7 @@ from errors import UsageError
 from train_helpers import DIGITS, assert_one_line_error, assert_same_training, read_log, run_here, run_main
 
 pytestmark = pytest.mark.usefixtures('one_thread')
+COMPILING = pytest.mark.timeout(1800)  # the first compilation on a small CPU: minutes
 
 # SGD: AdamW turns the rounding noise in the gradients of the conv biases before a BatchNorm (which the norm
 # cancels: their true gradient is 0) into full-size steps, so two AdamW runs part by more than rounding.
@@ -38,6 +39,7 @@ def compiled_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@COMPILING
 def test_training_and_evaluation_match_eager_within_float32_rounding(eager_run, compiled_run):
     eager, compiled = (checkpoints.load_checkpoint(out / 'checkpoint.pth') for out in (eager_run, compiled_run))
     for key in ('model', 'model_ema'):
@@ -54,6 +56,7 @@ def test_training_and_evaluation_match_eager_within_float32_rounding(eager_run, 
 
 
 @pytest.mark.slow
+@COMPILING
 def test_eval_with_compile_evaluates_the_weights_and_the_ema_compiled_as_eager_does(eager_run, monkeypatch):
     """--eval --compile compiles both evaluations, the weights' and the EMA's, and they give eager's numbers."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -84,6 +87,7 @@ def test_eval_with_compile_evaluates_the_weights_and_the_ema_compiled_as_eager_d
 
 
 @pytest.mark.slow
+@COMPILING
 def test_sigterm_mid_epoch_with_compile_resumes_bit_identical(compiled_run, tmp_path):
     # SIGTERM during step 50 (epoch 1's step 6): the run stops at the next read of the steps' losses, after step
     # 52 (--print-freq 4, which changes no number of the run), with a resumable checkpoint.
