@@ -622,8 +622,8 @@ def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws
     assert read_log(tmp_path / 'workers') == read_log(tmp_path / 'alone')
 
 
-def first_epoch_sampler(monkeypatch, argv) -> list:
-    """The training indices of epoch 0 of main.py with `argv` (no step is trained), and the sampler's class."""
+def first_epoch_sampler(monkeypatch, argv) -> tuple:
+    """(the training sampler's class, the indices of its epoch 0) of main.py with `argv` (no step is trained)."""
     seen = []
 
     def sampled(model, criterion, data_loader, *args, **kwargs):
@@ -670,7 +670,8 @@ def own_frames() -> list:
     frames, frame = [], sys._getframe(1)
     while frame is not None:
         relative = os.path.relpath(os.path.abspath(frame.f_code.co_filename), ROOT)
-        if relative.endswith('.py') and not relative.startswith(('..', 'models' + os.sep, 'tests' + os.sep)):
+        outside = relative.startswith(('..', 'models' + os.sep, 'tests' + os.sep)) or 'site-packages' in relative
+        if relative.endswith('.py') and not outside:
             frames.append(f'{relative}:{frame.f_code.co_qualname}')
         frame = frame.f_back
     return frames[::-1]

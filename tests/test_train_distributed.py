@@ -3,7 +3,7 @@ SLURM_STEP_NUM_TASKS, SLURM_LOCALID, SLURM_STEP_NODELIST, as srun sets them), st
 - the processes keep identical weights, and --dist-eval counts every held-out image exactly once;
 - every process SIGKILLed after an epoch, then the same command again: bit-identical to a run never stopped
   (weights, EMA, optimizer, log.txt), whichever launcher;
-- SIGTERM to one process or to every process in the middle of an epoch: all stop after the same step, a
+- SIGUSR1 to one process or SIGTERM to every process in the middle of an epoch: all stop after the same step, a
   resumable checkpoint and exit code 3; the restart is bit-identical too; one process can continue from it;
 - a process that fails alone exits at once with its one line (and its rank), and torchrun ends the other;
   a checkpoint that one process cannot read stops every process with one line;
@@ -115,10 +115,11 @@ def stop_lines(err: str) -> list:
     return [line for line in err.splitlines() if 'stopped: ' in line]
 
 
-def test_sigterm_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(reference, tmp_path):
-    # Rank 1 alone receives SIGTERM during the run's step 20 (epoch 1's step 4, 16 steps per epoch and process);
-    # the processes agree at the next read of the steps' losses, after step 8 (--print-freq 4).
-    code, out, err = finish(torchrun(ARGS + ['--print-freq', '4', '--output_dir', tmp_path], SIGNAL_AT='1:20:SIGTERM'))
+def test_sigusr1_to_one_process_stops_both_after_the_same_step_and_resumes_exactly(reference, tmp_path):
+    # Rank 1 alone receives SIGUSR1 (a cluster's warning signal; by default it would end the process) during the
+    # run's step 20 (epoch 1's step 4, 16 steps per epoch and process); the processes agree at the next read of
+    # the steps' losses, after step 8 (--print-freq 4).
+    code, out, err = finish(torchrun(ARGS + ['--print-freq', '4', '--output_dir', tmp_path], SIGNAL_AT='1:20:SIGUSR1'))
     assert code != 0
     assert stop_lines(err) == [
         f'[rank 0] stopped: a stop signal (to another process) received during epoch 1; '
