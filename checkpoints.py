@@ -38,7 +38,11 @@ def save_checkpoint(obj, path, *more_paths):
             with atomic_file(other) as f, open(path, 'rb') as source:
                 shutil.copyfileobj(source, f)
             continue
-        os.replace(link, other)
+        try:
+            os.replace(link, other)
+        except OSError as e:  # named by the file, never by its temporary link (which goes)
+            os.remove(link)
+            raise OSError(e.errno, e.strerror, os.fspath(other)) from None
         sync_folder(directory)
 
 

@@ -64,8 +64,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _format_action(self, action):
         if action.option_strings and not action.help:
-            action.help = ' '  # argparse adds the default only after some help text
+            action.help = '(default: %(default)s)'  # argparse leaves out a flag without help text, and its default
         return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        return text if '(default: ' in text else super()._get_help_string(action)  # said already (recipes)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,7 +103,9 @@ class ArgumentParser(argparse.ArgumentParser):
             path = super().parse_known_args(argv)[0].config
             tokens = config_tokens(read_config(path), self, path) if path else []
         unset = object()  # which destinations the config or the command line set
-        blank = argparse.Namespace(**{a.dest: unset for a in self._actions if a.dest != 'help'})
+        blank = argparse.Namespace(
+            **{a.dest: unset for a in self._actions if a.dest != 'help'}, **{k: unset for k in self._defaults}
+        )
         given = {k for k, v in vars(super().parse_args(tokens + argv, blank)).items() if v is not unset}
         args = super().parse_args(tokens + argv, namespace)
         args.given = given - {'config'}
@@ -158,13 +164,16 @@ def config_tokens(values: dict, parser: argparse.ArgumentParser, path: str) -> l
             close = difflib.get_close_matches(key, options, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ''
             raise UsageError(f'unknown key {key!r} in config {path}: keys are flag names without dashes{hint}')
+        if value is None and action.default is None:
+            continue  # the flag's own default (a run's config.yaml writes it so)
         if value is None:
             raise UsageError(f'{key} in config {path} is empty: give a value, or leave the key out')
         if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise UsageError(f'{key}: {value!r} in config {path} is not valid (expected true or false)')
             if isinstance(action, argparse.BooleanOptionalAction):
-                tokens.append(f'--{"" if value else "no-"}{action.option_strings[0][2:]}')
+                on = value if f'--{key}' == action.option_strings[0] else not value  # `no-model-ema: true`: off
+                tokens.append(f'--{"" if on else "no-"}{action.option_strings[0][2:]}')
             elif value == (action.const is True):
                 tokens.append(f'--{key}')
         elif isinstance(value, list) and action.nargs not in (None, '?'):
@@ -255,6 +264,10 @@ def add_common_arguments(parser: ArgumentParser, *, model: str, batch_size: int,
 # ----------------------------------------------------------------------------------------------------
 
 
+# Files that cannot be written: a full disk or quota, a read-only or foreign file, the output folder removed.
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT)
+
+
 def _failure_line(e: BaseException):
     """(exit code, line, whether every process reports it) for an error a user can act on, else None (a bug)."""
     if isinstance(e, UsageError):
@@ -269,7 +282,7 @@ def _failure_line(e: BaseException):
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text:
         advice = 'lower --batch-size, the input size or --num_workers (or use --amp bf16)'
         return EXIT_FAILURE, f'error: out of memory ({text[:200]}); {advice}; the checkpoints on disk are whole', True
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
         where = f' ({e.filename})' if e.filename else ''
         return EXIT_FAILURE, f'error: {os.strerror(e.errno).lower()}{where}; the checkpoints on disk are whole', True
     if isinstance(e, RuntimeError) and 'DataLoader worker' in text:

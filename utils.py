@@ -45,7 +45,10 @@ def atomic_file(path, mode: str = 'wb'):
     if os.path.exists(target) and not os.path.isfile(target):
         raise UsageError(f'refusing to replace {path}: it is not a regular file')
     directory = os.path.dirname(target)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
+    except OSError as e:  # named by the file, never by its temporary one (a folder removed, not writable)
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
     os.chmod(tmp, 0o644)  # mkstemp makes it private
     try:
         with os.fdopen(fd, mode) as f:
@@ -58,6 +61,8 @@ def atomic_file(path, mode: str = 'wb'):
         # torch.save reports a failed write as a RuntimeError: say what it was when the disk is full.
         if isinstance(e, (RuntimeError, OSError)) and _disk_is_full(directory):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path)) from None
+        if isinstance(e, OSError) and e.errno is not None:  # a rename refused (EPERM) ...: the file, not its temporary
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None
         raise
     sync_folder(directory)  # the rename itself survives a crash
 
@@ -191,6 +196,8 @@ class SeededDataset(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except Exception as e:
+            if isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+                raise  # the machine's, not the sample's (cli.one_line_errors says so)
             dataset = self.dataset
             while isinstance(dataset, torch.utils.data.Subset):
                 dataset, index = dataset.dataset, dataset.indices[index]

@@ -1,10 +1,10 @@
-"""Runs an entry point (`python tests/fault_injection.py main.py ARGS`, also under torchrun) with test hooks
+"""Runs an entry point (`python tests/fault_injection.py main.py ARGS`, also under torchrun or srun) with test hooks
 chosen by environment variables; the hooks only watch or stop the run, they change none of its numbers.
 
     SPY_DIR=D        each process records into D what it saw: the training indices and the parameters after
-                     every epoch, its evaluation share, and its C allocator (allocator.describe())
+                     every epoch, and its evaluation share
     FAULTS_AT=F:N    the process records the minor page faults of each of the evaluated model's first N forward
-                     passes (and its PID and C allocator) into the JSON file F, then ends (exit code 0)
+                     passes into the JSON file F, then ends (exit code 0)
     SIGNAL_AT=R:S:N  the process of rank R sends itself signal N (e.g. SIGTERM) before the run's optimizer step S
     PREEMPT_AT=S:N   under torchrun, as a cluster preempts a job: once every process has reached the run's
                      optimizer step S (each has asked whether to stop, without the signal), rank 0 sends signal N
@@ -12,13 +12,9 @@ chosen by environment variables; the hooks only watch or stop the run, they chan
                      all of them have it when they next ask, at step S + 1
     KILL_AT=M:F:K    the process SIGKILLs itself the K-th time function F of module M is called (e.g.
                      output_folder:OutputFolder.append_log, checkpoints:save_checkpoint)
-    FAIL_AT=R:E[:stay]  the process of rank R raises E in its first training step ('usage': a UsageError, 'oom':
-                     torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had no copy), or
-                     finds the disk full when it saves one ('enospc'); with ':stay' it then stays alive without
-                     taking part, as NCCL sees a failed peer on the same node (gloo would notice its exit)
-    STALL_AT=N       the N-th sample a process (or data-loading worker) loads never comes: as a data file that
-                     blocks, or a hung file system
-    DATA_WAIT_AFTER_STOP=S  how long a stopped run waits for a batch (trainer.DATA_WAIT_AFTER_STOP)
+    FAIL_AT=R:E      the process of rank R raises E at its first optimizer step ('usage': a UsageError naming an
+                     image, 'oom': torch.OutOfMemoryError), or cannot read checkpoints ('load': as if its node had
+                     no copy), or finds the disk full when it saves one ('enospc')
 """
 
 import errno
@@ -29,37 +25,43 @@ import resource
 import runpy
 import signal
 import sys
-import time
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import allocator
 import checkpoints
-import cli
 import engine
-import trainer
-import utils
+from errors import UsageError
 
 RANK = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
+
+
+def before_optimizer_steps(hook):
+    """Call hook(step) before each optimizer step of the process (counted from 0; a skipped step is none)."""
+    calls = [0]
+
+    def pre_hook(optimizer, args, kwargs):
+        hook(calls[0])
+        calls[0] += 1
+
+    register_optimizer_step_pre_hook(pre_hook)
 
 
 def spy(directory):
     train_one_epoch, evaluate = engine.train_one_epoch, engine.evaluate
 
-    def spied_train(model, loss_fn, data_loader, *args, **kwargs):
-        result = train_one_epoch(model, loss_fn, data_loader, *args, **kwargs)
+    def spied_train(model, criterion, data_loader, optimizer, scaler, device, epoch, **kwargs):
+        result = train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, epoch, **kwargs)
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
         indices = [index for index, _ in data_loader.sampler]
-        torch.save(
-            {'indices': indices, 'params': params}, os.path.join(directory, f'train_rank{RANK}_epoch{args[3]}.pt')
-        )
+        torch.save({'indices': indices, 'params': params}, os.path.join(directory, f'train_rank{RANK}_epoch{epoch}.pt'))
         return result
 
-    def spied_evaluate(data_loader, *args, **kwargs):
-        torch.save(list(data_loader.dataset.dataset.indices), os.path.join(directory, f'eval_rank{RANK}.pt'))
-        with open(os.path.join(directory, f'allocator_rank{RANK}.txt'), 'w') as f:
-            f.write(allocator.describe())
-        return evaluate(data_loader, *args, **kwargs)
+    def spied_evaluate(model, data_loader, *args, **kwargs):
+        dataset = data_loader.dataset.dataset  # inside SeededDataset
+        indices = list(dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else list(range(len(dataset)))
+        torch.save(indices, os.path.join(directory, f'eval_rank{RANK}.pt'))
+        return evaluate(model, data_loader, *args, **kwargs)
 
     engine.train_one_epoch, engine.evaluate = spied_train, spied_evaluate
 
@@ -71,7 +73,7 @@ def minor_faults() -> int:
 def faults_at(path, steps):
     evaluate = engine.evaluate
 
-    def counted(data_loader, model, *args, **kwargs):
+    def counted(model, data_loader, *args, **kwargs):
         faults = []
 
         def before(module, inputs):
@@ -81,27 +83,23 @@ def faults_at(path, steps):
             faults[-1] += minor_faults()
             if len(faults) == int(steps):
                 with open(path, 'w') as f:
-                    json.dump({'faults': faults, 'pid': os.getpid(), 'allocator': allocator.describe()}, f)
+                    json.dump({'faults': faults}, f)
                 sys.stdout.flush()
                 os._exit(0)
 
         model.register_forward_pre_hook(before)
         model.register_forward_hook(after)
-        return evaluate(data_loader, model, *args, **kwargs)
+        return evaluate(model, data_loader, *args, **kwargs)
 
     engine.evaluate = counted
 
 
 def signal_at(rank, step, name):
-    optimizer_step, calls = engine.optimizer_step, [0]
-
-    def hooked(*args, **kwargs):
-        if RANK == int(rank) and calls[0] == int(step):
+    def hook(calls):
+        if RANK == int(rank) and calls == int(step):
             os.kill(os.getpid(), getattr(signal, name))
-        calls[0] += 1
-        return optimizer_step(*args, **kwargs)
 
-    engine.optimizer_step = hooked
+    before_optimizer_steps(hook)
 
 
 def preempt_at(step, name):
@@ -109,20 +107,16 @@ def preempt_at(step, name):
 
     from train_helpers import descendants
 
-    optimizer_step, calls = engine.optimizer_step, [0]
-
-    def hooked(*args, **kwargs):
-        if calls[0] == int(step):
+    def hook(calls):
+        if calls == int(step):
             dist.barrier()
             if RANK == 0:
                 launcher = os.getppid()
                 for pid in descendants(launcher) + [launcher]:
                     os.kill(pid, getattr(signal, name))
             dist.barrier()
-        calls[0] += 1
-        return optimizer_step(*args, **kwargs)
 
-    engine.optimizer_step = hooked
+    before_optimizer_steps(hook)
 
 
 def kill_at(module, function, count):
@@ -141,45 +135,30 @@ def kill_at(module, function, count):
     setattr(owner, attribute, hooked)
 
 
-def fail_at(rank, error, stay=''):
+def fail_at(rank, error):
     if RANK != int(rank):
         return
-    if stay == 'stay':
-        cli.cleanup_distributed = lambda: time.sleep(3600)  # after its one line: alive, silent
     if error == 'enospc':
 
         def full(obj, *paths):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths[-1]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(paths[0]))
 
         checkpoints.save_checkpoint = full
         return
     if error == 'load':
 
         def unreadable(path, *args, **kwargs):
-            raise cli.UsageError(f'checkpoint {path} does not exist')
+            raise UsageError(f'checkpoint {path} does not exist')
 
         checkpoints.load_checkpoint = unreadable
         return
 
-    def failing(*args, **kwargs):
+    def failing(calls):
         if error == 'oom':
             raise torch.OutOfMemoryError('CUDA out of memory (injected)')
-        raise cli.UsageError('cannot read /data/train/n01440764/a.JPEG (injected)')
+        raise UsageError('cannot read /data/train/n01440764/a.JPEG (injected)')
 
-    engine.optimizer_step = failing
-
-
-def stall_at(count):
-    load, calls = utils.SeededDataset.__getitem__, [0]
-
-    def stalled(self, item):
-        calls[0] += 1
-        if calls[0] == int(count):
-            while True:
-                time.sleep(3600)
-        return load(self, item)
-
-    utils.SeededDataset.__getitem__ = stalled
+    before_optimizer_steps(failing)
 
 
 if __name__ == '__main__':
@@ -195,9 +174,5 @@ if __name__ == '__main__':
         kill_at(*os.environ['KILL_AT'].split(':'))
     if 'FAIL_AT' in os.environ:
         fail_at(*os.environ['FAIL_AT'].split(':'))
-    if 'STALL_AT' in os.environ:
-        stall_at(os.environ['STALL_AT'])
-    if 'DATA_WAIT_AFTER_STOP' in os.environ:
-        trainer.DATA_WAIT_AFTER_STOP = float(os.environ['DATA_WAIT_AFTER_STOP'])
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name='__main__')

@@ -1,8 +1,7 @@
 """The output folder holds one run at a time (a lock a killed run does not leave stuck; a file system without
-locks is warned about), and a validation
-file that cannot be read does not throw away the epoch trained before it: the error names the file, the
-trained epoch is saved with its evaluation pending, and once the file is fixed the next start evaluates it
-and goes on, ending as a run that never failed."""
+locks is warned about), and a validation file that cannot be read stops the run with one line naming it, the
+previous epoch's checkpoint kept: once the file is fixed, the same command goes on from there and ends as a run
+that never failed."""
 
 import errno
 import os
@@ -82,15 +81,14 @@ def test_a_file_system_without_locks_warns_in_one_line_and_the_run_goes_on(tmp_p
     assert result.returncode == 0 and result.stderr == '', result.stderr
     warning = [line for line in result.stdout.splitlines() if line.startswith('warning:')]
     assert warning == [
-        f'warning: --output_dir {tmp_path} is on a file system without file locks '
-        f'({os.strerror(getattr(errno, error))}): the run goes on unlocked, so make sure no other run '
-        'uses this folder at the same time (or choose a folder on a local or lock-capable file system)'
+        f'warning: --output_dir {tmp_path} cannot be locked ({os.strerror(getattr(errno, error))}): make sure no '
+        'other run uses it'
     ]
     assert (tmp_path / 'eval_results.json').is_file()
 
 
 def image_folders(root, corrupt: bool):
-    """Two classes of 32 px images; with `corrupt`, one validation JPEG is cut short."""
+    """Two classes of 32 px images; with `corrupt`, one validation JPEG is cut short (returned)."""
     for split, count in (('train', 8), ('val', 3)):
         for label, colour in (('a', (200, 30, 30)), ('b', (30, 30, 200))):
             folder = root / split / label
@@ -103,7 +101,9 @@ def image_folders(root, corrupt: bool):
     return broken
 
 
-def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
+def test_an_unreadable_validation_file_stops_the_run_and_the_previous_epoch_resumes(tmp_path, monkeypatch):
+    """A validation JPEG cut short after epoch 0: epoch 1's evaluation stops the run with one line naming the file
+    (exit 2), before epoch 1 is saved; fixed, the same command resumes from epoch 0 and ends as the clean run."""
     args = TINY + [
         '--batch-size',
         '4',
@@ -125,22 +125,26 @@ def test_unreadable_validation_file_keeps_the_trained_epoch(tmp_path):
     assert reference.returncode == 0, reference.stderr
 
     data, out = tmp_path / 'data', tmp_path / 'out'
-    broken = image_folders(data, corrupt=True)
-    failed = run_here(main, args + ['--data-path', data, '--output_dir', out])
-    assert_one_line_error(
-        failed.returncode,
-        failed.stdout,
-        failed.stderr,
-        2,
-        str(broken),
-        'the trained epoch 0 is saved; the next start evaluates it first',
-    )
-    saved = checkpoints.load_checkpoint(out / 'checkpoint.pth')
-    assert saved['epoch'] == 0 and saved['pending_eval'] is not None
+    image_folders(data, corrupt=False)
+    broken = data / 'val' / 'b' / '1.jpg'
+    append = output_folder.OutputFolder.append_log
+
+    def breaks_after_epoch_0(self, entry):
+        append(self, entry)
+        if entry['epoch'] == 0:
+            broken.write_bytes(broken.read_bytes()[:200])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(output_folder.OutputFolder, 'append_log', breaks_after_epoch_0)
+        failed = run_here(main, args + ['--data-path', data, '--output_dir', out])
+    assert_one_line_error(failed.returncode, failed.stdout, failed.stderr, 2, f'error: cannot load {broken}: ')
+    assert checkpoints.load_checkpoint(out / 'checkpoint.pth')['epoch'] == 0
+    assert [entry['epoch'] for entry in read_log(out)] == [0]
 
     broken.write_bytes((clean_data / 'val' / 'b' / '1.jpg').read_bytes())  # the file fixed
     resumed = run_here(main, args + ['--data-path', data, '--output_dir', out])
     assert resumed.returncode == 0, resumed.stderr
+    assert 'Resumed from' in resumed.stdout and '(epoch 0)' in resumed.stdout
     assert read_log(out) == read_log(clean_out)
     assert_same_training(
         checkpoints.load_checkpoint(clean_out / 'checkpoint.pth'), checkpoints.load_checkpoint(out / 'checkpoint.pth')

@@ -1,12 +1,13 @@
 """main.py end to end on DIGITS (CPU): training writes checkpoints, logs, TensorBoard events and the
 resolved config; --eval reproduces the logged accuracy with no model flag repeated; the authors' checkpoint
 layout (args as an argparse.Namespace) evaluates, resumes and fine-tunes; a resumed run applies changed
-flags and says so."""
+flags and says so; the switches --no-model-ema, --no-repeated-aug and --no-pin-mem do what they say."""
 
 import argparse
 import json
 import math
 import os
+import sys
 
 import pytest
 import timm
@@ -16,9 +17,21 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoints
+import engine
 import main
+import run
+import utils
+from helpers import ROOT
 from model_factory import model_from_checkpoint
-from train_helpers import DIGITS, TINY, TINY_MODEL_KWARGS, assert_state_dicts_equal, read_log, run_here
+from train_helpers import (
+    DIGITS,
+    TINY,
+    TINY_MODEL_KWARGS,
+    assert_one_line_error,
+    assert_state_dicts_equal,
+    read_log,
+    run_here,
+)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -39,10 +52,20 @@ LOG_KEYS = {
 
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory):
-    """Two epochs of a tiny RAVLT on DIGITS, a backup after each."""
+    """Two epochs of a tiny RAVLT on DIGITS, a backup after each; the EMA's arguments are recorded."""
     out = tmp_path_factory.mktemp('digits')
-    result = run_here(main, DIGITS + ['--epochs', '2', '--save-freq', '1', '--output_dir', out])
+    made = []
+
+    class RecordedEma(run.ModelEmaV3):
+        def __init__(self, model, **kwargs):
+            super().__init__(model, **kwargs)
+            made.append(kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, 'ModelEmaV3', RecordedEma)
+        result = run_here(main, DIGITS + ['--epochs', '2', '--save-freq', '1', '--output_dir', out])
     assert result.returncode == 0, result.stderr
+    result.ema_kwargs = made
     return out, result
 
 
@@ -92,7 +115,7 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
     # lr and EMA decay scale with the total batch (32): lr 0.016 * 32 / 512, decay 0.99996 ** (32 / 512).
     assert 'Learning rate 0.001: --lr 0.016 per 512 images x total batch 32 / 512\n' in result.stdout
     assert 'total batch 32, lr 0.001\n' in result.stdout
-    assert f'EMA decay per step: {0.99996 ** (32 / 512):.8f}' in result.stdout
+    assert result.ema_kwargs == [{'decay': 0.99996 ** (32 / 512), 'use_warmup': True, 'device': None}]
 
     log = read_log(out)
     assert [entry['epoch'] for entry in log] == [0, 1]
@@ -109,14 +132,16 @@ def test_digits_training_writes_checkpoints_logs_and_events(digits_run):
         'scaler',
         'epoch',
         'step',
-        'max_accuracy',
+        'best',
         'args',
         'meta',
         'log',
-    } <= set(checkpoint)
+        'world_size',
+    } == set(checkpoint)
     assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2 * 44 and checkpoint['log'] == log[1]
-    assert checkpoint['args']['model-kwargs'] == TINY_MODEL_KWARGS
-    assert checkpoint['max_accuracy'] == checkpoint['best']['acc1'] == max(entry['test_acc1'] for entry in log)
+    assert checkpoint['args']['model-kwargs'] == TINY_MODEL_KWARGS and checkpoint['world_size'] == 1
+    assert checkpoint['meta'] == {'task': 'classification', 'classes': [str(c) for c in range(10)]}
+    assert checkpoint['best']['acc1'] == max(entry['test_acc1'] for entry in log)
     assert checkpoint['best']['acc1_ema'] == max(entry['test_ema_acc1'] for entry in log)
     assert checkpoints.load_checkpoint(out / 'backup0.pth')['epoch'] == 0
 
@@ -133,7 +158,7 @@ def test_resolved_config_reproduces_the_run(digits_run):
     with open(out / 'config.yaml') as f:
         written = yaml.safe_load(f)
     parser = main.get_args_parser()
-    args = parser.parse(['--config', str(out / 'config.yaml')])
+    args = parser.parse_args(['--config', str(out / 'config.yaml')])
     assert parser.to_config(args) == written
     assert args.model_kwargs == TINY_MODEL_KWARGS and args.epochs == 2 and args.repeated_aug is False
 
@@ -161,26 +186,38 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
         ],
     )
     assert result.returncode == 0, result.stderr
-    assert f'--model-kwargs {json.dumps(TINY_MODEL_KWARGS)}, --input-size 32' in result.stdout
+    assert (
+        f'From the checkpoint (give a flag to override): --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}, '
+        '--input-size 32' in result.stdout
+    )
     with open(tmp_path / 'eval_results.json') as f:
         results = json.load(f)
     last = read_log(out)[-1]
     assert results == {k: last[f'test_{k}'] for k in ('acc1', 'acc5', 'loss', 'ema_acc1', 'ema_acc5', 'ema_loss')}
-    assert 'Weights: acc1' in result.stdout and 'EMA weights: acc1' in result.stdout
+    assert '* Weights: acc1' in result.stdout and '* EMA weights: acc1' in result.stdout
     assert f'Results written to {tmp_path / "eval_results.json"}' in result.stdout
-    # The settings line holds what evaluation reads, no training value.
-    settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith('{')))
-    assert settings['model-kwargs'] == TINY_MODEL_KWARGS and settings['input-size'] == 32
-    assert not {'epochs', 'lr', 'mixup', 'warmup-epochs', 'opt', 'aa', 'model-ema-decay', 'drop-path'} & set(settings)
-    assert len(json.dumps(settings)) < 700  # the evaluation flags only (about 630 characters here)
-    # Without --output_dir it says that nothing was written.
-    unsaved = run_here(
+    # --no-model-ema: the weights alone, though the checkpoint has an EMA; without --output_dir nothing is written.
+    plain = run_here(
         main,
-        ['--data-set', 'DIGITS', '--device', 'cpu', '--num_workers', '0', '--eval', '--resume', out / 'checkpoint.pth'],
+        [
+            '--data-set',
+            'DIGITS',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+            '--no-model-ema',
+            '--eval',
+            '--resume',
+            out / 'checkpoint.pth',
+        ],
     )
-    assert unsaved.returncode == 0 and 'No --output_dir: no eval_results.json written' in unsaved.stdout
-    # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why, with the
-    # model flags the checkpoint was trained with.
+    assert plain.returncode == 0, plain.stderr
+    assert [line for line in plain.stdout.splitlines() if line.startswith('* ')] == [
+        f'* Weights: {utils.format_metrics({k: last[f"test_{k}"] for k in ("acc1", "acc5", "loss")})} (360 images)'
+    ]
+    assert 'Results written' not in plain.stdout
+    # Given again, a flag wins over the checkpoint's: here it no longer fits, and one line says why.
     wrong = run_here(
         main,
         [
@@ -197,9 +234,15 @@ def test_eval_reproduces_the_logged_accuracy_without_repeating_the_model_flags(d
             out / 'checkpoint.pth',
         ],
     )
-    line = wrong.stderr.strip()
-    assert wrong.returncode == 2 and '\n' not in line and 'differ in shape' in line and len(line) < 500
-    assert line.endswith(f'they were trained with --model "RAVLT_T" --model-kwargs {json.dumps(TINY_MODEL_KWARGS)}')
+    assert_one_line_error(
+        wrong.returncode,
+        wrong.stdout,
+        wrong.stderr,
+        2,
+        f'error: {out / "checkpoint.pth"}: the weights do not fit RAVLT_T (',
+        'differ in shape',
+        'check --model and --model-kwargs',
+    )
 
 
 @pytest.mark.slow
@@ -273,9 +316,16 @@ def test_finetune_takes_the_model_from_the_checkpoint_and_a_resume_does_not_relo
     assert 'new classifier' not in evaluated.stdout and 'dropping' not in evaluated.stdout
     assert json.loads((tmp_path / 'eval' / 'eval_results.json').read_text())['acc1'] == read_log(out)[-1]['test_acc1']
 
-    # Given and not fitting: one line naming the model flags of the checkpoint, and no folder left behind.
+    # Given and not fitting: one line, and no folder left behind.
     refused = run_here(main, plain + ['--model-kwargs', '{}', '--finetune', start, '--output_dir', tmp_path / 'no'])
-    assert refused.returncode == 2 and f'--model-kwargs {json.dumps(TINY_MODEL_KWARGS)}' in refused.stderr
+    assert_one_line_error(
+        refused.returncode,
+        refused.stdout,
+        refused.stderr,
+        2,
+        f'error: --finetune {start}: the weights do not fit RAVLT_T (',
+        'check --model and --model-kwargs',
+    )
     assert not (tmp_path / 'no').exists()
 
     # Training records the flags taken; started again, it resumes without loading the --finetune weights first.
@@ -345,9 +395,8 @@ def test_a_finished_run_started_again_says_it_is_complete(digits_run, tmp_path):
     assert 'Start training' not in result.stdout and 'Training time' not in result.stdout
     assert sorted(os.listdir(folder)) == ['checkpoint.pth', 'log.txt']  # nothing written
     assert (folder / 'checkpoint.pth').read_bytes() == before
-    assert main.cli([str(a) for a in DIGITS + ['--epochs', '2', '--output_dir', folder]]) == {
-        k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')
-    }
+    args = main.get_args_parser().parse_args([str(a) for a in DIGITS + ['--epochs', '2', '--output_dir', folder]])
+    assert main.main(args) == {k: read_log(out)[-1][f'test_{k}'] for k in ('loss', 'acc1', 'acc5')}
 
 
 @pytest.mark.slow
@@ -357,7 +406,7 @@ def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
     resumed.mkdir()
     for name in ('checkpoint.pth', 'log.txt'):
         (resumed / name).write_bytes((out / name).read_bytes())
-    result = run_here(main, DIGITS + ['--epochs', '3', '--lr', '0.032', '--output_dir', resumed])
+    result = run_here(main, DIGITS + ['--epochs', '3', '--lr', '0.032', '--save-freq', '1', '--output_dir', resumed])
     assert result.returncode == 0, result.stderr
     assert 'Changed since the checkpoint, applied: --epochs 2 -> 3, --lr 0.016 -> 0.032' in result.stdout
     log = read_log(resumed)
@@ -369,7 +418,9 @@ def test_resumed_run_applies_changed_flags_and_says_so(digits_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_path):
+def test_learning_rate_is_readable_a_warm_up_over_the_whole_run_warns_and_no_model_ema_keeps_none(tmp_path):
+    """The learning rate prints readably; a warm-up longer than the run is warned about; --no-model-ema trains
+    without an EMA: none evaluated, logged, saved or best_ema.pth."""
     result = run_here(
         main,
         TINY
@@ -390,11 +441,18 @@ def test_learning_rate_is_readable_and_a_warm_up_over_the_whole_run_warns(tmp_pa
             '--no-model-ema',
             '--print-freq',
             '20',
+            '--output_dir',
+            tmp_path,
         ],
     )
     assert result.returncode == 0, result.stderr
-    assert 'warning: the warm-up (5 epochs) covers the whole run' in result.stdout
+    assert 'warning: the warm-up covers the whole run: the learning rate never reaches its set value' in result.stdout
     assert 'lr: 1e-06' in result.stdout and 'lr: 0.000000' not in result.stdout
+    assert 'EMA' not in result.stdout
+    written = {name for name in os.listdir(tmp_path) if not name.startswith('events.out.tfevents.')}
+    assert written == {'backup0.pth', 'best.pth', 'checkpoint.pth', 'config.yaml', 'log.txt'}  # no best_ema.pth
+    assert 'model_ema' not in checkpoints.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert set(read_log(tmp_path)[0]) == {k for k in LOG_KEYS if 'ema' not in k}
 
 
 @pytest.mark.slow
@@ -511,8 +569,6 @@ def test_the_resumed_checkpoint_is_released_before_training(digits_run, tmp_path
     import gc
     import weakref
 
-    import engine
-
     out, _ = digits_run
     (tmp_path / 'checkpoint.pth').write_bytes((out / 'checkpoint.pth').read_bytes())
     load, held = checkpoints.load_checkpoint, []
@@ -564,3 +620,94 @@ def test_data_loading_workers_live_across_epochs_and_draw_what_one_process_draws
         checkpoints.load_checkpoint(tmp_path / 'alone' / 'checkpoint.pth')['model'],
     )
     assert read_log(tmp_path / 'workers') == read_log(tmp_path / 'alone')
+
+
+def first_epoch_sampler(monkeypatch, argv) -> tuple:
+    """(the training sampler's class, the indices of its epoch 0) of main.py with `argv` (no step is trained)."""
+    seen = []
+
+    def sampled(model, criterion, data_loader, *args, **kwargs):
+        seen.append((type(data_loader.sampler.sampler), [index for index, _ in data_loader.sampler]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, 'train_one_epoch', sampled)
+    result = run_here(main, argv)
+    assert result.returncode == 130 and len(seen) == 1, result.stderr
+    return seen[0]
+
+
+def test_no_repeated_aug_samples_each_image_once(monkeypatch):
+    """Repeated augmentation (timm's RepeatAugSampler, on by default as in the recipe) shows each image 3 times
+    per epoch, one after the other, in an epoch of the image count rounded down to 256s (1,437: 1,280 samples of
+    427 images); --no-repeated-aug is a plain DistributedSampler: every training image once."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    argv = TINY + ['--data-set', 'DIGITS', '--batch-size', '32', '--epochs', '1', '--no-model-ema']
+    kind, repeated = first_epoch_sampler(monkeypatch, argv)
+    assert kind is RepeatAugSampler and len(repeated) == 1280
+    assert all(repeated[i] == repeated[i + 1] == repeated[i + 2] for i in range(0, 1278, 3))
+    assert len(set(repeated)) == 427
+    kind, plain = first_epoch_sampler(monkeypatch, argv + ['--no-repeated-aug'])
+    assert kind is torch.utils.data.DistributedSampler and sorted(plain) == list(range(1437))
+
+
+def test_no_pin_mem_turns_pinned_host_memory_off_on_cuda():
+    """On CUDA the loaders pin their batches' host memory (asynchronous copies) unless --no-pin-mem; on the CPU
+    there is nothing to pin."""
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 2))
+    pinned = {}
+    for argv, device in (([], 'cuda'), (['--no-pin-mem'], 'cuda'), ([], 'cpu')):
+        args = main.get_args_parser().parse_args(argv + ['--num_workers', '0'])
+        args.device, args.rank = torch.device(device), 0
+        loader = utils.data_loader(data, torch.utils.data.SequentialSampler(data), 2, args)
+        pinned[(args.pin_mem, device)] = loader.pin_memory
+    assert pinned == {(True, 'cuda'): True, (False, 'cuda'): False, (True, 'cpu'): False}
+
+
+def own_frames() -> list:
+    """'file:function' of the frames on the caller's stack that are the project's own code, the outermost first:
+    the repository's Python files outside models/ and tests/ (the entry point, run.py, engine.py ...)."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        relative = os.path.relpath(os.path.abspath(frame.f_code.co_filename), ROOT)
+        outside = relative.startswith(('..', 'models' + os.sep, 'tests' + os.sep)) or 'site-packages' in relative
+        if relative.endswith('.py') and not outside:
+            frames.append(f'{relative}:{frame.f_code.co_qualname}')
+        frame = frame.f_back
+    return frames[::-1]
+
+
+@pytest.mark.parametrize(
+    'extra, frames',
+    [
+        ([], ['main.py:<module>', 'main.py:main', 'run.py:Run.train', 'engine.py:train_one_epoch']),
+        (['--eval'], ['main.py:<module>', 'main.py:main', 'run.py:Run.evaluate', 'engine.py:evaluate']),
+    ],
+)
+def test_the_path_to_the_model_is_short(monkeypatch, extra, frames):
+    """From `python main.py` to the model's forward, in a training step and in --eval, at most 5 of the project's
+    own frames (its Python files outside models/ and tests/; Python's, pytest's, torch's and this test's do not
+    count) are on the stack: what a reader follows to the model is the entry point, the run and the loop. main.py
+    runs as a script (runpy, as `python main.py` runs it); the first forward after run.prepare is the one counted."""
+    import runpy
+
+    class Reached(Exception):
+        pass
+
+    prepare = run.Run.prepare
+
+    def prepared(self, *args, **kwargs):
+        model, model_ema = prepare(self, *args, **kwargs)
+
+        def first_forward(module, inputs):
+            raise Reached(own_frames(), module.training)
+
+        model.register_forward_pre_hook(first_forward)
+        return model, model_ema
+
+    monkeypatch.setattr(run.Run, 'prepare', prepared)
+    monkeypatch.setattr(sys, 'argv', ['main.py', *map(str, DIGITS), *extra])
+    with pytest.raises(Reached) as reached:
+        runpy.run_path(os.path.join(ROOT, 'main.py'), run_name='__main__')
+    assert reached.value.args == (frames, not extra)
+    assert len(frames) <= 5

@@ -93,9 +93,13 @@ def command_env(**extra) -> dict:
         'SLURM_NTASKS',
         'SLURM_LOCALID',
         'SLURM_STEP_NUM_TASKS',
+        'SLURM_STEP_NODELIST',
+        'SLURM_JOB_NODELIST',
+        'SLURM_NODELIST',
         'SLURM_JOB_ID',
         'MASTER_ADDR',
         'MASTER_PORT',
+        'LOCAL_WORLD_SIZE',
     ):
         if name not in extra:
             env.pop(name, None)
@@ -121,6 +125,7 @@ def run_here(entry_point, args):
     from cli import one_line_errors
 
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
+    environ = dict(os.environ)
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -130,6 +135,8 @@ def run_here(entry_point, args):
             code = e.code
         finally:
             torch.set_num_threads(threads)
+            os.environ.clear()  # as a command's environment ends with it
+            os.environ.update(environ)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
