@@ -1,13 +1,13 @@
 """Measuring models: FLOPs with fvcore, and throughput and peak memory of models side by side.
 
-Shared by scripts/flops.py, scripts/benchmark.py and scripts/resolution.py (their docstrings say what each
-prints). The method:
+Shared by scripts/flops.py, benchmark.py, resolution.py and ablation.py (their docstrings say what each prints).
+The method:
 
 - **Timing.** Each contender (a model in a mode on a backend) takes `warmup` untimed steps, then `iters`
   timed steps; the contenders take turns step by step (every other round in reverse order), so a busy
   machine slows them alike. A row holds the median images/s and the spread (25th-75th percentile). An eval
-  step is a forward pass under `torch.no_grad()` of the model after `timm.utils.reparameterize_model`; a
-  train step is forward, cross-entropy on random labels and backward (no optimizer step, no fp16 loss
+  step is a forward pass under `torch.no_grad()` of the model's inference form (model_factory.inference_form);
+  a train step is forward, cross-entropy on random labels and backward (no optimizer step, no fp16 loss
   scaling). On CUDA every step is timed between `torch.cuda.synchronize()` calls.
 - **Peak memory.** Each contender runs in a fresh Python process (this file run as a script), which builds
   it, runs one untimed step, frees what it left (gradients set to None, Python garbage collected, on the
@@ -16,7 +16,7 @@ prints). The method:
   step; on the CPU the kernel's peak RSS (`VmHWM`, reset through `/proc/self/clear_refs`) above the RSS
   before it. Weights and input are excluded; everything the step allocates (activations, temporaries and,
   in training, the gradients) is included. ONNX Runtime runs without its memory arena there.
-- **Reference rate.** A float32 matrix product (2048 x 2048 on the CPU, 8192 x 8192 on CUDA; in the
+- **Reference rate.** A matrix product (2048 x 2048 on the CPU, 8192 x 8192 on CUDA; float32, or the
   autocast dtype with amp) timed in the same rounds; a model's GFLOP/s = img/s x FLOPs per image (fvcore's
   count, 2 FLOPs per multiply-add, a train step counted as 3 forward passes).
 - **FLOPs.** fvcore's FlopCountAnalysis with its default handles (one multiply-add = one FLOP, the authors'
@@ -43,20 +43,20 @@ from dataclasses import asdict, dataclass, field, fields
 from math import prod
 from typing import Optional
 
-import timm.utils
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+
 import torch
 import torch.nn.functional as F
 
+import models
+from cli import COUNT, NON_NEGATIVE_INT
+from errors import UsageError
+from model_factory import compile_model, create_model, inference_form
+from utils import AMP_DTYPES, autocast, keep_freed_memory
+
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # raised by fvcore's import
-import allocator
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
-
-import models
-from deploy import INPUT_NAME, create_session, export, import_onnxruntime
-from errors import UsageError, first_line
-from model_factory import compile_model, create_model
-from utils import AMP_DTYPES, autocast
 
 AUTHORS_PREFIX = 'authors:'
 AUTHORS_MODULE = 'authors_rala'  # the module name the authors' file is loaded as
@@ -65,6 +65,11 @@ MATMUL_SIZE = {'cpu': 2048, 'cuda': 8192}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the inputs and of the weights)
 # Operators that compute attention products (RAVLT has no linear layers, so these are all attention).
 ATTENTION_OPS = ('matmul', 'bmm', 'einsum', 'mm', 'baddbmm', 'scaled_dot_product_attention')
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f'{type(e).__name__}: {text.splitlines()[0]}' if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,8 +88,7 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def count_flops(model: torch.nn.Module, inputs) -> dict:
-    """fvcore FLOPs (multiply-adds) of model(inputs): in total, of the attention products (ATTENTION_OPS) and per
-    operator (fvcore names, `aten::` dropped)."""
+    """fvcore FLOPs (multiply-adds) of model(inputs): in total, and of the attention products (ATTENTION_OPS)."""
     model.eval()
     analysis = (
         FlopCountAnalysis(model, inputs)
@@ -93,12 +97,8 @@ def count_flops(model: torch.nn.Module, inputs) -> dict:
         .uncalled_modules_warnings(False)
     )
     with torch.no_grad():
-        by_operator = dict(analysis.by_operator())
-        return {
-            'total': analysis.total(),
-            'attention': sum(v for k, v in by_operator.items() if k in ATTENTION_OPS),
-            'by_operator': by_operator,
-        }
+        by_operator = analysis.by_operator()
+        return {'total': analysis.total(), 'attention': sum(v for k, v in by_operator.items() if k in ATTENTION_OPS)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,7 +111,28 @@ _START = time.perf_counter()
 def progress(message: str):
     """One line on stderr, at once: long runs say what they are doing."""
     elapsed = int(time.perf_counter() - _START)
-    print(f'[benchmark {elapsed // 60}:{elapsed % 60:02d}] {message}', file=sys.stderr, flush=True)
+    print(f'[{elapsed // 60}:{elapsed % 60:02d}] {message}', file=sys.stderr, flush=True)
+
+
+def add_arguments(parser, *, batch_size: int, warmup: int, iters: int, authors: bool = True):
+    """The flags of a measurement that every measuring script shares."""
+    parser.add_argument('--batch-size', type=COUNT, default=batch_size, help='images per step')
+    parser.add_argument('--threads', type=COUNT, default=None, help='torch threads (and ONNX Runtime threads)')
+    parser.add_argument('--warmup', type=COUNT, default=warmup, help='untimed steps per contender')
+    parser.add_argument('--iters', type=NON_NEGATIVE_INT, default=iters, help='timed steps per contender')
+    parser.add_argument('--seed', type=NON_NEGATIVE_INT, default=0, help="seed of the models' random weights")
+    if authors:
+        parser.add_argument('--authors-file', default=None, help="a local copy of the authors' classfication/RALA.py")
+        parser.add_argument(
+            '--authors-path-extra', nargs='*', default=[], help="folders on sys.path for the authors' file (einops)"
+        )
+
+
+def input_size(values) -> tuple:
+    """--input-size H [W] as (height, width)."""
+    if len(values) > 2:
+        raise UsageError(f'--input-size takes H or H W (height then width), got {len(values)} numbers')
+    return values[0], values[-1]
 
 
 @dataclass(eq=False)
@@ -151,90 +172,62 @@ class Settings:
 
     def __post_init__(self):
         self.input_size = tuple(self.input_size)
+        if self.device == 'cuda' and not torch.cuda.is_available():
+            raise UsageError('--device cuda but CUDA is not available; use --device cpu')
 
     @classmethod
     def from_args(cls, args, **values) -> 'Settings':
-        """The settings a script's flags give (those of its flags named as a field here), `values` overriding
-        them; checked."""
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        settings = cls(**{**given, **values})
-        settings.check()
-        return settings
-
-    def check(self):
-        if self.device == 'cuda' and not torch.cuda.is_available():
-            raise UsageError('--device cuda but CUDA is not available; use --device cpu')
-        if len(self.input_size) != 2 or min(self.input_size) < 1:
-            raise UsageError('--input-size takes H or H W (height then width, positive)')
-        if self.batch_size < 1 or self.warmup < 1 or self.iters < 0:
-            raise UsageError('--batch-size and --warmup must be at least 1, --iters at least 0')
-        if self.threads is not None and self.threads < 1:
-            raise UsageError('--threads must be at least 1')
+        """The settings of a script's flags (those named as a field here), `values` overriding them."""
+        return cls(**{**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **values})
 
     def describe(self) -> str:
-        # CPU speed depends on how the C allocator hands out memory (allocator.py), so it is shown.
         return (
             f'device {self.device} ({torch.get_num_threads()} threads), batch {self.batch_size}, input '
             f'{self.input_size[0]}x{self.input_size[1]} (HxW), amp {self.amp}, channels-last '
-            f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps, '
-            f'C allocator: {allocator.describe()}'
+            f'{self.channels_last}, torch {torch.__version__}, {self.warmup} warm-up + {self.iters} timed steps'
         )
 
 
 def load_authors_module(path: str, extra_paths):
-    """Import the authors' RALA.py from a file; any import failure becomes one clear line."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--authors-file {path!r} does not exist; point it at the authors' classfication/RALA.py")
-    spec = importlib.util.spec_from_file_location(AUTHORS_MODULE, path)
-    if spec is None or not path.endswith('.py'):
+    """Import the authors' RALA.py from a file; a failure is one line."""
+    if not path.endswith('.py') or not os.path.isfile(path):
         raise UsageError(
-            f"--authors-file {path!r} is not a Python file (.py); point it at the authors' classfication/RALA.py"
+            f"--authors-file {path!r} is not a Python file; point it at the authors' classfication/RALA.py"
         )
     sys.path[:0] = [os.path.abspath(p) for p in extra_paths]
-    module = importlib.util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location(AUTHORS_MODULE, path)
     # As an import does: timm's register_model looks its caller's module up in sys.modules while it executes.
-    sys.modules[AUTHORS_MODULE] = module
+    module = sys.modules[AUTHORS_MODULE] = importlib.util.module_from_spec(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # old timm import paths warn, and so does registering a name again
             spec.loader.exec_module(module)
-    except ImportError as e:
-        del sys.modules[AUTHORS_MODULE]
-        if isinstance(e, ModuleNotFoundError):
-            raise UsageError(
-                f"the authors' file needs the package {e.name!r}: pip install {e.name} "
-                f'(or give its folder with --authors-path-extra)'
-            ) from None
+    except ModuleNotFoundError as e:
         raise UsageError(
-            f"the authors' file does not import with this timm ({e}); edit its import lines to "
-            f"today's paths (e.g. timm.layers instead of timm.models.layers)"
+            f"the authors' file needs the package {e.name!r}: pip install {e.name} "
+            '(or give its folder with --authors-path-extra)'
         ) from None
-    except Exception as e:  # the file's own code failed: whatever it raised, say so in one line
-        raise UsageError(
-            f"--authors-file {path!r} fails to run ({first_line(e)}); point it at the authors' classfication/RALA.py"
-        ) from None
+    except Exception as e:  # the file's own code failed (an old timm import path ...): whatever it raised
+        raise UsageError(f'--authors-file {path!r} fails to run ({first_line(e)})') from None
     return module
 
 
 def build_model(name: str, seed: int, model_kwargs=None, authors_module=None) -> torch.nn.Module:
     """Our model, a timm model, or the authors' model carrying our model's weights (same seed)."""
-    if name.startswith(AUTHORS_PREFIX):
-        variant = name[len(AUTHORS_PREFIX) :].upper()
-        if authors_module is None:
-            raise UsageError(f'{name} needs --authors-file PATH/TO/RALA.py')
-        if model_kwargs:
-            raise UsageError(f"{name}: the authors' models take no --model-kwargs")
-        if not hasattr(authors_module, variant) or variant.lower() not in models.RAVLT_CONFIGS:
-            raise UsageError(
-                f"the authors' file has no model {variant!r}; use one of "
-                f'{", ".join(AUTHORS_PREFIX + n.upper() for n in models.RAVLT_CONFIGS)}'
-            )
-        model = getattr(authors_module, variant)()
+    if not name.startswith(AUTHORS_PREFIX):
         torch.manual_seed(seed)
-        model.load_state_dict(create_model(variant).state_dict(), strict=True)
-        return model
+        return create_model(name, model_kwargs)
+    variant = name[len(AUTHORS_PREFIX) :].upper()
+    if authors_module is None:
+        raise UsageError(f'{name} needs --authors-file PATH/TO/RALA.py')
+    if model_kwargs:
+        raise UsageError(f"{name}: the authors' models take no --model-kwargs")
+    if not hasattr(authors_module, variant) or variant.lower() not in models.RAVLT_CONFIGS:
+        raise UsageError(f"the authors' file has no model {variant!r}; use authors:RAVLT_T ... authors:RAVLT_L")
+    model = getattr(authors_module, variant)()
     torch.manual_seed(seed)
-    return create_model(name, model_kwargs)
+    model.load_state_dict(create_model(variant).state_dict(), strict=True)
+    return model
 
 
 def forward_macs(contender: Contender, settings: Settings, authors_module=None) -> int:
@@ -255,23 +248,22 @@ class TorchRunner:
         self.contender, self.mode = contender, contender.mode
         self.device = torch.device(settings.device)
         fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
-        model = model.to(self.device, memory_format=fmt).train(self.mode == 'train')
+        model = model.to(self.device, memory_format=fmt).train()
         if self.mode == 'eval':
-            model = timm.utils.reparameterize_model(model, inplace=True)
+            model = inference_form(model, inplace=True)
         self.module = model  # uncompiled, for its parameters
         self.model = compile_model(model, self.device) if contender.backend == 'compile' else model
-        shape = (settings.batch_size, 3, *settings.input_size)
-        self.x = torch.randn(*shape, device=self.device).contiguous(memory_format=fmt)
+        self.x = torch.randn(settings.batch_size, 3, *settings.input_size, device=self.device).to(memory_format=fmt)
         self.target = torch.randint(0, 1000, (settings.batch_size,), device=self.device)
-        self.amp = settings.amp
+        self.amp_dtype = AMP_DTYPES[settings.amp]
 
     def step(self):
         if self.mode == 'eval':
-            with torch.no_grad(), autocast(self.device, AMP_DTYPES[self.amp]):
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 self.model(self.x)
             return
         self.module.zero_grad(set_to_none=True)  # as a training loop does: each step allocates its gradients
-        with autocast(self.device, AMP_DTYPES[self.amp]):
+        with autocast(self.device, self.amp_dtype):
             loss = F.cross_entropy(self.model(self.x).float(), self.target)
         loss.backward()
 
@@ -288,6 +280,8 @@ class OnnxRuntimeRunner:
     """The eval model exported to ONNX and run by ONNX Runtime (CPU)."""
 
     def __init__(self, contender: Contender, onnx_file: str, settings: Settings, arena: bool = True):
+        from export_onnx import INPUT_NAME, create_session
+
         self.contender, self.mode, self.device = contender, 'eval', torch.device('cpu')
         # No spinning: its idle threads would slow the contender that runs next.
         self.session = create_session(onnx_file, settings.threads, arena=arena, spin=False)
@@ -303,31 +297,27 @@ class OnnxRuntimeRunner:
         pass
 
 
-class MatmulRunner:
+class MatmulRunner(TorchRunner):
     """The machine's reference rate: an n x n matrix product, in the models' (autocast) dtype."""
 
     def __init__(self, settings: Settings):
         self.device = torch.device(settings.device)
-        self.n = MATMUL_SIZE[self.device.type]
+        n = MATMUL_SIZE[self.device.type]
         dtype = AMP_DTYPES[settings.amp] or torch.float32
-        self.a, self.b = (torch.randn(self.n, self.n, device=self.device, dtype=dtype) for _ in range(2))
+        self.a, self.b = (torch.randn(n, n, device=self.device, dtype=dtype) for _ in range(2))
         self.c = torch.empty_like(self.a)
-        self.flops = 2 * self.n**3
-        self.contender = Contender(f'matmul {self.n}x{self.n} {str(dtype).split(".")[1]}', mode='-', backend='-')
+        self.flops = 2 * n**3
+        self.contender = Contender(f'matmul {n}x{n} {str(dtype).split(".")[1]}', mode='-', backend='-')
 
     def step(self):
         torch.mm(self.a, self.b, out=self.c)
 
-    def sync(self):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-
 
 def export_for_onnxruntime(contender: Contender, settings: Settings, authors_module, folder: str) -> str:
     """Export the contender's eval model (the same weights as its PyTorch runs) into `folder`."""
-    import_onnxruntime()
-    model = build_model(contender.name, settings.seed, contender.model_kwargs, authors_module).eval()
-    model = timm.utils.reparameterize_model(model, inplace=True)
+    from export_onnx import export
+
+    model = inference_form(build_model(contender.name, settings.seed, contender.model_kwargs, authors_module))
     path = os.path.join(folder, f'{len(os.listdir(folder))}.onnx')
     progress(f'{contender.title}: exporting to ONNX')
     export(model, path, settings.input_size)
@@ -357,30 +347,19 @@ def first_step(runner):
 
 def read_status_kib(field_name: str) -> int:
     with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field_name + ':'):
-                return int(line.split()[1])
-    raise UsageError(f'/proc/self/status has no {field_name}: CPU peak memory needs Linux')
-
-
-def release_freed_memory():
-    """Hand memory freed by Python and the C allocator back to the OS, so RSS counts only live memory."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL('libc.so.6').malloc_trim(0)  # glibc keeps freed blocks otherwise
+        return next(int(line.split()[1]) for line in f if line.startswith(field_name + ':'))
 
 
 class RssMeter:
-    """CPU: the peak resident set of the step above the resident set before it."""
+    """CPU (Linux): the peak resident set of the step above the resident set before it."""
 
     def start(self):
-        release_freed_memory()
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL('libc.so.6').malloc_trim(0)  # glibc: hand freed memory back, so RSS counts live memory
         self.before = read_status_kib('VmRSS')
-        try:
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')  # reset the peak-RSS counter (VmHWM) to the current RSS
-        except OSError as e:
-            raise UsageError(f'cannot reset the peak-RSS counter ({e}); CPU peak memory needs Linux >= 4.0') from None
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset the peak-RSS counter (VmHWM) to the current RSS
 
     def peak_mib(self) -> float:
         return (read_status_kib('VmHWM') - self.before) / 1024
@@ -525,7 +504,8 @@ def benchmark(contenders, settings: Settings, authors_module=None, matmul: bool 
 
 
 if __name__ == '__main__':
-    try:
+    from cli import one_line_errors
+
+    keep_freed_memory()  # as the script that started this process
+    with one_line_errors():
         memory_child(sys.argv[1])
-    except UsageError as e:
-        sys.exit(f'error: {e}')
