@@ -1,19 +1,17 @@
 """RALA's two rank augmentations switched off one at a time, beside plain linear and softmax attention: the
 paper's ablation in one command.
 
-Each attention kind of `attn_types` (linear, rala_no_alpha, rala_no_gate_lepe, rala, softmax: docs/ablation.md)
-replaces RALA in the stages that have it, and for each kind this measures
-- cost, of --model at --input-size H [W]: parameters, FLOPs in both conventions of scripts/flops.py, and eval
-  and train images/s and the peak memory of one step, all kinds side by side (scripts/profiling.py's method);
-- learning: a main.py training with --train-config (default: the demo recipe, configs/demo_digits.yaml) per kind
-  and seed (--jobs at a time, one thread each): top-1 of the final weights and of their EMA, and the ranks of the
-  KV buffer (the attention matrix for softmax) and of the output features per stage (scripts/rank_analysis.py on
-  each trained checkpoint, the block's own kind).
+Each kind of `attn_types` (linear, rala_no_alpha, rala_no_gate_lepe, rala, softmax; docs/ablation.md) takes the
+place of RALA in the stages that have it, and for each kind this measures
+- cost, of --model at --input-size H [W]: parameters, FLOPs as scripts/flops.py counts them, and eval and train
+  images/s and the peak memory of one step, all kinds side by side (scripts/benchmark.py's method);
+- learning: a main.py training with --train-config (default: the demo recipe) per kind and seed, --jobs at a time,
+  one thread each: top-1 of the final weights and of their EMA, and per stage the ranks of the KV buffer (the
+  attention matrix for softmax) and of the output features (scripts/rank_analysis.py on each checkpoint).
 
-Writes ablation.json, ablation.md (the two tables, with their settings) and ablation.png (ranks per block and the
-spectra of the first block per kind) into --output_dir. The trainings go to OUTPUT_DIR/CONFIG-KEY/KIND-seedS
-(main.py's output folders), KEY a hash of the training settings: a rerun with the same settings resumes them
-(a finished one only re-reads its log); other settings train anew beside them.
+Writes ablation.json, ablation.md (the two tables) and ablation.png (ranks per block, spectra of the first block)
+into --output_dir; the trainings go to OUTPUT_DIR/CONFIG-KEY/KIND-seedS, KEY a hash of the training settings: a
+rerun with the same settings resumes them (a finished one only re-reads its log), other settings train anew.
 
     python scripts/ablation.py --output_dir output/ablation
     python scripts/ablation.py --quick --output_dir output/ablation_quick
@@ -34,20 +32,12 @@ sys.path.insert(0, str(ROOT))  # the repository's modules
 import torch
 
 import figures
+import rank_analysis
+from benchmark import Contender, Settings, add_arguments, benchmark, build_model, progress
 from cli import COUNT, NON_NEGATIVE_INT, POSITIVE, ArgumentParser, json_object, one_line_errors, read_config
 from errors import RunFailure, UsageError
+from flops import input_size, markdown_table, measure
 from models import ATTENTION_TYPES
-from profiling import (
-    Contender,
-    Settings,
-    add_arguments,
-    benchmark,
-    build_model,
-    count_flops,
-    count_params,
-    input_size,
-    progress,
-)
 from utils import atomic_file
 
 KINDS = list(ATTENTION_TYPES)
@@ -56,6 +46,7 @@ COLORS = {'linear': 'C0', 'rala_no_alpha': 'C4', 'rala_no_gate_lepe': 'C1', 'ral
 TIME = 'The default run takes about 45 minutes on 2 CPU cores; --quick about 4 minutes.'
 QUICK = {'seeds': [0], 'warmup': 1, 'iters': 3}  # what --quick sets where no flag says otherwise; and 2 epochs
 QUICK_EPOCHS = 2
+COST_KEYS = ('params', 'flops', 'flops_no_attn')
 
 
 def get_args_parser():
@@ -63,32 +54,20 @@ def get_args_parser():
     parser = ArgumentParser('ablation.py', description=description, with_config=False)
     parser.add_argument('--kinds', nargs='+', choices=KINDS, default=KINDS, metavar='KIND', help=', '.join(KINDS))
     parser.add_argument('--model', default='RAVLT_T', help='the model whose cost is measured')
-    parser.add_argument(
-        '--model-kwargs',
-        type=json_object,
-        default=None,
-        metavar='JSON',
-        help='its arguments; attn_types say where RALA is',
-    )
-    parser.add_argument(
-        '--input-size', type=COUNT, nargs='+', default=[224], metavar=('H', 'W'), help='input of the cost'
-    )
+    parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON', help='its arguments')
+    parser.add_argument('--input-size', type=COUNT, nargs='+', default=[224], metavar=('H', 'W'), help='its input')
     add_arguments(parser, batch_size=16, warmup=3, iters=10, authors=False)
     parser.add_argument('--train-config', default='configs/demo_digits.yaml', help='main.py config of the trainings')
     parser.add_argument('--seeds', type=NON_NEGATIVE_INT, nargs='+', default=[0, 1, 2], metavar='SEED')
     parser.add_argument('--jobs', type=COUNT, default=os.cpu_count() or 1, help='trainings at a time')
     parser.add_argument('--num-images', type=COUNT, default=4, help='validation images of the rank analysis')
     parser.add_argument('--rtol', type=POSITIVE, default=1e-3, help='rank: singular values above rtol x the largest')
-    parser.add_argument(
-        '--quick', action='store_true', help='seed 0 only, 2 epochs, 1 + 3 timed steps (where not given)'
-    )
+    parser.add_argument('--quick', action='store_true', help='seed 0, 2 epochs, 1 + 3 timed steps (unless given)')
     parser.add_argument('--output_dir', '--output-dir', required=True)
     return parser
 
 
 # ---- the models of the ablation ----
-
-
 def with_kind(name: str, model_kwargs, kind: str) -> dict:
     """The model's keyword arguments with `kind` in place of RALA in its attn_types."""
     with torch.device('meta'):
@@ -102,8 +81,6 @@ def with_kind(name: str, model_kwargs, kind: str) -> dict:
 
 
 # ---- cost: params, FLOPs, speed and memory side by side ----
-
-
 def measure_cost(args) -> tuple:
     """({kind: cost}, settings line): params and FLOPs, then every kind's eval and train step in one benchmark."""
     settings = Settings.from_args(args, input_size=input_size(args.input_size), memory=True)
@@ -111,10 +88,8 @@ def measure_cost(args) -> tuple:
     for kind in args.kinds:
         kwargs = with_kind(args.model, args.model_kwargs, kind)
         progress(f'{kind}: counting FLOPs')
-        model = build_model(args.model, args.seed, kwargs)
-        flops = count_flops(model, torch.randn(1, 3, *settings.input_size))
-        cost[kind] = {'attn_types': kwargs['attn_types'], 'params': count_params(model), 'flops': flops['total']}
-        cost[kind]['flops_no_attn'] = flops['total'] - flops['attention']
+        row = measure(args.model, settings.input_size, model_kwargs=kwargs)
+        cost[kind] = {'attn_types': kwargs['attn_types'], **{k: row[k] for k in COST_KEYS}}
         contenders += [Contender(args.model, mode, model_kwargs=kwargs, label=kind) for mode in ('eval', 'train')]
     for contender, row in zip(contenders, benchmark(contenders, settings)):
         keys = ('img_per_s', 'img_per_s_p25', 'img_per_s_p75', 'peak_mib')
@@ -123,8 +98,6 @@ def measure_cost(args) -> tuple:
 
 
 # ---- learning: trainings and the rank analysis of their checkpoints ----
-
-
 def run_logged(command, log: Path, what: str):
     """Run a command with its output in `log`; a failure ends the ablation in one line: the command's last line,
     exit 2 where the command took its input for bad, else 1."""
@@ -139,7 +112,7 @@ def run_logged(command, log: Path, what: str):
 
 def train_and_analyse(job: dict, args) -> dict:
     """One training (resumed if its folder holds one) and the rank analysis of its checkpoint."""
-    folder, what = Path(job['folder']), f'{job["kind"]} seed {job["seed"]}'
+    folder, what = job['folder'], f'{job["kind"]} seed {job["seed"]}'
     folder.parent.mkdir(parents=True, exist_ok=True)
     progress(f'{what}: training in {folder}')
     train = [sys.executable, 'main.py', '--config', str(Path(args.train_config).resolve()), '--epochs', job['epochs']]
@@ -172,22 +145,26 @@ def measure_learning(args) -> tuple:
     # The trainings' folder is keyed by everything that sets them: another config (or --quick) never reuses them.
     key = hashlib.sha256(json.dumps([config, epochs], sort_keys=True).encode()).hexdigest()[:8]
     folder = Path(args.output_dir).resolve() / f'{Path(args.train_config).stem}-{key}'
-    learning = {kind: {'attn_types': with_kind(name, kwargs, kind)['attn_types'], 'runs': []} for kind in args.kinds}
+    kinds = {kind: with_kind(name, kwargs, kind) for kind in args.kinds}
+    learning = {kind: {'attn_types': model_kwargs['attn_types'], 'runs': []} for kind, model_kwargs in kinds.items()}
     jobs = [
-        {'kind': kind, 'seed': seed, 'epochs': epochs, 'folder': str(folder / f'{kind}-seed{seed}')}
+        {
+            'kind': kind,
+            'seed': seed,
+            'epochs': epochs,
+            'model_kwargs': kinds[kind],
+            'folder': folder / f'{kind}-seed{seed}',
+        }
         for kind in args.kinds
         for seed in args.seeds
     ]
-    for job in jobs:
-        job['model_kwargs'] = with_kind(name, kwargs, job['kind'])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(train_and_analyse, job, args) for job in jobs]
         try:
             for job, future in zip(jobs, futures):
                 learning[job['kind']]['runs'].append(future.result())
         except BaseException:
-            for future in futures:
-                future.cancel()
+            pool.shutdown(cancel_futures=True)  # a failure ends the ablation: the waiting trainings never start
             raise
     line = (
         f'{name} {json.dumps(kwargs)} trained with {args.train_config} ({epochs} epochs, in {folder.name}), seeds '
@@ -197,68 +174,44 @@ def measure_learning(args) -> tuple:
     return learning, line
 
 
-def stage_ranks(report: dict) -> list:
-    """Per stage, from a rank.json: the block kind's mean ranks (over the stage's blocks, heads and images) of its
-    KV buffer or attention matrix and of its output features, with their bounds."""
-    stages = {}
-    for block in report['blocks']:
-        terms = block['computed_as'][block['attention']]
-        matrix = 'kv_buffer' if 'kv_buffer' in terms else 'attention_matrix'
-        stage = stages.setdefault(
-            block['block'].split('.blocks.')[0],
-            {
-                'attention': block['attention'],
-                'matrix': matrix,
-                'tokens': block['tokens'],
-                'head_dim': block['head_dim'],
-                'output_bound': min(block['tokens'], block['head_dim']),
-                'matrix_rank': [],
-                'output_rank': [],
-            },
-        )
-        stage['matrix_rank'].append(terms[matrix]['mean_rank'])
-        stage['output_rank'].append(terms['output']['mean_rank'])
-    return list(stages.values())
-
-
 def summarise_learning(learning: dict):
-    """Adds each kind's accuracies and losses (one per seed) and its stage ranks averaged over blocks and seeds."""
+    """Adds each kind's accuracies and losses (one per seed) and, per stage, the mean ranks (over its blocks, their
+    heads, the images and the seeds) of the blocks' own kind: KV buffer or attention matrix, and output."""
     for entry in learning.values():
-        runs = entry['runs']
         for key in ('acc1', 'ema_acc1', 'loss'):
-            entry[key] = [r[key] for r in runs]
+            entry[key] = [run[key] for run in entry['runs']]
+        stages = {}
+        for block in (b for run in entry['runs'] for b in run['ranks']['blocks']):
+            terms = block['computed_as'][block['attention']]
+            matrix = 'kv_buffer' if 'kv_buffer' in terms else 'attention_matrix'
+            keys = {k: block[k] for k in ('attention', 'tokens', 'head_dim')}
+            stage = stages.setdefault(block['block'].split('.blocks.')[0], {**keys, 'matrix': matrix, 'ranks': []})
+            stage['ranks'].append((terms[matrix]['mean_rank'], terms['output']['mean_rank']))
         entry['stages'] = []
-        for seeds in zip(*(stage_ranks(r['ranks']) for r in runs)):  # one stage, every seed
-            means = {k: statistics.fmean(v for s in seeds for v in s[k]) for k in ('matrix_rank', 'output_rank')}
-            entry['stages'].append({**seeds[0], **means})
+        for stage in stages.values():
+            matrix_ranks, output_ranks = zip(*stage.pop('ranks'))
+            means = {'matrix_rank': statistics.fmean(matrix_ranks), 'output_rank': statistics.fmean(output_ranks)}
+            entry['stages'].append({**stage, **means})
 
 
 # ---- the tables and the figure ----
-
-
 def spread(values, digits: int = 2) -> str:
     mean = f'{statistics.fmean(values):.{digits}f}'
     return mean if len(values) == 1 else f'{mean} ({min(values):.{digits}f}-{max(values):.{digits}f})'
 
 
 def cost_table(cost: dict, settings: str) -> str:
-    reference = cost.get('rala')
-    lines = [
-        f'Cost: {settings}; img/s: median (25th-75th percentile), x: relative to rala',
-        '',
-        '| attention per stage | params (M) | GFLOPs | GFLOPs w/o attention products | eval img/s | '
-        'train img/s | eval peak MiB | train peak MiB |',
-        '|---|---|---|---|---|---|---|---|',
-    ]
+    reference, cells = cost.get('rala'), []
     for c in cost.values():
-        cells = [', '.join(c['attn_types']), f'{c["params"] / 1e6:.3f}', f'{c["flops"] / 1e9:.3f}']
-        cells.append(f'{c["flops_no_attn"] / 1e9:.3f}')
+        cells.append([', '.join(c['attn_types']), *(f'{c[k] / d:.3f}' for k, d in zip(COST_KEYS, (1e6, 1e9, 1e9)))])
         for m, mode in ((c[mode], mode) for mode in ('eval', 'train')):
             ratio = f' x{m["img_per_s"] / reference[mode]["img_per_s"]:.2f}' if reference else ''
-            cells.append(f'{m["img_per_s"]:.1f} ({m["img_per_s_p25"]:.1f}-{m["img_per_s_p75"]:.1f}){ratio}')
-        cells += [f'{c[mode]["peak_mib"]:.0f}' for mode in ('eval', 'train')]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+            cells[-1].append(f'{m["img_per_s"]:.1f} ({m["img_per_s_p25"]:.1f}-{m["img_per_s_p75"]:.1f}){ratio}')
+        cells[-1] += [f'{c[mode]["peak_mib"]:.0f}' for mode in ('eval', 'train')]
+    header = ['attention per stage', 'params (M)', 'GFLOPs', 'GFLOPs w/o attention products', 'eval img/s']
+    header += ['train img/s', 'eval peak MiB', 'train peak MiB']
+    title = f'Cost: {settings}; img/s: median (25th-75th percentile), x: relative to rala'
+    return f'{title}\n\n{markdown_table(header, cells)}'
 
 
 def learning_table(learning: dict, settings: str) -> str:
@@ -268,64 +221,40 @@ def learning_table(learning: dict, settings: str) -> str:
     header = ['attention per stage', 'top-1 %', 'EMA top-1 %', 'test loss']
     for i in shown:
         s = stages[i]
-        header += [
-            f'stage {i + 1} KV buffer rank (of d = {s["head_dim"]}) / attention matrix* (of N = {s["tokens"]})',
-            f'stage {i + 1} output rank (of {s["output_bound"]})',
-        ]
-    lines = [
-        f'Learning: {settings}; top-1 and loss of the final weights: mean (min-max) over seeds, ranks: mean over '
-        'blocks, heads, images and seeds',
-        '',
-        '| ' + ' | '.join(header) + ' |',
-        '|' + '---|' * len(header),
-    ]
+        header.append(
+            f'stage {i + 1} KV buffer rank (of d = {s["head_dim"]}) / attention matrix* (of N = {s["tokens"]})'
+        )
+        header.append(f'stage {i + 1} output rank (of {min(s["tokens"], s["head_dim"])})')
+    cells = []
     for e in learning.values():
-        cells = [', '.join(e['attn_types']), spread(e['acc1']), spread(e['ema_acc1']), spread(e['loss'], 4)]
+        cells.append([', '.join(e['attn_types']), spread(e['acc1']), spread(e['ema_acc1']), spread(e['loss'], 4)])
         for s in (e['stages'][i] for i in shown):
             star = '*' if s['matrix'] == 'attention_matrix' else ''
-            cells += [f'{s["matrix_rank"]:.1f}{star}', f'{s["output_rank"]:.1f}']
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines + ['', '*: softmax attention has no KV buffer; its N x N attention matrix instead.'])
+            cells[-1] += [f'{s["matrix_rank"]:.1f}{star}', f'{s["output_rank"]:.1f}']
+    title = f'Learning: {settings}; top-1 and loss of the final weights: mean (min-max) over seeds, ranks: mean over '
+    title += 'blocks, heads, images and seeds'
+    note = '*: softmax attention has no KV buffer; its N x N attention matrix instead.'
+    return f'{title}\n\n{markdown_table(header, cells)}\n\n{note}'
 
 
 def plot(learning: dict, path: Path, settings: str, rtol: float):
-    """Ranks per block (output solid, KV buffer or attention matrix dashed) and the spectra of the first block,
-    from the first seed's checkpoint of each kind."""
-    fig, (ax_rank, ax_kv, ax_out) = figures.pyplot().subplots(1, 3, figsize=(18, 6))
+    """Each kind's ranks per block (output solid, KV buffer or attention matrix dashed) and the spectra of the first
+    block (mean over heads), from the first seed's checkpoint."""
+    ranks, spectra = [], [('KV buffer (attention matrix for softmax)', []), ('output features', [])]
     for kind, e in learning.items():
         blocks = e['runs'][0]['ranks']['blocks']
         own = [b['computed_as'][b['attention']] for b in blocks]
-        matrix = 'kv_buffer' if 'kv_buffer' in own[0] else 'attention_matrix'
+        matrices = [terms.get('kv_buffer', terms.get('attention_matrix')) for terms in own]
         style = dict(color=COLORS[kind], marker='s')
-        ax_rank.plot([t['output']['mean_rank'] for t in own], label=f'{kind} output', **style)
-        ax_rank.plot([t.get('kv_buffer', t.get('attention_matrix'))['mean_rank'] for t in own], ls='--', **style)
-        for ax, summary in ((ax_kv, own[0][matrix]), (ax_out, own[0]['output'])):
+        ranks.append((f'{kind} output', dict(enumerate(t['output']['mean_rank'] for t in own)), style))
+        name = 'KV buffer' if 'kv_buffer' in own[0] else 'attention matrix'
+        ranks.append((f'{kind} {name}', dict(enumerate(m['mean_rank'] for m in matrices)), dict(style, ls='--')))
+        for (_, curves), summary in zip(spectra, (matrices[0], own[0]['output'])):
             spectrum = [statistics.fmean(values) for values in zip(*summary['spectrum'])]  # mean over heads
             shape = 'x'.join(map(str, summary['shape']))
-            label = f'{kind}{" attention matrix" if ax is ax_kv and matrix != "kv_buffer" else ""} ({shape})'
-            ax.plot(
-                range(1, len(spectrum) + 1), spectrum, color=COLORS[kind], label=f'{label}, {summary["mean_rank"]:.1f}'
-            )
-    bounds = [min(b['tokens'], b['head_dim']) for b in blocks]
-    ax_rank.plot(bounds, color='gray', lw=0, marker='_', ms=16, label='max. rank of output, min(N, d)')
-    names = [b['block'].replace('layers.', '').replace('.blocks.', '.') for b in blocks]
-    ax_rank.set_xticks(range(len(blocks)), [f'{n}\nN={b["tokens"]}, d={b["head_dim"]}' for n, b in zip(names, blocks)])
-    ax_rank.set_yscale('log', base=2)
-    ax_rank.yaxis.set_major_formatter('{x:g}')
-    ax_rank.set_xlabel('block i.j = layers.i.blocks.j: N tokens, head dim d')
-    ax_rank.set_ylabel('rank (mean over heads and images)')
-    ax_rank.set_title('ranks per block (solid: output features; dashed: KV buffer or attention matrix)', fontsize=10)
-    ax_rank.legend(fontsize=7, ncol=2)
-    for ax, title in ((ax_kv, 'KV buffer (attention matrix for softmax)'), (ax_out, 'output features')):
-        ax.axhline(rtol, color='gray', lw=0.8, ls=':', label=f'rank tolerance {rtol:g}')
-        ax.set_yscale('log')
-        ax.set_xlabel('singular value index i')
-        ax.set_ylabel('sigma_i / sigma_1 (mean over heads and images)')
-        ax.set_title(f'{blocks[0]["block"]}: {title}; legend: shape, rank')
-        ax.legend(fontsize=7)
-    fig.suptitle(f'{settings} (figure: first seed)', fontsize=9)
-    fig.tight_layout()
-    figures.save(fig, path)
+            curves.append((f'{kind} ({shape}), rank {summary["mean_rank"]:.1f}', spectrum, dict(color=COLORS[kind])))
+    spectra = [(f'{blocks[0]["block"]}: {title}, mean over heads', curves) for title, curves in spectra]
+    rank_analysis.draw(path, blocks, ranks, spectra, rtol, f'{settings} (figure: first seed)')
 
 
 def main(args):

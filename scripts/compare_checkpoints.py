@@ -32,11 +32,6 @@ def tensors(value, name: str = '') -> dict:
     return {path: t for k, v in items for path, t in tensors(v, f'{name}.{k}' if name else str(k)).items()}
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one dtype and shape hold the same bits."""
-    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-
-
 def differences(a: dict, b: dict) -> list:
     """What differs between two checkpoints, one line each (empty: bit-identical)."""
     found = [f'{key}: {a.get(key)} vs {b.get(key)}' for key in ('epoch', 'step') if a.get(key) != b.get(key)]
@@ -46,7 +41,7 @@ def differences(a: dict, b: dict) -> list:
         x, y = ta[name], tb[name]
         if (x.dtype, x.shape) != (y.dtype, y.shape):
             found.append(f'{name}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}')
-        elif not same_bits(x, y):
+        elif not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):  # the same bits?
             found.append(f'{name}: differs (largest difference {(x.double() - y.double()).abs().max():.3g})')
     return found
 

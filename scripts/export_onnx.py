@@ -1,20 +1,17 @@
 """Export a RAVLT classifier (or any timm model) to ONNX, then check ONNX Runtime against PyTorch.
 
-The graph comes from `torch.onnx.export(..., dynamo=True)` (torch.export, then ONNX) of the model's inference
-form (model_factory.inference_form). Its input `image` (float32, N x 3 x H x W) has a dynamic batch and a
-dynamic height and width, each a multiple of 32 (RAVLT's total stride); its output is `logits`. Before the file
-is kept, ONNX Runtime and PyTorch run the same random input at the --check-sizes (different batches), and the
-relative difference ||ort - torch|| / ||torch|| of the logits must stay within --tolerance.
+The graph comes from `torch.onnx.export(..., dynamo=True)` of the model's inference form: input `image` (float32,
+N x 3 x H x W; N, H and W dynamic, H and W multiples of 32), output `logits`. Before the file is kept, ONNX Runtime
+and PyTorch run the same random input at the --check-sizes (batches 2 and 1), and the relative difference of the
+logits must stay within --tolerance. Weights: our checkpoints (`model`, or `model_ema` with --ema), the authors'
+files or raw state dicts, whose model, --model-kwargs and class count apply unless given; without --checkpoint,
+random. Needs onnx, onnxruntime and onnxscript (pip install -e ".[onnx]"). The benchmark's onnxruntime backend
+uses this file's export and sessions.
 
     python scripts/export_onnx.py --checkpoint RAVLT_S.pth --output ravlt_s.onnx
     python scripts/export_onnx.py --checkpoint out/checkpoint.pth --ema --output ravlt_s_ema.onnx
     python scripts/export_onnx.py --model RAVLT_T --model-kwargs '{"attn_types": ["rala", "rala", "rala", "rala"]}' \
         --output ravlt_t_linear.onnx
-
-Weights: our checkpoints (`model`, or `model_ema` with --ema), the authors' files, raw state dicts; the model, its
---model-kwargs and its class count come from the checkpoint unless given. Without --checkpoint the weights are
-random. Needs the optional packages onnx, onnxruntime and onnxscript (pip install -e ".[onnx]"). The ONNX Runtime
-sessions of the benchmark's onnxruntime backend come from here too.
 """
 
 import os
@@ -106,14 +103,8 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument('--ema', action='store_true', help="export the checkpoint's EMA weights (model_ema)")
     parser.add_argument('--model-kwargs', type=json_object, default=None, metavar='JSON', help='model arguments')
     parser.add_argument('--output', required=True, help='the .onnx file to write')
-    parser.add_argument(
-        '--check-sizes',
-        type=COUNT,
-        nargs='+',
-        default=[224, 224, 160, 256],
-        metavar='H W',
-        help=f'input sizes of the check: pairs of height and width, multiples of {STRIDE}',
-    )
+    sizes = 'input sizes of the check: pairs of height and width, multiples of 32'
+    parser.add_argument('--check-sizes', type=COUNT, nargs='+', default=[224, 224, 160, 256], metavar='H W', help=sizes)
     parser.add_argument('--tolerance', type=NON_NEGATIVE, default=1e-5, help='largest relative difference accepted')
     return parser
 

@@ -96,12 +96,8 @@ def main(args):
     labels = args.labels or [Path(run).resolve().name for run in args.runs]
     plot(logs, labels, output)
     for label, log in zip(labels, logs):
-        found = [
-            f', best {title.split(" (")[0]} {best(log, key):.2f}'
-            for key, title in PANELS[2:]
-            if best(log, key) is not None
-        ]
-        print(f'{label}: {len(log)} epochs' + ''.join(found))
+        bests = {title.split(' (')[0]: best(log, key) for key, title in PANELS[2:]}
+        print(f'{label}: {len(log)} epochs' + ''.join(f', best {k} {v:.2f}' for k, v in bests.items() if v is not None))
     print(f'wrote {output}')
 
 

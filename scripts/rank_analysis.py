@@ -1,20 +1,14 @@
 """Rank of the KV buffer and output features of every attention block, for each attention kind.
 
-For every attention block of a RAVLT model, per head and per image, this computes the singular values of
-  - linear kinds (rala and its ablations, see models/reference.py): the KV buffer RoPE(alpha * k) v^T (d x d)
-    and the output features before `proj` (N x d), for the block's own kind and for every other linear kind
-    its weights allow (with and without alpha; with and without LePE and gate if the block has them);
-  - softmax blocks: the attention matrix (N x N) and the output features (out + lepe) * o (N x d).
-The rank counts singular values above `--rtol` times the largest. Everything runs in float64 from the
-block inputs captured with forward pre-hooks, through the literal formulas of models/reference.py, so the
-model code stays untouched. Writes rank.json and rank.png (ranks per block, spectra of one block) to
---output_dir.
+Per attention block, head and image: the singular values of the KV buffer RoPE(alpha * k) v^T (d x d) and the
+output features before `proj` (N x d) for the block's own kind and every other linear kind its weights allow; of
+the attention matrix (N x N) and the output features for softmax blocks. The rank counts singular values above
+--rtol times the largest, in float64, on the block inputs (forward pre-hooks) through the literal formulas of
+models/reference.py. Weights: any checkpoint (its model, --model-kwargs and training size apply unless given),
+else random; images: a folder's .jpg/.png (the ImageNet evaluation transform), else DIGITS validation images;
+--input-size is one number (square, as main.py's). Writes rank.json and rank.png into --output_dir.
 
     python scripts/rank_analysis.py --model RAVLT_T [--checkpoint PATH] [--images DIR] --output_dir D
-
-Weights: a checkpoint of any kind (its model, --model-kwargs and training size apply unless given), else random.
-Images: a folder's .jpg/.png through the ImageNet evaluation transform, else DIGITS validation images.
---input-size is one number (square images, as main.py's).
 """
 
 import argparse
@@ -57,18 +51,11 @@ def get_args_parser():
 
 
 # ---- ranks and spectra ----
-
-
-def numerical_rank(singular_values, rtol):
-    """Number of singular values (descending, last dim) above rtol times the largest."""
-    return (singular_values > rtol * singular_values[..., :1]).sum(dim=-1)
-
-
 def summarise(matrices, rtol):
     """Ranks [image][head] and normalised spectra sigma_i / sigma_1 [head][i] (mean over images) of (B, h, M, N)."""
     s = torch.linalg.svdvals(matrices)
     spectrum = s / s[..., :1].clamp_min(torch.finfo(s.dtype).tiny)
-    rank = numerical_rank(s, rtol)
+    rank = (s > rtol * s[..., :1]).sum(dim=-1)  # singular values above rtol times the largest
     return {
         'shape': list(matrices.shape[-2:]),
         'rank': rank.tolist(),
@@ -121,8 +108,6 @@ def analyse(model, images, rtol):
 
 
 # ---- weights and images ----
-
-
 def load_model(args):
     """(model, checkpoint or {}): with --checkpoint, its model (--model and --model-kwargs override it); without,
     --model (default RAVLT_T) initialised from --seed."""
@@ -175,58 +160,67 @@ SERIES = [
 ]
 
 
-def plot(report, path):
-    plt = figures.pyplot()
-    blocks = report['blocks']
-    chosen = next(b for b in blocks if b['block'] == report['spectra_block'])
-    fig, (ax_rank, *ax_spectra) = plt.subplots(1, 3, figsize=(18, 6))
-    for kind, matrix, label, style in SERIES:
-        points = [
-            (i, b['computed_as'][kind][matrix]['mean_rank']) for i, b in enumerate(blocks) if kind in b['computed_as']
-        ]
-        if points:
-            ax_rank.plot(*zip(*points), label=label, **style)
+def draw(path, blocks, ranks, spectra, rtol: float, title: str):
+    """The figure of the rank analysis and of the ablation: on the left `ranks` [(label, {block index: rank}, style)]
+    with the output's bound min(N, d); on the right two panels of `spectra` [(title, [(label, sigma_i / sigma_1,
+    style)])] with the rank tolerance `rtol`."""
+    fig, (ax, *spectra_axes) = figures.pyplot().subplots(1, 3, figsize=(18, 6))
+    for label, points, style in ranks:
+        ax.plot(list(points), list(points.values()), label=label, **style)
     bounds = [min(b['tokens'], b['head_dim']) for b in blocks]
-    ax_rank.plot(bounds, color='gray', lw=0, marker='_', ms=16, label='max. rank of output, min(N, d)')
-    ax_rank.set_xticks(range(len(blocks)), [b['block'].replace('layers.', '').replace('.blocks.', '.') for b in blocks])
+    ax.plot(bounds, color='gray', lw=0, marker='_', ms=16, label='max. rank of output, min(N, d)')
+    ax.set_xticks(range(len(blocks)), [b['block'].replace('layers.', '').replace('.blocks.', '.') for b in blocks])
     for i, b in enumerate(blocks):  # a separator and the token count at the start of each stage
         if i == 0 or b['tokens'] != blocks[i - 1]['tokens']:
-            ax_rank.axvline(i - 0.5, color='lightgray', lw=0.8)
-            ax_rank.text(i - 0.4, 0.02, f'N={b["tokens"]}', transform=ax_rank.get_xaxis_transform(), fontsize=8)
-    ax_rank.set_yscale('log', base=2)
-    ax_rank.yaxis.set_major_formatter('{x:g}')
-    ax_rank.set_xlabel('block i.j = layers.i.blocks.j')
-    ax_rank.set_ylabel('rank (mean over heads and images)')
-    ax_rank.set_title(
-        f'ranks per block, as each kind its weights allow (head dim d = {blocks[0]["head_dim"]})', fontsize=10
-    )
-    ax_rank.legend(fontsize=8, ncol=2, loc='upper center', bbox_to_anchor=(0.5, -0.16))
-    first = 'attention_matrix' if chosen['attention'] == 'softmax' else 'kv_buffer'
-    for ax, matrix in zip(ax_spectra, (first, 'output')):
-        for kind, series_matrix, label, style in SERIES:
-            if kind in chosen['computed_as'] and series_matrix == matrix:
+            ax.axvline(i - 0.5, color='lightgray', lw=0.8)
+            ax.text(i - 0.4, 0.02, f'N={b["tokens"]}', transform=ax.get_xaxis_transform(), fontsize=8)
+    ax.set_yscale('log', base=2)
+    ax.yaxis.set_major_formatter('{x:g}')
+    ax.set(xlabel='block i.j = layers.i.blocks.j', ylabel='rank (mean over heads and images)')
+    ax.set_title(f'ranks per block (head dim d = {blocks[0]["head_dim"]})', fontsize=10)
+    ax.legend(fontsize=8, ncol=2, loc='upper center', bbox_to_anchor=(0.5, -0.16))
+    for ax, (panel, curves) in zip(spectra_axes, spectra):
+        for label, spectrum, style in curves:
+            ax.plot(range(1, len(spectrum) + 1), spectrum, label=label, **style)
+        ax.axhline(rtol, color='gray', lw=0.8, ls=':', label=f'rank tolerance {rtol:g}')
+        ax.set(yscale='log', xlabel='singular value index i', ylabel='sigma_i / sigma_1 (mean over images)')
+        ax.set_title(panel, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    figures.save(fig, path)
+
+
+def plot(report, path):
+    """Each series' ranks per block; the spectra of the chosen block, a curve per head."""
+    blocks = report['blocks']
+    chosen = next(b for b in blocks if b['block'] == report['spectra_block'])
+    ranks = []
+    for kind, matrix, label, style in SERIES:
+        points = {
+            i: b['computed_as'][kind][matrix]['mean_rank'] for i, b in enumerate(blocks) if kind in b['computed_as']
+        }
+        ranks += [(label, points, style)] if points else []
+    spectra = []
+    for matrix in ('attention_matrix' if chosen['attention'] == 'softmax' else 'kv_buffer', 'output'):
+        curves = []
+        for kind, _, label, style in (series for series in SERIES if series[1] == matrix):
+            if kind in chosen['computed_as']:
                 summary = chosen['computed_as'][kind][matrix]
                 legend = f'{label} ({"x".join(map(str, summary["shape"]))}), rank {summary["mean_rank"]:.1f}'
-                for h, spectrum in enumerate(summary['spectrum']):  # one curve per head, one legend entry
-                    x = range(1, len(spectrum) + 1)
-                    ax.plot(x, spectrum, color=style['color'], ls=style.get('ls', '-'), label=None if h else legend)
-        ax.axhline(report['rtol'], color='gray', lw=0.8, ls=':', label=f'rank tolerance {report["rtol"]:g}')
-        ax.set_yscale('log')
-        ax.set_xlabel('singular value index i')
-        ax.set_ylabel('sigma_i / sigma_1 (mean over images)')
-        title = matrix.replace('_', ' ').replace('kv', 'KV').replace('output', 'output features')
-        ax.set_title(f'{chosen["block"]} ({chosen["attention"]}): {title} spectrum, {chosen["heads"]} head(s)')
-        ax.legend(fontsize=8)
+                line = dict(color=style['color'], ls=style.get('ls', '-'))
+                curves += [(None if h else legend, spectrum, line) for h, spectrum in enumerate(summary['spectrum'])]
+        name = matrix.replace('_', ' ').replace('kv', 'KV').replace('output', 'output features')
+        spectra.append((f'{chosen["block"]} ({chosen["attention"]}): {name}, {chosen["heads"]} head(s)', curves))
     kinds = {}
     for b in blocks:
         kinds.setdefault(b['block'].split('.blocks.')[0], b['attention'])  # each stage's first block
-    fig.suptitle(
+    title = (
         f'{report["model"]} (stages: {", ".join(kinds.values())}), {report["weights"]}; {report["images"]} '
         f'at {report["input_size"][1]}x{report["input_size"][2]}, float64; rank = #singular values > '
         f'{report["rtol"]:g} x the largest'
     )
-    fig.tight_layout()
-    figures.save(fig, path)
+    draw(path, blocks, ranks, spectra, report['rtol'], title)
 
 
 def main(args):

@@ -1,17 +1,14 @@
 """Resolution scaling: throughput, peak memory and FLOPs of RAVLT and its peers from 224 px to detection sizes.
 
-At each size the models are measured side by side as scripts/benchmark.py measures them (scripts/profiling.py:
-models take turns step by step; with --memory, each model's peak memory in a fresh process) and their FLOPs
-are counted as scripts/flops.py counts them (attention products included). The results go to a table (stdout),
-a JSON file and a figure of the three quantities against the pixel count.
+At each size the models are measured side by side as scripts/benchmark.py measures them (with --memory, each
+one's peak memory in a fresh process) and their FLOPs counted as scripts/flops.py counts them; the results go to
+tables (stdout), a JSON file and a figure against the pixel count. Sizes are H or HxW (height then width). Models:
+RAVLT_T, RAVLT_S, RAVLT_S-linear (rala in every stage), authors:RAVLT_S (the authors' code with our weights, with
+--authors-file), convnext_tiny, swin_tiny (timm's swin_tiny_patch4_window7_224 built for each size).
 
     python scripts/resolution.py --memory --threads 2 --figure docs/resolution_scaling.png --json resolution.json
     python scripts/resolution.py --models RAVLT_S convnext_tiny --sizes 224 512 800x1280 --mode train
     python scripts/resolution.py --authors-file path/to/RALA.py --authors-path-extra path/to/einops_folder
-
-Sizes are H or HxW (height then width): 800x1280 is the detection input. Models: RAVLT_T, RAVLT_S,
-RAVLT_S-linear (attn_types rala in every stage), authors:RAVLT_S (the authors' code with our weights; only with
---authors-file), convnext_tiny and swin_tiny (timm's swin_tiny_patch4_window7_224 built for each size).
 """
 
 import json
@@ -24,9 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch
 
 import figures
+from benchmark import Contender, Settings, add_arguments, benchmark, forward_macs, progress, setup
 from cli import ArgumentParser, one_line_errors
 from errors import UsageError
-from profiling import Contender, Settings, add_arguments, benchmark, forward_macs, load_authors_module, progress
+from flops import markdown_table
 from utils import atomic_file, check_output_file, keep_freed_memory
 
 # label -> (model name, model kwargs for an input of height h and width w)
@@ -72,9 +70,8 @@ def sweep(labels, sizes, args, authors_module=None) -> list:
         progress(f'size {size[0]}x{size[1]}: {", ".join(labels)}')
         for row, contender in zip(benchmark(contenders, settings, authors_module), contenders):
             progress(f'{contender.label} at {size[0]}x{size[1]}: counting FLOPs')
-            rows.append(
-                {**row, 'input_size': list(size), 'gmacs': forward_macs(contender, settings, authors_module) / 1e9}
-            )
+            macs = forward_macs(contender, settings, authors_module)
+            rows.append({**row, 'input_size': list(size), 'gmacs': macs / 1e9})
     return rows
 
 
@@ -84,16 +81,9 @@ def format_tables(rows, labels, sizes) -> str:
     out = []
     for key, title, fmt in QUANTITIES:
         if any(key in r for r in rows):
-            out += [
-                f'{title}:',
-                '',
-                '| model | ' + ' | '.join(f'{h}x{w}' for h, w in sizes) + ' |',
-                '|---|' + '---|' * len(sizes),
-            ]
-            for label in labels:
-                cells = [by_key.get((label, size), {}).get(key) for size in sizes]
-                out.append(f'| {label} | ' + ' | '.join('-' if v is None else fmt.format(v) for v in cells) + ' |')
-            out.append('')
+            cells = [[label] + [by_key.get((label, size), {}).get(key) for size in sizes] for label in labels]
+            cells = [[c if c is None or i == 0 else fmt.format(c) for i, c in enumerate(row)] for row in cells]
+            out.append(f'{title}:\n\n' + markdown_table(['model'] + [f'{h}x{w}' for h, w in sizes], cells) + '\n')
     return '\n'.join(out)
 
 
@@ -105,11 +95,8 @@ def draw(rows, labels, path: str, title: str):
     others = sorted({f'{h}x{w}' for h, w in (r['input_size'] for r in rows) if h != w})
     for ax, (key, name) in zip(axes[0], shown):
         for i, label in enumerate(labels):
-            points = sorted(
-                (r['input_size'][0] * r['input_size'][1] / 1e6, r[key], r['input_size'])
-                for r in rows
-                if r['model'] == label and key in r
-            )
+            mine = [r for r in rows if r['model'] == label and key in r]
+            points = sorted((r['input_size'][0] * r['input_size'][1] / 1e6, r[key], r['input_size']) for r in mine)
             square = [p for p in points if p[2][0] == p[2][1]]
             other = [p for p in points if p[2][0] != p[2][1]]  # e.g. 800x1280: beside, not on, the square curve
             style = '--' if label.startswith('authors:') else '-'
@@ -131,20 +118,12 @@ def draw(rows, labels, path: str, title: str):
 def main(args):
     sizes = [parse_size(s) for s in args.sizes]
     labels = args.models or [m for m in MODELS if args.authors_file or not m.startswith('authors:')]
-    if 'authors:RAVLT_S' in labels and not args.authors_file:
-        raise UsageError('authors:RAVLT_S needs --authors-file PATH/TO/RALA.py')
-    if args.iters < 1:
-        raise UsageError('--iters must be at least 1')
     if args.json:
         check_output_file(args.json, '--json', suffixes=('.json',))  # before the long run
     if args.figure:
         check_output_file(args.figure, '--figure', suffixes=('.png', '.svg', '.pdf'))
         figures.pyplot()
-    Settings.from_args(args)  # --device and the like checked before the long run
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    authors = load_authors_module(args.authors_file, args.authors_path_extra) if args.authors_file else None
-    rows = sweep(labels, sizes, args, authors)
+    rows = sweep(labels, sizes, args, setup(args))
     line = (
         f'{args.mode}, batch {args.batch_size}, float32, {torch.get_num_threads()} threads, '
         f'{args.warmup} warm-up + {args.iters} timed steps per model and size, torch {torch.__version__}'

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and scripts/profiling.py: rows for every model, mode and backend, JSON, --model-kwargs, the
+"""scripts/benchmark.py and scripts/benchmark.py: rows for every model, mode and backend, JSON, --model-kwargs, the
 authors' file with our weights, peak memory from a fresh process with the gradients counted, the ONNX Runtime
 backend, the matrix-product reference rate, progress on stderr, and one-line errors."""
 
@@ -12,7 +12,6 @@ import timm
 import torch
 
 import benchmark
-import profiling
 from errors import UsageError
 from helpers import ROOT
 
@@ -48,7 +47,7 @@ def run_script(*argv) -> subprocess.CompletedProcess:
 
 
 def weights_mib(name: str) -> float:
-    return sum(p.numel() * 4 for p in profiling.build_model(name, 0).parameters()) / 2**20
+    return sum(p.numel() * 4 for p in benchmark.build_model(name, 0).parameters()) / 2**20
 
 
 @pytest.mark.slow
@@ -75,8 +74,8 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     # Progress, as it happens: which contender warms up, each timing round.
     assert 'authors:RAVLT_T train (eager): warming up' in stderr and 'timing: round 2/2' in stderr
 
-    module = profiling.load_authors_module(str(authors), [])
-    ours, theirs = profiling.build_model('RAVLT_T', 3), profiling.build_model('authors:RAVLT_T', 3, None, module)
+    module = benchmark.load_authors_module(str(authors), [])
+    ours, theirs = benchmark.build_model('RAVLT_T', 3), benchmark.build_model('authors:RAVLT_T', 3, None, module)
     for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -85,7 +84,7 @@ def test_model_kwargs_reach_the_model():
     def count(model):
         return sum(p.numel() for p in model.parameters())
 
-    tiny = count(profiling.build_model('RAVLT_T', 0, json.loads(TINY)))
+    tiny = count(benchmark.build_model('RAVLT_T', 0, json.loads(TINY)))
     assert tiny == count(timm.create_model('ravlt_t', **json.loads(TINY))) < count(timm.create_model('ravlt_t')) / 2
     (row,) = run(
         *['--model', 'RAVLT_T', '--model-kwargs', TINY],
@@ -105,37 +104,26 @@ def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
     assert train_row['peak_mib'] > weights_mib('RAVLT_T')
 
 
-class RecordingMeter:
-    """Stands in for RssMeter / CudaMeter: records what existed when the baseline was read."""
-
-    def __init__(self, runner):
-        self.runner, self.events = runner, []
-
-    def record(self, event):
-        self.events.append((event, sum(p.grad is not None for p in self.runner.module.parameters())))
-
-    def start(self):
-        self.record('start')
-
-    def peak_mib(self):
-        self.record('peak')
-        return 0.0
-
-
-def test_memory_baseline_is_read_without_the_previous_steps_gradients():
+def test_memory_baseline_is_read_without_the_previous_steps_gradients(monkeypatch):
     """The sequence both devices share (CUDA used to read its baseline with the untimed step's gradients
     alive, and so under-counted a training step by their size)."""
-    settings = profiling.Settings(batch_size=2, input_size=(32, 32))
-    runner = profiling.make_runner(profiling.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
-    meter = RecordingMeter(runner)
-    profiling.peak_memory_mib(runner, meter)
-    assert meter.events == [('start', 0), ('peak', len(list(runner.module.parameters())))]
+    settings = benchmark.Settings(batch_size=2, input_size=(32, 32))
+    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
+    read, events = benchmark.read_status_kib, []
+
+    def recording(field_name):
+        events.append((field_name, sum(p.grad is not None for p in runner.module.parameters())))
+        return read(field_name)
+
+    monkeypatch.setattr(benchmark, 'read_status_kib', recording)
+    assert benchmark.peak_memory_mib(runner) > 0
+    assert events == [('VmRSS', 0), ('VmHWM', len(list(runner.module.parameters())))]
 
 
 def test_amp_and_channels_last_reach_the_step():
     """The PyTorch backends' settings: channels-last weights and input, the step under autocast."""
-    settings = profiling.Settings(batch_size=2, input_size=(32, 32), amp='bf16', channels_last=True)
-    runner = profiling.make_runner(profiling.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
+    settings = benchmark.Settings(batch_size=2, input_size=(32, 32), amp='bf16', channels_last=True)
+    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
     assert runner.x.is_contiguous(memory_format=torch.channels_last) and runner.x.dtype == torch.float32
     convs = [m for m in runner.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -176,10 +164,10 @@ def test_onnxruntime_backend(capsys):
 @pytest.mark.slow
 def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
     """Spinning ONNX Runtime threads would take the cores from the contender that runs next."""
-    settings = profiling.Settings(batch_size=1, input_size=(64, 64), threads=1)
-    contender = profiling.Contender('RAVLT_T', backend='onnxruntime', model_kwargs=json.loads(TINY))
-    path = profiling.export_for_onnxruntime(contender, settings, None, str(tmp_path))
-    options = profiling.make_runner(contender, settings, onnx_file=path).session.get_session_options()
+    settings = benchmark.Settings(batch_size=1, input_size=(64, 64), threads=1)
+    contender = benchmark.Contender('RAVLT_T', backend='onnxruntime', model_kwargs=json.loads(TINY))
+    path = benchmark.export_for_onnxruntime(contender, settings, None, str(tmp_path))
+    options = benchmark.make_runner(contender, settings, onnx_file=path).session.get_session_options()
     assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
     assert options.intra_op_num_threads == 1
 
@@ -284,4 +272,4 @@ def test_an_authors_file_that_is_no_module_is_one_line(content, name, message, t
     authors = tmp_path / name
     authors.write_text(content)
     with pytest.raises(UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
-        profiling.load_authors_module(str(authors), [])
+        benchmark.load_authors_module(str(authors), [])

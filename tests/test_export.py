@@ -140,6 +140,7 @@ def test_bad_input_is_one_line_on_the_command_line(tmp_path):
     assert result.stderr.strip().splitlines() == ['error: checkpoint MISSING.pth does not exist']
 
 
+@pytest.mark.slow  # builds RAVLT-S and RAVLT-T at full size
 def test_weights_of_another_variant_name_it(tmp_path):
     """RAVLT-T weights (default shape) given for RAVLT-S: one line naming the variant they fit."""
     with torch.device('meta'):

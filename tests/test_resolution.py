@@ -46,8 +46,7 @@ def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
         (['--sizes', '224x'], 'give H or HxW'),
         (['--sizes', '0x224'], 'give H or HxW'),
         (['--models', 'RAVLT_XL'], "argument --models: invalid choice: 'RAVLT_XL'"),
-        (['--models', 'authors:RAVLT_S'], 'needs --authors-file'),
-        (['--iters', '0'], 'at least 1'),
+        (['--models', 'authors:RAVLT_S', '--sizes', '32'], 'authors:RAVLT_S needs --authors-file'),
         (['--json', 'no/such/folder/x.json'], 'its folder does not exist'),
     ],
 )
