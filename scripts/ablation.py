@@ -44,7 +44,7 @@ KINDS = list(ATTENTION_TYPES)
 COLORS = {'linear': 'C0', 'rala_no_alpha': 'C4', 'rala_no_gate_lepe': 'C1', 'rala': 'C3', 'softmax': 'C2'}
 # Measured on 2 shared CPU cores (docs/ablation.md).
 TIME = 'The default run takes about 45 minutes on 2 CPU cores; --quick about 4 minutes.'
-QUICK = {'seeds': [0], 'warmup': 1, 'iters': 3}  # what --quick sets where no flag says otherwise; and 2 epochs
+QUICK = {'seeds': [0], 'batch_size': 4, 'warmup': 1, 'iters': 3}  # --quick, where no flag says otherwise; 2 epochs
 QUICK_EPOCHS = 2
 COST_KEYS = ('params', 'flops', 'flops_no_attn')
 
@@ -62,7 +62,7 @@ def get_args_parser():
     parser.add_argument('--jobs', type=COUNT, default=os.cpu_count() or 1, help='trainings at a time')
     parser.add_argument('--num-images', type=COUNT, default=4, help='validation images of the rank analysis')
     parser.add_argument('--rtol', type=POSITIVE, default=1e-3, help='rank: singular values above rtol x the largest')
-    parser.add_argument('--quick', action='store_true', help='seed 0, 2 epochs, 1 + 3 timed steps (unless given)')
+    parser.add_argument('--quick', action='store_true', help='seed 0, 2 epochs; batch 4, 1 + 3 timed steps')
     parser.add_argument('--output_dir', '--output-dir', required=True)
     return parser
 
@@ -248,7 +248,9 @@ def plot(learning: dict, path: Path, settings: str, rtol: float):
         style = dict(color=COLORS[kind], marker='s')
         ranks.append((f'{kind} output', dict(enumerate(t['output']['mean_rank'] for t in own)), style))
         name = 'KV buffer' if 'kv_buffer' in own[0] else 'attention matrix'
-        ranks.append((f'{kind} {name}', dict(enumerate(m['mean_rank'] for m in matrices)), dict(style, ls='--')))
+        ranks.append(
+            (f'{kind} {name}', dict(enumerate(m['mean_rank'] for m in matrices)), dict(style, ls='--', marker='o'))
+        )
         for (_, curves), summary in zip(spectra, (matrices[0], own[0]['output'])):
             spectrum = [statistics.fmean(values) for values in zip(*summary['spectrum'])]  # mean over heads
             shape = 'x'.join(map(str, summary['shape']))

@@ -482,8 +482,8 @@ def main(args):
     rows = benchmark(contenders, settings, setup(args), matmul=args.matmul_rate)
     print(format_table(rows, settings.describe()), flush=True)
     if args.json:
-        settings = {k: v for k, v in vars(args).items() if k != 'given'}
-        result = {'settings': settings, 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'results': rows}
+        flags = {k: v for k, v in vars(args).items() if k != 'given'}
+        result = {'settings': flags, 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'results': rows}
         with atomic_file(args.json, 'w') as f:
             json.dump(result, f, indent=1)
     return rows

@@ -186,7 +186,7 @@ def draw(path, blocks, ranks, spectra, rtol: float, title: str):
         ax.set(yscale='log', xlabel='singular value index i', ylabel='sigma_i / sigma_1 (mean over images)')
         ax.set_title(panel, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     figures.save(fig, path)
 

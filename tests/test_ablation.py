@@ -125,7 +125,7 @@ def test_quick_trains_one_seed_for_two_epochs_and_times_fewer_steps(tmp_path, mo
     monkeypatch.setattr(ablation, 'measure_learning', learning)
     with pytest.raises(KeyboardInterrupt):
         ablation.main(args)
-    assert (args.seeds, args.warmup, args.iters) == ([0], 1, 3)
+    assert (args.seeds, args.batch_size, args.warmup, args.iters) == ([0], 4, 1, 3)
     monkeypatch.undo()
     quick = jobs_of(args, monkeypatch)
     assert [(Path(f).name, s, e) for f, s, e in quick] == [('rala-seed0', 0, 2), ('linear-seed0', 0, 2)]
@@ -138,7 +138,7 @@ def test_quick_trains_one_seed_for_two_epochs_and_times_fewer_steps(tmp_path, mo
     monkeypatch.setattr(ablation, 'measure_learning', learning)
     with pytest.raises(KeyboardInterrupt):
         ablation.main(args)
-    assert (args.seeds, args.warmup, args.iters) == ([4, 5], 1, 7)
+    assert (args.seeds, args.batch_size, args.warmup, args.iters) == ([4, 5], 4, 1, 7)
 
 
 def test_help_states_the_run_time(capsys):
