@@ -1,12 +1,13 @@
-"""Count the host synchronisations of training steps on CUDA: runs main.py as a script (in this process, one
-process, the flags after `--`) with torch's CUDA sync debug mode on during each training epoch, and writes how many
-synchronising calls there were, per step and where (file:line of the Python caller), to a JSON file.
+"""Count the host synchronisations of training steps on CUDA, and where in the code they happen.
+
+Runs main.py in this process with the flags after `--`, with torch's CUDA sync debug mode on during each
+training epoch (engine.train_one_epoch), and writes the count, the steps, the budget and the places
+(file:line of the synchronising call) to the --json file. Exits 1 when there were more synchronisations than
+the budget: one per --print-freq steps and one at each epoch's end.
 
     python scripts/host_syncs.py --json out/host_syncs.json -- --model RAVLT_T --data-set FAKE --device cuda ...
+"""
 
-Exits 1 when there were more than one per --print-freq steps (and one at the epoch's end), the run's budget."""
-
-import argparse
 import collections
 import json
 import math
@@ -16,72 +17,67 @@ import sys
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if __name__ == '__main__':  # as main.py does, before the libraries load (allocator.py)
-    from allocator import keep_freed_memory
-
-    keep_freed_memory()
+sys.path.insert(0, ROOT)  # the repository's modules
 
 import torch
 
 import engine
-from utils import atomic_file
+from cli import ArgumentParser, one_line_errors
+from errors import UsageError
+from utils import atomic_file, check_output_file
 
 
 def count(argv) -> dict:
-    """Train main.py with `argv`, counting synchronisations inside engine.train_one_epoch."""
-    train_one_epoch, optimizer_step = engine.train_one_epoch, engine.optimizer_step
-    places, steps, epochs, print_freqs = collections.Counter(), [0], [], set()
-
-    def counted_step(*args, **kwargs):
-        steps[0] += 1
-        return optimizer_step(*args, **kwargs)
+    """Train main.py with `argv`, counting the synchronisations inside each engine.train_one_epoch."""
+    train_one_epoch = engine.train_one_epoch
+    places, epochs, print_freqs = collections.Counter(), [], set()
 
     def counted_epoch(*args, **kwargs):
         print_freqs.add(kwargs['print_freq'])
-        before = sum(places.values())
+        cuda = torch.cuda.is_available()  # the debug mode is CUDA's: on the CPU nothing is counted
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            torch.cuda.set_sync_debug_mode('warn')
+            if cuda:
+                torch.cuda.set_sync_debug_mode('warn')  # a warning at each synchronising call
             try:
                 result = train_one_epoch(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode('default')
-        for warning in caught:
-            if 'synchronizing' in str(warning.message):
-                places[f'{os.path.relpath(warning.filename)}:{warning.lineno}'] += 1
-        epochs.append({'steps': result.steps - kwargs.get('first_step', 0), 'syncs': sum(places.values()) - before})
+                if cuda:
+                    torch.cuda.set_sync_debug_mode('default')
+        syncs = [w for w in caught if 'synchroniz' in str(w.message)]
+        places.update(f'{os.path.relpath(w.filename, ROOT)}:{w.lineno}' for w in syncs)
+        epochs.append({'steps': result.steps - kwargs.get('first_step', 0), 'syncs': len(syncs)})
         return result
 
-    engine.train_one_epoch, engine.optimizer_step = counted_epoch, counted_step
-    argv_before = sys.argv
-    sys.argv = [os.path.join(ROOT, 'main.py'), *argv]
+    engine.train_one_epoch = counted_epoch  # run.py calls engine.train_one_epoch: this one
+    argv_before, sys.argv = sys.argv, [os.path.join(ROOT, 'main.py'), *argv]
     try:
-        runpy.run_path(sys.argv[0], run_name='__main__')  # main.py's engine is the one patched here
+        runpy.run_path(sys.argv[0], run_name='__main__')
     finally:
-        engine.train_one_epoch, engine.optimizer_step = train_one_epoch, optimizer_step
-        sys.argv = argv_before
+        engine.train_one_epoch, sys.argv = train_one_epoch, argv_before
     (print_freq,) = print_freqs
-    budget = sum(math.ceil(e['steps'] / print_freq) + 1 for e in epochs)
     return {
-        'steps': steps[0],
+        'steps': sum(e['steps'] for e in epochs),
         'syncs': sum(places.values()),
-        'budget': budget,
+        'budget': sum(math.ceil(e['steps'] / print_freq) + 1 for e in epochs),
         'print_freq': print_freq,
         'epochs': epochs,
         'where': dict(places.most_common()),
     }
 
 
-def command(args=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--json', required=True, help='where to write the counts')
-    parser.add_argument('argv', nargs=argparse.REMAINDER, help='-- then main.py flags')
-    args = parser.parse_args(args)
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser('host_syncs.py', description=__doc__.split('\n\n')[0], with_config=False)
+    parser.add_argument('--json', required=True, help='the .json file of the counts')
+    parser.add_argument('argv', nargs='*', metavar='-- MAIN_PY_FLAGS', help="main.py's flags, after --")
+    return parser
+
+
+def main(args):
+    check_output_file(args.json, '--json', suffixes=('.json',))
     if not torch.cuda.is_available():
-        sys.exit('error: no CUDA device is visible; this counts CUDA synchronisations')
-    argv = args.argv[1:] if args.argv[:1] == ['--'] else args.argv
-    counts = count(argv)
+        raise UsageError('no CUDA device is visible; this counts CUDA synchronisations')
+    counts = count(args.argv)
     with atomic_file(args.json, 'w') as f:
         json.dump(counts, f, indent=2)
     print(json.dumps(counts))
@@ -93,4 +89,5 @@ def command(args=None):
 
 
 if __name__ == '__main__':
-    command()
+    with one_line_errors():
+        main(get_args_parser().parse_args())

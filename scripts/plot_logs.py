@@ -1,27 +1,23 @@
-#!/usr/bin/env python
-"""Training curves of one or more runs in one PNG: train loss, learning rate, and whatever metrics the runs
-evaluated: test acc@1 and EMA acc@1 (main.py), box and mask AP (main_det.py), mIoU (main_seg.py), per epoch.
+"""Training curves of one or more runs in one PNG, per epoch: train loss, learning rate, and the metrics the
+runs evaluated (test acc@1 and EMA acc@1 of main.py, box and mask AP of main_det.py, mIoU of main_seg.py).
 
-Each run is an output folder holding `log.txt` (one JSON object per epoch). A panel appears when some run
-logged its metric; a run that did not (e.g. no EMA) has no curve in it; `null` values (a metric COCO could not
-apply) are gaps. When an epoch was logged twice, the later line counts.
+Each run is an output folder holding `log.txt` (one JSON object per epoch). A panel appears when some run logged
+its metric; `null` values (a metric COCO could not apply) are gaps; an epoch logged twice counts its later line.
 
     python scripts/plot_logs.py output/run_a [output/run_b ...] [--labels a b] [--output curves.png]
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
-
-from cli import ArgumentParser, run_cli
+import figures
+from cli import ArgumentParser, one_line_errors
 from errors import UsageError
-from utils import atomic_file, check_output_file
+from utils import check_output_file
 
 PANELS = [  # (log key, title)
     ('train_loss', 'train loss'),
@@ -35,21 +31,18 @@ PANELS = [  # (log key, title)
 
 
 def get_args_parser():
-    parser = ArgumentParser('plot_logs.py', description='Plot training curves from log.txt', with_config=False)
+    parser = ArgumentParser('plot_logs.py', description=__doc__.split('\n\n')[0], with_config=False)
     parser.add_argument('runs', nargs='+', help='output folders, each with a log.txt')
     parser.add_argument('--labels', nargs='+', default=None, help='one legend label per run (default: folder names)')
-    parser.add_argument('--output', default='', help='PNG to write (default: curves.png in the first run folder)')
+    parser.add_argument('--output', default='', help='the .png to write (default: curves.png in the first run)')
     return parser
 
 
-def read_log(run):
-    """{epoch: log entry} from run/log.txt; a missing folder or log, or a line that is no log entry, is a
-    one-line UsageError."""
+def read_log(run) -> dict:
+    """{epoch: log entry} from run/log.txt; a missing log or a line that is no log entry is a one-line UsageError."""
     log = Path(run) / 'log.txt'
-    if not Path(run).is_dir():
-        raise UsageError(f'{run} is not a folder; pass the output folders of training runs')
     if not log.is_file():
-        raise UsageError(f'{log} does not exist; pass a training output folder (main.py --output_dir)')
+        raise UsageError(f'{log} does not exist; pass the output folders of training runs (--output_dir)')
     epochs = {}
     for number, line in enumerate(log.read_text().splitlines(), start=1):
         if not line.strip():
@@ -72,22 +65,21 @@ def logged_panels(logs) -> list:
 
 
 def plot(logs, labels, path):
+    plt = figures.pyplot()
     panels = logged_panels(logs)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for run, (log, label) in enumerate(zip(logs, labels)):
-            points = [(epoch, entry[key]) for epoch, entry in log.items() if key in entry]
-            values = [(e, v if isinstance(v, (int, float)) else float('nan')) for e, v in points]
+            values = [(epoch, entry[key]) for epoch, entry in log.items() if key in entry]
+            values = [(e, v if isinstance(v, (int, float)) else float('nan')) for e, v in values]
             if values:  # a run keeps its colour across panels even where another run has no curve
                 ax.plot(*zip(*values), color=f'C{run}', marker='.' if len(values) < 30 else None, label=label)
         ax.legend(fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title)
         ax.set_xlabel('epoch')
     fig.tight_layout()
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=100, format='png')
-    plt.close(fig)
+    figures.save(fig, path)
 
 
 def best(log: dict, key: str):
@@ -99,19 +91,16 @@ def main(args):
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise UsageError(f'{len(args.labels)} --labels for {len(args.runs)} runs; give one label per run or none')
     logs = [read_log(run) for run in args.runs]
+    output = args.output or os.path.join(args.runs[0], 'curves.png')
+    check_output_file(output, '--output', suffixes=('.png',))
     labels = args.labels or [Path(run).resolve().name for run in args.runs]
-    output = Path(args.output) if args.output else Path(args.runs[0]) / 'curves.png'
-    check_output_file(output, '--output')
     plot(logs, labels, output)
     for label, log in zip(labels, logs):
-        found = [
-            f'best {title.split(" (")[0]} {best(log, key):.2f}'
-            for key, title in PANELS[2:]
-            if best(log, key) is not None
-        ]
-        print(f'{label}: {len(log)} epochs' + ''.join(f', {f}' for f in found))
+        bests = {title.split(' (')[0]: best(log, key) for key, title in PANELS[2:]}
+        print(f'{label}: {len(log)} epochs' + ''.join(f', best {k} {v:.2f}' for k, v in bests.items() if v is not None))
     print(f'wrote {output}')
 
 
 if __name__ == '__main__':
-    run_cli(lambda argv: main(get_args_parser().parse(argv)), sys.argv[1:])
+    with one_line_errors():
+        main(get_args_parser().parse_args())

@@ -11,13 +11,22 @@ import torch
 from PIL import Image
 
 import checkpoints
-import models  # noqa: F401  (registers RAVLT with timm)
-from cli import UsageError, run_cli
+import plot_logs
+import rank_analysis
+from cli import one_line_errors
+from errors import UsageError
 from helpers import ROOT
 from models import reference
-from scripts import plot_logs, rank_analysis
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def analyse(*argv):
+    rank_analysis.main(rank_analysis.get_args_parser().parse_args(argv))
+
+
+def plot(*argv):
+    plot_logs.main(plot_logs.get_args_parser().parse_args(argv))
 
 
 def tiny_ravlt():
@@ -122,11 +131,7 @@ TINY_KWARGS = {'embed_dims': [16, 32, 32, 32], 'depths': [2, 1, 1, 1], 'num_head
 
 def run_rank_analysis(tmp_path, *extra):
     out = tmp_path / 'rank'
-    rank_analysis.main(
-        rank_analysis.get_args_parser().parse(
-            ['--num-images', '2', '--input-size', '32', '--output_dir', str(out), *extra]
-        )
-    )
+    analyse('--num-images', '2', '--input-size', '32', '--output_dir', out, *extra)
     assert_png(out / 'rank.png')
     return json.loads((out / 'rank.json').read_text())
 
@@ -169,21 +174,17 @@ def test_rank_analysis_with_checkpoint_and_image_folder(tmp_path):
         Image.new('RGB', (50, 40), (60 * i, 20, 200)).save(folder / f'{i}.png')
     (folder / 'notes.txt').write_text('not an image')
     out = tmp_path / 'rank'
-    rank_analysis.main(
-        rank_analysis.get_args_parser().parse(
-            [
-                '--checkpoint',
-                str(ckpt),
-                '--images',
-                str(folder),
-                '--num-images',
-                '2',
-                '--spectra-block',
-                'layers.2.blocks.0',
-                '--output_dir',
-                str(out),
-            ]
-        )
+    analyse(
+        '--checkpoint',
+        ckpt,
+        '--images',
+        folder,
+        '--num-images',
+        2,
+        '--spectra-block',
+        'layers.2.blocks.0',
+        '--output_dir',
+        out,
     )
     report = json.loads((out / 'rank.json').read_text())
     assert (
@@ -204,12 +205,9 @@ def test_rank_analysis_bad_input_is_one_line(tmp_path, capsys):
         run_rank_analysis(tmp_path, *tiny, '--spectra-block', 'layers.9.blocks.0')
     with pytest.raises(UsageError, match='no .jpg/.png images in'):
         run_rank_analysis(tmp_path, *tiny, '--images', str(tmp_path))
-    # The script's entry point: cli.run_cli turns the UsageError into one line and exit code 2.
-    args = rank_analysis.get_args_parser().parse(
-        ['--checkpoint', str(tmp_path / 'none.pth'), '--output_dir', str(tmp_path / 'out')]
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(rank_analysis.main, args)
+    # The script's entry point: cli.one_line_errors turns the UsageError into one line and exit code 2.
+    with pytest.raises(SystemExit) as exit_info, one_line_errors():
+        analyse('--checkpoint', tmp_path / 'none.pth', '--output_dir', tmp_path / 'out')
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f'error: checkpoint {tmp_path / "none.pth"} does not exist']
     assert not (tmp_path / 'out').exists()
@@ -248,10 +246,10 @@ def test_plot_logs_writes_png(tmp_path):
     )
     logs = [plot_logs.read_log(with_ema), plot_logs.read_log(resumed_no_ema)]
     assert list(logs[1]) == [0, 1] and logs[1][1]['test_acc1'] == 8.0  # the later line of a re-logged epoch
-    plot_logs.main(plot_logs.get_args_parser().parse([with_ema, resumed_no_ema, '--labels', 'ema', 'no ema']))
+    plot(with_ema, resumed_no_ema, '--labels', 'ema', 'no ema')
     assert_png(tmp_path / 'a' / 'curves.png')
     out = tmp_path / 'cmp.png'
-    plot_logs.main(plot_logs.get_args_parser().parse([resumed_no_ema, '--output', str(out)]))
+    plot(resumed_no_ema, '--output', out)
     assert_png(out)
     assert [key for key, _ in plot_logs.logged_panels(logs)] == ['train_loss', 'train_lr', 'test_acc1', 'test_ema_acc1']
 
@@ -281,7 +279,7 @@ def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
         ],
     )
     out = tmp_path / 'dense.png'
-    plot_logs.main(plot_logs.get_args_parser().parse([detection, segmentation, '--output', str(out)]))
+    plot(detection, segmentation, '--output', out)
     assert_png(out)
     logs = [plot_logs.read_log(detection), plot_logs.read_log(segmentation)]
     assert [key for key, _ in plot_logs.logged_panels(logs)] == [
@@ -299,7 +297,7 @@ def test_plot_logs_draws_the_metrics_of_dense_runs(tmp_path, capsys):
 @pytest.mark.parametrize(
     'content, message',
     [
-        (None, 'is not a folder'),
+        (None, 'log.txt does not exist; pass the output folders of training runs'),
         ('', 'is empty'),
         ('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss"\n', 'line 2 is not JSON'),
         ('{"train_loss": 1.0}\n', 'line 1 has no integer "epoch"'),
@@ -323,22 +321,38 @@ def test_plot_logs_bad_input_is_one_line(tmp_path, content, message):
 @pytest.mark.parametrize(
     'argv, message',
     [
-        (['--input-size', '-5'], 'argument --input-size: must be at least 1, got -5'),
-        (['--input-size', '0'], 'argument --input-size: must be at least 1, got 0'),
-        (['--output_dir', 'FILE'], '--output_dir .*FILE is a file, not a folder'),
-        (['--output_dir', 'FILE/rank'], '--output_dir .*FILE/rank lies under a file'),
-        (['--checkpoint', 'edited.pth'], "input-size: 'abc' in the flags \\(args\\) of checkpoint .*edited.pth"),
+        (['--input-size', '-5'], r'argument --input-size: must be in \[1, inf\), got -5'),
+        (['--output_dir', 'FILE'], '--output_dir .*FILE: File exists'),
+        (['--output_dir', 'FILE/rank'], '--output_dir .*FILE/rank: Not a directory'),
+        (['--output_dir', 'OUT', '--model', 'convnext_atto', '--model-kwargs', '{}'], 'convnext_atto has no RAVLT'),
     ],
 )
 def test_rank_analysis_checks_its_input_and_output_before_the_analysis(argv, message, tmp_path, monkeypatch):
     (tmp_path / 'FILE').write_text('not a folder')
-    model = timm.create_model('ravlt_t', num_classes=10, **TINY_KWARGS)
-    torch.save(
-        {'model': model.state_dict(), 'args': {'model': 'RAVLT_T', 'model-kwargs': TINY_KWARGS, 'input-size': 'abc'}},
-        tmp_path / 'edited.pth',
-    )
     monkeypatch.setattr(rank_analysis, 'analyse', lambda *a: pytest.fail('analysed before the checks'))
-    argv = [a.replace('FILE', str(tmp_path / 'FILE')).replace('edited.pth', str(tmp_path / 'edited.pth')) for a in argv]
+    argv = [a.replace('FILE', str(tmp_path / 'FILE')).replace('OUT', str(tmp_path / 'out')) for a in argv]
     with pytest.raises(UsageError, match=message):
-        rank_analysis.main(rank_analysis.get_args_parser().parse(['--output_dir', str(tmp_path / 'out'), *argv]))
+        analyse('--model-kwargs', json.dumps(TINY_KWARGS), '--input-size', '32', *argv)
     assert (tmp_path / 'FILE').read_text() == 'not a folder' and not (tmp_path / 'out').exists()
+
+
+def test_plot_logs_never_writes_over_a_file_that_is_no_figure(tmp_path):
+    """issue 27: `--output RUN/checkpoint.pth` replaced the checkpoint with a PNG and exited 0."""
+    run = write_log(tmp_path / 'run', [{'epoch': 0, 'train_loss': 1.0}])
+    (tmp_path / 'run' / 'checkpoint.pth').write_bytes(b'weights')
+    for name in ('checkpoint.pth', 'log.txt', 'curves'):
+        with pytest.raises(UsageError, match=f'--output .*{name}: expected a file name ending in .png'):
+            plot(run, '--output', tmp_path / 'run' / name)
+    assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['checkpoint.pth', 'log.txt']
+    assert (tmp_path / 'run' / 'checkpoint.pth').read_bytes() == b'weights'
+
+
+def test_a_missing_matplotlib_is_one_line_naming_the_install(tmp_path, monkeypatch):
+    run = write_log(tmp_path / 'run', [{'epoch': 0, 'train_loss': 1.0}])
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` raises ImportError
+    with pytest.raises(UsageError, match=r'figures need matplotlib: pip install "matplotlib>=3.7"'):
+        plot(run)
+    monkeypatch.setattr(rank_analysis, 'load_model', lambda *a: pytest.fail('worked before the check'))
+    with pytest.raises(UsageError, match=r'figures need matplotlib: pip install "matplotlib>=3.7"'):
+        analyse('--output_dir', tmp_path / 'rank')
+    assert not (tmp_path / 'run' / 'curves.png').exists() and not (tmp_path / 'rank').exists()

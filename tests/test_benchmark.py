@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and profiling.py: rows for every model, mode and backend, JSON, --model-kwargs, the
+"""scripts/benchmark.py and scripts/benchmark.py: rows for every model, mode and backend, JSON, --model-kwargs, the
 authors' file with our weights, peak memory from a fresh process with the gradients counted, the ONNX Runtime
 backend, the matrix-product reference rate, progress on stderr, and one-line errors."""
 
@@ -8,24 +8,46 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
-import profiling
-from cli import UsageError
+import benchmark
+from errors import UsageError
 from helpers import ROOT
-from scripts import benchmark
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = json.dumps({'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]})
-
 FAKE_AUTHORS = """
 import timm
 import models  # registers ravlt_t
-CALLS = []
 def RAVLT_T(args=None):
-    CALLS.append(1)
     return timm.create_model('ravlt_t')
 """
+# As the authors' RALA.py registers its models: the decorator looks the module up in sys.modules while it loads.
+REGISTERING_AUTHORS = """
+import timm
+from timm.models.registry import register_model
+import models  # registers ravlt_t
+
+@register_model
+def RAVLT_T(pretrained=False, **kwargs):
+    return timm.create_model('ravlt_t')
+"""
+
+
+def run(*argv):
+    return benchmark.main(benchmark.get_args_parser().parse_args(argv))
+
+
+def run_script(*argv) -> subprocess.CompletedProcess:
+    """`python scripts/benchmark.py ARGV` on one thread."""
+    command = [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), *map(str, argv)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def weights_mib(name: str) -> float:
+    return sum(p.numel() * 4 for p in benchmark.build_model(name, 0).parameters()) / 2**20
 
 
 @pytest.mark.slow
@@ -33,30 +55,10 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     authors = tmp_path / 'RALA.py'
     authors.write_text(FAKE_AUTHORS)
     out = tmp_path / 'bench.json'
-    rows = benchmark.main(
-        [
-            '--model',
-            'RAVLT_T',
-            'authors:RAVLT_T',
-            '--mode',
-            'eval',
-            'train',
-            '--batch-size',
-            '1',
-            '--input-size',
-            '32',
-            '48',
-            '--warmup',
-            '1',
-            '--iters',
-            '2',
-            '--authors-file',
-            str(authors),
-            '--json',
-            str(out),
-            '--threads',
-            '1',
-        ]
+    rows = run(
+        *'--model RAVLT_T authors:RAVLT_T --mode eval train --batch-size 1 --input-size 32 48'.split(),
+        *'--warmup 1 --iters 2 --threads 1'.split(),
+        *['--authors-file', authors, '--json', out],
     )
     assert [(r['model'], r['mode']) for r in rows] == [
         ('RAVLT_T', 'eval'),
@@ -72,49 +74,22 @@ def test_rows_json_and_authors_models_get_our_weights(tmp_path, capsys):
     # Progress, as it happens: which contender warms up, each timing round.
     assert 'authors:RAVLT_T train (eager): warming up' in stderr and 'timing: round 2/2' in stderr
 
-    module = profiling.load_authors_module(str(authors), [])
-    ours, theirs = profiling.build_model('RAVLT_T', 3), profiling.build_model('authors:RAVLT_T', 3, None, module)
+    module = benchmark.load_authors_module(str(authors), [])
+    ours, theirs = benchmark.build_model('RAVLT_T', 3), benchmark.build_model('authors:RAVLT_T', 3, None, module)
     for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert torch.equal(a, b), k
 
 
-def test_settings_line_names_the_allocator(monkeypatch):
-    import allocator
-
-    monkeypatch.setattr(allocator, 'start_environment', lambda: {'MALLOC_ARENA_MAX': '2'})
-    assert profiling.Settings().describe().endswith(', C allocator: as set: MALLOC_ARENA_MAX=2')
-    monkeypatch.setattr(allocator, 'start_environment', lambda: dict(allocator.KEEP_HEAP))
-    assert (
-        ', C allocator: glibc, freed memory kept in the process' in profiling.Settings().describe()
-        or not allocator.is_glibc()
-    )
-
-
 def test_model_kwargs_reach_the_model():
-    import timm
-
     def count(model):
         return sum(p.numel() for p in model.parameters())
 
-    tiny = count(profiling.build_model('RAVLT_T', 0, json.loads(TINY)))
+    tiny = count(benchmark.build_model('RAVLT_T', 0, json.loads(TINY)))
     assert tiny == count(timm.create_model('ravlt_t', **json.loads(TINY))) < count(timm.create_model('ravlt_t')) / 2
-    (row,) = benchmark.main(
-        [
-            '--model',
-            'RAVLT_T',
-            '--model-kwargs',
-            TINY,
-            '--mode',
-            'train',
-            '--batch-size',
-            '2',
-            '--input-size',
-            '32',
-            '--warmup',
-            '1',
-            '--iters',
-            '1',
-        ]
+    (row,) = run(
+        *['--model', 'RAVLT_T', '--model-kwargs', TINY],
+        *'--mode train --batch-size 2 --input-size 32'.split(),
+        *'--warmup 1 --iters 1'.split(),
     )
     assert row['img_per_s'] > 0
 
@@ -122,59 +97,33 @@ def test_model_kwargs_reach_the_model():
 @pytest.mark.slow
 def test_peak_memory_is_measured_in_a_fresh_process_with_the_gradients():
     """The training step's peak holds the gradients (as big as the weights) on top of the activations."""
-    rows = benchmark.main(
-        [
-            '--model',
-            'RAVLT_T',
-            '--mode',
-            'eval',
-            'train',
-            '--batch-size',
-            '2',
-            '--input-size',
-            '32',
-            '--iters',
-            '0',
-            '--memory',
-        ]
+    eval_row, train_row = run(
+        *'--model RAVLT_T --mode eval train --batch-size 2 --input-size 32 --iters 0 --memory'.split()
     )
-    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2**20
-    eval_row, train_row = rows
-    assert 0 < eval_row['peak_mib'] < weights_mib and 'img_per_s' not in eval_row
-    assert train_row['peak_mib'] > weights_mib
+    assert 0 < eval_row['peak_mib'] < weights_mib('RAVLT_T') and 'img_per_s' not in eval_row
+    assert train_row['peak_mib'] > weights_mib('RAVLT_T')
 
 
-class RecordingMeter:
-    """Stands in for RssMeter / CudaMeter: records what existed when the baseline was read."""
-
-    def __init__(self, runner):
-        self.runner, self.events = runner, []
-
-    def start(self):
-        grads = [p.grad for p in self.runner.module.parameters()]
-        self.events.append(('start', sum(g is not None for g in grads)))
-
-    def peak_mib(self):
-        grads = [p.grad for p in self.runner.module.parameters()]
-        self.events.append(('peak', sum(g is not None for g in grads)))
-        return 0.0
-
-
-def test_memory_baseline_is_read_without_the_previous_steps_gradients():
+def test_memory_baseline_is_read_without_the_previous_steps_gradients(monkeypatch):
     """The sequence both devices share (CUDA used to read its baseline with the untimed step's gradients
     alive, and so under-counted a training step by their size)."""
-    settings = profiling.Settings(batch_size=2, input_size=(32, 32))
-    runner = profiling.make_runner(profiling.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
-    meter = RecordingMeter(runner)
-    profiling.peak_memory_mib(runner, meter)
-    n = len(list(runner.module.parameters()))
-    assert meter.events == [('start', 0), ('peak', n)]
+    settings = benchmark.Settings(batch_size=2, input_size=(32, 32))
+    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
+    read, events = benchmark.read_status_kib, []
+
+    def recording(field_name):
+        events.append((field_name, sum(p.grad is not None for p in runner.module.parameters())))
+        return read(field_name)
+
+    monkeypatch.setattr(benchmark, 'read_status_kib', recording)
+    assert benchmark.peak_memory_mib(runner) > 0
+    assert events == [('VmRSS', 0), ('VmHWM', len(list(runner.module.parameters())))]
 
 
 def test_amp_and_channels_last_reach_the_step():
     """The PyTorch backends' settings: channels-last weights and input, the step under autocast."""
-    settings = profiling.Settings(batch_size=2, input_size=(32, 32), amp='bf16', channels_last=True)
-    runner = profiling.make_runner(profiling.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
+    settings = benchmark.Settings(batch_size=2, input_size=(32, 32), amp='bf16', channels_last=True)
+    runner = benchmark.make_runner(benchmark.Contender('RAVLT_T', 'train', model_kwargs=json.loads(TINY)), settings)
     assert runner.x.is_contiguous(memory_format=torch.channels_last) and runner.x.dtype == torch.float32
     convs = [m for m in runner.module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -187,32 +136,14 @@ def test_amp_and_channels_last_reach_the_step():
 
 @pytest.mark.slow
 def test_matmul_rate_and_fractions():
-    rows = benchmark.main(
-        [
-            '--model',
-            'RAVLT_T',
-            '--model-kwargs',
-            TINY,
-            '--mode',
-            'eval',
-            'train',
-            '--batch-size',
-            '2',
-            '--input-size',
-            '64',
-            '96',
-            '--warmup',
-            '1',
-            '--iters',
-            '2',
-            '--matmul-rate',
-        ]
+    from flops import measure
+
+    eager_eval, eager_train, matmul = run(
+        *['--model', 'RAVLT_T', '--model-kwargs', TINY, '--mode', 'eval', 'train', '--batch-size', '2'],
+        *'--input-size 64 96 --warmup 1 --iters 2 --matmul-rate'.split(),
     )
-    eager_eval, eager_train, matmul = rows
     assert matmul['model'] == 'matmul 2048x2048 float32' and matmul['gflop_per_s'] > 0
     # FLOPs per image from fvcore (2 per multiply-add); a training step counts 3 forward passes.
-    from scripts.flops import measure
-
     flops = 2 * measure('RAVLT_T', (64, 96), model_kwargs=json.loads(TINY))['flops']
     for row, factor in ((eager_eval, 1), (eager_train, 3)):
         assert row['gflop_per_s'] == pytest.approx(row['img_per_s'] * factor * flops / 1e9)
@@ -221,33 +152,10 @@ def test_matmul_rate_and_fractions():
 
 @pytest.mark.slow
 def test_onnxruntime_backend(capsys):
-    pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
-    rows = benchmark.main(
-        [
-            '--model',
-            'RAVLT_T',
-            '--model-kwargs',
-            TINY,
-            '--backend',
-            'onnxruntime',
-            '--mode',
-            'eval',
-            'train',
-            '--batch-size',
-            '2',
-            '--input-size',
-            '64',
-            '96',
-            '--warmup',
-            '1',
-            '--iters',
-            '2',
-            '--memory',
-            '--threads',
-            '1',
-        ]
+    (row,) = run(  # no training step on ONNX Runtime
+        *['--model', 'RAVLT_T', '--model-kwargs', TINY, '--backend', 'onnxruntime', '--mode', 'eval', 'train'],
+        *'--batch-size 2 --input-size 64 96 --warmup 1 --iters 2 --memory --threads 1'.split(),
     )
-    (row,) = rows  # no training step on ONNX Runtime
     assert (row['model'], row['backend'], row['mode']) == ('RAVLT_T', 'onnxruntime', 'eval')
     assert row['img_per_s'] > 0 and 0 < row['peak_mib'] < 100
     assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
@@ -256,11 +164,10 @@ def test_onnxruntime_backend(capsys):
 @pytest.mark.slow
 def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
     """Spinning ONNX Runtime threads would take the cores from the contender that runs next."""
-    pytest.importorskip('onnxruntime')
-    settings = profiling.Settings(batch_size=1, input_size=(64, 64), threads=1)
-    contender = profiling.Contender('RAVLT_T', backend='onnxruntime', model_kwargs=json.loads(TINY))
-    path = profiling.export_for_onnxruntime(contender, settings, None, str(tmp_path))
-    options = profiling.make_runner(contender, settings, onnx_file=path).session.get_session_options()
+    settings = benchmark.Settings(batch_size=1, input_size=(64, 64), threads=1)
+    contender = benchmark.Contender('RAVLT_T', backend='onnxruntime', model_kwargs=json.loads(TINY))
+    path = benchmark.export_for_onnxruntime(contender, settings, None, str(tmp_path))
+    options = benchmark.make_runner(contender, settings, onnx_file=path).session.get_session_options()
     assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
     assert options.intra_op_num_threads == 1
 
@@ -271,7 +178,7 @@ def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
         (['--model', 'authors:RAVLT_T'], 'needs --authors-file'),
         (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
         (['--model', 'RAVLT_T', '--iters', '0'], 'measures nothing'),
-        (['--model', 'RAVLT_T', '--batch-size', '0'], 'at least 1'),
+        (['--model', 'RAVLT_T', '--batch-size', '0'], r'argument --batch-size: must be in \[1, inf\), got 0'),
         (['--model', 'RAVLT_T', '--input-size', '32', '32', '32'], 'H or H W'),
         (['--model', 'RAVLT_T', '--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t'),
         (['--model', 'RAVLT_T', '--backend', 'onnxruntime', '--amp', 'bf16'], 'runs float32 on the CPU'),
@@ -281,49 +188,18 @@ def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
 )
 def test_bad_input_is_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message):
-        benchmark.main(['--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv])
-
-
-# As the authors' RALA.py registers its models: the decorator looks the module up in sys.modules while it loads.
-REGISTERING_AUTHORS = """
-import timm
-from timm.models.registry import register_model
-import models  # registers ravlt_t
-
-@register_model
-def RAVLT_T(pretrained=False, **kwargs):
-    return timm.create_model('ravlt_t')
-"""
+        run('--mode', 'eval', '--batch-size', '1', '--warmup', '1', '--iters', '1', *argv)
 
 
 @pytest.mark.slow  # a benchmark process
 def test_an_authors_file_that_registers_its_models_with_timm_loads(tmp_path):
     authors = tmp_path / 'RALA.py'
     authors.write_text(REGISTERING_AUTHORS)
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'scripts', 'benchmark.py'),
-            '--authors-file',
-            str(authors),
-            '--model',
-            'authors:RAVLT_T',
-            '--mode',
-            'eval',
-            '--batch-size',
-            '1',
-            '--input-size',
-            '32',
-            '--warmup',
-            '1',
-            '--iters',
-            '1',
-            '--threads',
-            '1',
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_script(
+        '--authors-file',
+        authors,
+        *'--model authors:RAVLT_T --mode eval --batch-size 1 --input-size 32'.split(),
+        *'--warmup 1 --iters 1 --threads 1'.split(),
     )
     assert result.returncode == 0, result.stderr
     assert '| authors:RAVLT_T | eager | eval |' in result.stdout
@@ -333,18 +209,7 @@ def test_an_authors_file_that_registers_its_models_with_timm_loads(tmp_path):
 def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
     authors = tmp_path / 'RALA.py'
     authors.write_text('import einops_is_not_installed_here\n')
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'scripts', 'benchmark.py'),
-            '--authors-file',
-            str(authors),
-            '--model',
-            'authors:RAVLT_T',
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_script('--authors-file', authors, '--model', 'authors:RAVLT_T')
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the authors' file needs the package 'einops_is_not_installed_here': pip install "
@@ -356,50 +221,40 @@ def test_missing_package_of_the_authors_file_is_one_line(tmp_path):
 @pytest.mark.parametrize('amp', ['none', 'fp16', 'bf16'])
 def test_cuda_timing_memory_and_amp(amp):
     """On the GPU: synchronised timing, and a training step's peak holds its gradients."""
-    rows = benchmark.main(
-        [
-            '--device',
-            'cuda',
-            '--model',
-            'RAVLT_T',
-            '--mode',
-            'eval',
-            'train',
-            '--amp',
-            amp,
-            '--channels-last',
-            '--batch-size',
-            '4',
-            '--input-size',
-            '64',
-            '--warmup',
-            '1',
-            '--iters',
-            '2',
-            '--memory',
-        ]
+    eval_row, train_row = run(
+        *'--device cuda --model RAVLT_T --mode eval train --channels-last --batch-size 4 --input-size 64'.split(),
+        *['--amp', amp],
+        *'--warmup 1 --iters 2 --memory'.split(),
     )
-    weights_mib = sum(p.numel() * 4 for p in profiling.build_model('RAVLT_T', 0).parameters()) / 2**20
-    eval_row, train_row = rows
     assert eval_row['img_per_s'] > 0 and train_row['img_per_s'] > 0
-    assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib
+    assert 0 < eval_row['peak_mib'] < train_row['peak_mib'] and train_row['peak_mib'] > weights_mib('RAVLT_T')
 
 
 @pytest.mark.parametrize(
     'output, message',
     [
-        ('missing/x.json', 'does not exist'),
-        ('.', 'it is a folder; give a file name'),
+        ('missing/x.json', 'its folder does not exist'),
+        ('.', 'exists and is not a regular file'),
+        # issue 27: a run's log (or checkpoint) given as --json was replaced by the results, exit 0
+        ('run/log.txt', 'expected a file name ending in .json'),
+        ('run/checkpoint.pth', 'expected a file name ending in .json'),
     ],
 )
-def test_an_unwritable_json_output_is_refused_before_measuring(output, message, tmp_path, monkeypatch):
+def test_a_json_output_that_is_not_ours_is_refused_before_measuring(output, message, tmp_path, monkeypatch):
     def measured(*args, **kwargs):
         raise AssertionError('measured before the output was checked')
 
+    (tmp_path / 'run').mkdir()
+    for name in ('log.txt', 'checkpoint.pth'):
+        (tmp_path / 'run' / name).write_text('precious')
     monkeypatch.setattr(benchmark, 'benchmark', measured)
-    with pytest.raises(UsageError, match=f'--json: .*{message}|--json .*{message}'):
-        benchmark.main(['--model', 'RAVLT_T', '--mode', 'eval', '--iters', '1', '--json', str(tmp_path / output)])
-    assert sorted(os.listdir(tmp_path)) == []
+    with pytest.raises(UsageError, match=f'--json .*{message}'):
+        run('--model', 'RAVLT_T', '--mode', 'eval', '--iters', '1', '--json', tmp_path / output)
+    assert sorted(os.listdir(tmp_path)) == ['run'] and sorted(os.listdir(tmp_path / 'run')) == [
+        'checkpoint.pth',
+        'log.txt',
+    ]
+    assert {(tmp_path / 'run' / n).read_text() for n in ('log.txt', 'checkpoint.pth')} == {'precious'}
 
 
 @pytest.mark.parametrize(
@@ -417,4 +272,4 @@ def test_an_authors_file_that_is_no_module_is_one_line(content, name, message, t
     authors = tmp_path / name
     authors.write_text(content)
     with pytest.raises(UsageError, match=message.replace('(', r'\(').replace(')', r'\)')):
-        profiling.load_authors_module(str(authors), [])
+        benchmark.load_authors_module(str(authors), [])

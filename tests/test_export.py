@@ -13,23 +13,23 @@ import sys
 import pytest
 import torch
 
-import deploy
-import models  # noqa: F401  (registers the RAVLT models)
+import export_onnx
 from checkpoints import load_checkpoint
-from cli import UsageError
+from errors import UsageError
 from helpers import ROOT
-from model_factory import model_from_checkpoint
-from scripts import export_onnx
-
-ort = pytest.importorskip('onnxruntime')  # the optional `onnx` extra; CI installs it
+from model_factory import create_model, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = {'embed_dims': [16, 32, 64, 128], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 2, 4]}
 
 
+def run(*argv):
+    return export_onnx.main(export_onnx.get_args_parser().parse_args(argv))
+
+
 def tiny_state(seed: int, num_classes: int = 10) -> dict:
     torch.manual_seed(seed)
-    model = export_onnx.create_model('RAVLT_T', TINY, num_classes=num_classes)
+    model = create_model('RAVLT_T', TINY, num_classes=num_classes)
     for m in model.modules():  # non-trivial BatchNorm statistics, so that folding them is checked too
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -57,20 +57,7 @@ def exported(tmp_path_factory):
     torch.set_num_threads(1)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        export_onnx.main(
-            [
-                '--checkpoint',
-                str(checkpoint),
-                '--ema',
-                '--output',
-                str(output),
-                '--check-sizes',
-                '64',
-                '64',
-                '96',
-                '160',
-            ]
-        )
+        run('--checkpoint', checkpoint, '--ema', '--output', output, *'--check-sizes 64 64 96 160'.split())
     torch.set_num_threads(threads)
     return checkpoint, output, printed.getvalue()
 
@@ -85,16 +72,16 @@ def test_the_model_comes_from_the_checkpoint(exported):
 def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(exported):
     checkpoint, output, _ = exported
     assert output.is_file() and not [p for p in os.listdir(output.parent) if p.endswith('.tmp.onnx')]
-    ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()
+    ema = create_model('RAVLT_T', TINY, num_classes=10).eval()
     ema.load_state_dict(tiny_state(1))  # --ema: the EMA weights, and the class count of the checkpoint
-    session = deploy.create_session(str(output), threads=1)
+    session = export_onnx.create_session(str(output), threads=1)
     inputs = session.get_inputs()[0]
     assert inputs.name == 'image' and isinstance(inputs.shape[0], str)  # a named, dynamic batch
     for batch, size in ((3, (96, 128)), (1, (32, 224))):  # neither is an exported or checked size
-        assert deploy.relative_difference(ema, session, size, batch, seed=5) <= 1e-5
+        assert export_onnx.relative_difference(ema, session, size, batch, seed=5) <= 1e-5
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        not_ema = export_onnx.create_model('RAVLT_T', TINY, num_classes=10).eval()
+        not_ema = create_model('RAVLT_T', TINY, num_classes=10).eval()
         not_ema.load_state_dict(tiny_state(0))  # the same architecture with the other weights
         assert (ema(x) - not_ema(x)).abs().max() > 1e-3
 
@@ -106,7 +93,7 @@ def test_failed_check_writes_nothing(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, 'export', lambda model, path: shutil.copyfile(output, path))
     target = tmp_path / 'out.onnx'
     with pytest.raises(UsageError, match=r'ONNX Runtime differs from PyTorch by .* nothing written'):
-        export_onnx.main(['--model', 'RAVLT_T', '--checkpoint', str(checkpoint), '--output', str(target)])
+        run('--model', 'RAVLT_T', '--checkpoint', checkpoint, '--output', target)
     assert os.listdir(tmp_path) == []
 
 
@@ -121,7 +108,7 @@ def test_weights_from_every_kind_of_checkpoint(tmp_path):
     for path, use_ema, expected in ((raw, False, weights), (authors, False, weights), (authors, True, ema)):
         model, _ = model_from_checkpoint(load_checkpoint(path), str(path), 'RAVLT_T', TINY, ema=use_ema)
         model.eval()
-        reference = export_onnx.create_model('RAVLT_T', TINY).eval()
+        reference = create_model('RAVLT_T', TINY).eval()
         reference.load_state_dict(expected)
         x = torch.randn(1, 3, 64, 64)
         with torch.no_grad():
@@ -140,55 +127,46 @@ def test_weights_from_every_kind_of_checkpoint(tmp_path):
 )
 def test_bad_input_is_a_usage_error(argv, message, tmp_path):
     with pytest.raises(UsageError, match=message):
-        export_onnx.main([*argv, '--output', str(tmp_path / 'x.onnx')])
+        run(*argv, '--output', tmp_path / 'x.onnx')
 
 
 @pytest.mark.slow
 def test_bad_input_is_one_line_on_the_command_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'scripts', 'export_onnx.py'),
-            '--model',
-            'RAVLT_S',
-            '--checkpoint',
-            'MISSING.pth',
-            '--output',
-            str(tmp_path / 'x.onnx'),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=dict(os.environ, OMP_NUM_THREADS='1'),
-    )
+    command = [sys.executable, os.path.join(ROOT, 'scripts', 'export_onnx.py'), '--model', 'RAVLT_S']
+    command += ['--checkpoint', 'MISSING.pth', '--output', str(tmp_path / 'x.onnx')]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ['error: checkpoint MISSING.pth does not exist']
 
 
+@pytest.mark.slow  # builds RAVLT-S and RAVLT-T at full size
 def test_weights_of_another_variant_name_it(tmp_path):
     """RAVLT-T weights (default shape) given for RAVLT-S: one line naming the variant they fit."""
     with torch.device('meta'):
-        shapes = export_onnx.create_model('RAVLT_T').state_dict()
+        shapes = create_model('RAVLT_T').state_dict()
     torch.save({'model': {k: torch.zeros(()).expand(v.shape) for k, v in shapes.items()}}, tmp_path / 't.pth')
-    with pytest.raises(UsageError, match='the weights are RAVLT_T weights but the model is RAVLT_S'):
+    with pytest.raises(UsageError, match='the weights are RAVLT_T weights, not RAVLT_S'):
         model_from_checkpoint(load_checkpoint(tmp_path / 't.pth'), 't.pth', 'RAVLT_S')
     model, name = model_from_checkpoint(load_checkpoint(tmp_path / 't.pth'), 't.pth')
     assert name == 'RAVLT_T' and model.num_classes == 1000  # without --model: the variant the weights fit
 
 
-def test_missing_onnxruntime_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # `import onnxruntime` raises ImportError
-    with pytest.raises(UsageError, match='pip install "onnx>=1.16" "onnxruntime>=1.18"'):
-        export_onnx.main(['--model', 'RAVLT_T', '--output', str(tmp_path / 'x.onnx')])
+@pytest.mark.parametrize('package', ['onnxruntime', 'onnxscript'])
+def test_a_missing_onnx_package_says_how_to_install(package, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, package, None)  # `import PACKAGE` raises ImportError
+    with pytest.raises(UsageError, match=f'\\({package} is missing\\): pip install "onnx>=1.16" "onnxruntime>=1.18"'):
+        run('--model', 'RAVLT_T', '--output', tmp_path / 'x.onnx')
 
 
 @pytest.mark.parametrize(
     'argv, message',
     [
-        (['--output', 'DIR/x.onnx'], 'it is a folder; give a file name'),
-        (['--tolerance', 'nan'], 'argument --tolerance: must be at least 0, got nan'),
-        (['--tolerance', '-1'], 'argument --tolerance: must be at least 0, got -1'),
-        (['--tolerance', 'inf'], 'argument --tolerance: must be a finite number'),
+        (['--output', 'DIR/x.onnx'], 'exists and is not a regular file'),
+        (['--output', 'DIR/checkpoint.pth'], 'expected a file name ending in .onnx'),  # issue 27
+        (['--tolerance', 'nan'], r'argument --tolerance: must be in \[0, inf\), got nan'),
+        (['--tolerance', '-1'], r'argument --tolerance: must be in \[0, inf\), got -1'),
+        (['--tolerance', 'inf'], r'argument --tolerance: must be in \[0, inf\), got inf'),
     ],
 )
 def test_bad_outputs_and_tolerances_are_refused_before_the_export(argv, message, tmp_path, monkeypatch):
@@ -197,27 +175,9 @@ def test_bad_outputs_and_tolerances_are_refused_before_the_export(argv, message,
 
     monkeypatch.setattr(export_onnx, 'export', exported)
     (tmp_path / 'x.onnx').mkdir()
+    (tmp_path / 'checkpoint.pth').write_text('precious')
     argv = [a.replace('DIR', str(tmp_path)) for a in argv]
     with pytest.raises(UsageError, match=message):
-        export_onnx.main(
-            [
-                '--model',
-                'RAVLT_T',
-                '--model-kwargs',
-                '{"depths": [1, 1, 1, 1]}',
-                '--output',
-                str(tmp_path / 'y.onnx'),
-                *argv,
-            ]
-        )
-    assert os.listdir(tmp_path) == ['x.onnx'] and os.listdir(tmp_path / 'x.onnx') == []
-
-
-def test_hand_edited_flags_of_a_checkpoint_are_one_line(tmp_path):
-    torch.save({'model': tiny_state(0), 'args': {'model': 'RAVLT_T', 'model-kwargs': [16, 32]}}, tmp_path / 'c.pth')
-    with pytest.raises(
-        UsageError,
-        match=r'model-kwargs: \[16, 32\] in the flags \(args\) of checkpoint .*c.pth '
-        'is not valid',
-    ):
-        export_onnx.main(['--checkpoint', str(tmp_path / 'c.pth'), '--output', str(tmp_path / 'c.onnx')])
+        run('--model', 'RAVLT_T', '--model-kwargs', '{"depths": [1, 1, 1, 1]}', '--output', tmp_path / 'y.onnx', *argv)
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'x.onnx'] and os.listdir(tmp_path / 'x.onnx') == []
+    assert (tmp_path / 'checkpoint.pth').read_text() == 'precious'

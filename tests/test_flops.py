@@ -1,4 +1,5 @@
-"""scripts/flops.py reproduces the authors' fvcore params/FLOPs table."""
+"""scripts/flops.py reproduces the authors' fvcore params/FLOPs table, takes main.py's configs, and says what is
+wrong in one line."""
 
 import json
 import subprocess
@@ -6,10 +7,10 @@ import sys
 
 import pytest
 
-from cli import run_cli
-from scripts import flops
-
-pytestmark = pytest.mark.slow  # fvcore traces of full-size models
+import flops
+from cli import one_line_errors
+from errors import UsageError
+from helpers import ROOT
 
 # Measured on the authors' code: fvcore at 1x3x224x224, default handles.
 AUTHORS = {
@@ -18,29 +19,35 @@ AUTHORS = {
     'RAVLT_B': (48.24, 10.616, 9.838),
     'RAVLT_L': (95.24, 17.256, 16.139),
 }
+TINY = {'embed_dims': [16, 32, 32, 32], 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 1, 1], 'projection_dim': 32}
 
 
+def run(*argv):
+    return flops.main(flops.get_args_parser().parse_args(argv))
+
+
+def rounded(row) -> tuple:
+    return round(row['params'] / 1e6, 2), round(row['flops'] / 1e9, 3), round(row['flops_no_attn'] / 1e9, 3)
+
+
+@pytest.mark.slow  # fvcore traces of full-size models
 @pytest.mark.parametrize('name', ['RAVLT_S', 'RAVLT_B', 'RAVLT_L'])
 def test_params_and_flops_match_authors(name):
-    row = flops.measure(name, (224, 224))
-    params, gflops, gflops_no_attn = AUTHORS[name]
-    assert round(row['params'] / 1e6, 2) == params
-    assert round(row['flops'] / 1e9, 3) == gflops
-    assert round(row['flops_no_attn'] / 1e9, 3) == gflops_no_attn
+    assert rounded(flops.measure(name, (224, 224))) == AUTHORS[name]
 
 
+@pytest.mark.slow
 def test_cli_json_and_non_square_input():
     out = subprocess.run(
-        [sys.executable, 'scripts/flops.py', '--model', 'RAVLT_T', '--json'], capture_output=True, text=True, check=True
+        [sys.executable, 'scripts/flops.py', '--model', 'RAVLT_T', '--json'],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout
     (row,) = json.loads(out)
     assert set(row) == {'model', 'input_size', 'params', 'flops', 'flops_no_attn'}
-    assert row['input_size'] == [224, 224]
-    assert (
-        round(row['params'] / 1e6, 2),
-        round(row['flops'] / 1e9, 3),
-        round(row['flops_no_attn'] / 1e9, 3),
-    ) == AUTHORS['RAVLT_T']
+    assert row['input_size'] == [224, 224] and rounded(row) == AUTHORS['RAVLT_T']
     # Non-square: conv FLOPs scale with the token count, so 224x448 is about twice 224x224.
     wide = flops.measure('RAVLT_T', (224, 448))
     assert wide['input_size'] == [224, 448]
@@ -49,40 +56,51 @@ def test_cli_json_and_non_square_input():
 
 
 def test_model_kwargs_all_linear():
-    """--model-kwargs reach the model: RAVLT-T with RALA in every stage has the same convolutions, other
-    attention products (linear in the token count instead of quadratic), and no paper columns."""
-    linear = {'attn_types': ['rala'] * 4}
-    rows = flops.main(['--model', 'RAVLT_T', '--input-size', '448', '--model-kwargs', json.dumps(linear), '--json'])
-    default = flops.measure('RAVLT_T', (448, 448))
-    (row,) = rows
+    """--model-kwargs reach the model: RALA in every stage has the same convolutions, other attention products
+    (linear in the token count instead of quadratic), and no paper columns."""
+    kwargs = dict(TINY, attn_types=['rala'] * 4)
+    (row,) = run('--model', 'RAVLT_T', '--input-size', '128', '--model-kwargs', json.dumps(kwargs), '--json')
+    default = flops.measure('RAVLT_T', (128, 128), model_kwargs=TINY)
     assert row['flops_no_attn'] == default['flops_no_attn'] and row['params'] == default['params']
     assert row['flops'] < default['flops']
-    assert flops.format_table(rows, modified=True).splitlines()[-1].endswith('| - | - |')
+    assert flops.format_table([row], modified=True).splitlines()[-1].endswith('| - | - |')
+
+
+def test_main_py_configs_give_the_model_and_input_size(tmp_path, capsys):
+    """`--config` takes main.py's own configs (issue 27: they were refused as "unknown key 'epochs'"): their
+    model, model-kwargs and input-size, the training keys ignored; the command line still wins."""
+    config = tmp_path / 'tiny.yaml'
+    config.write_text(f'_base_: {ROOT}/configs/demo_digits.yaml\nmodel-kwargs: {json.dumps(TINY)}\n')
+    (row,) = run('--config', str(config), '--json')
+    assert (row['model'], row['input_size']) == ('RAVLT_T', [32, 32])
+    assert row['params'] == flops.measure('RAVLT_T', (32, 32), model_kwargs=TINY)['params']
+    (row,) = run('--config', str(config), '--input-size', '64', '48', '--json')
+    assert row['input_size'] == [64, 48]
+    assert 'RAVLT_T' in capsys.readouterr().out
+    config.write_text('model: RAVLT_T\ninput-size: -3\nepochs: 8\n')
+    with pytest.raises(UsageError, match=r'argument --input-size: must be in \[1, inf\), got -3 \(in config'):
+        run('--config', str(config))
 
 
 @pytest.mark.parametrize(
     'args, message',
     [
-        (['--model', 'RAVLT_X'], 'unknown model(s) RAVLT_X'),
-        (['--input-size', '0'], '--input-size takes one or two positive integers'),
+        (['--model', 'RAVLT_X'], "unknown model 'RAVLT_X'"),
+        (['--input-size', '0'], 'argument --input-size: must be in [1, inf), got 0'),
         (['--model-kwargs', '{"depth": 1}'], 'cannot build ravlt_t with --model-kwargs'),
-        (['--input-size', '224', '224', '224'], '--input-size takes one or two positive integers'),
+        (['--input-size', '224', '224', '224'], '--input-size takes H or H W'),
+        (['--config', 'configs/none.yaml'], 'config file configs/none.yaml does not exist'),
     ],
 )
 def test_cli_rejects_bad_arguments(args, message, capsys):
-    with pytest.raises(SystemExit) as stopped:
-        run_cli(flops.main, args)
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        run('--model', 'RAVLT_T', *args)
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_the_script_exits_with_one_line():
-    result = subprocess.run([sys.executable, 'scripts/flops.py', '--model', 'RAVLT_X'], capture_output=True, text=True)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and 'unknown model(s) RAVLT_X' in lines[0], result.stderr
-
-
+@pytest.mark.slow
 def test_ablation_kinds_share_one_flops_table():
     """RAVLT-T with each attention kind in stages 1-2: kinds with LePE and gate have RALA's convolutions, kinds
     without lack the o projection and LePE, N * C * (C + 25) multiply-adds per block (two blocks of 3136 tokens

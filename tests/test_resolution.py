@@ -5,33 +5,22 @@ import json
 
 import pytest
 
-from cli import UsageError
-from scripts import resolution
+import resolution
+from errors import UsageError
 
 pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def run(*argv):
+    return resolution.main(resolution.get_args_parser().parse_args(argv))
 
 
 @pytest.mark.slow
 def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
     out, figure = tmp_path / 'res.json', tmp_path / 'res.png'
-    rows = resolution.main(
-        [
-            '--models',
-            'RAVLT_T',
-            'RAVLT_S-linear',
-            'swin_tiny',
-            '--sizes',
-            '64',
-            '64x96',
-            '--warmup',
-            '1',
-            '--iters',
-            '1',
-            '--json',
-            str(out),
-            '--figure',
-            str(figure),
-        ]
+    rows = run(
+        *'--models RAVLT_T RAVLT_S-linear swin_tiny --sizes 64 64x96 --warmup 1 --iters 1'.split(),
+        *['--json', out, '--figure', figure],
     )
     assert [(r['model'], r['input_size']) for r in rows] == [
         ('RAVLT_T', [64, 64]),
@@ -55,22 +44,23 @@ def test_sweep_writes_tables_json_and_figure(tmp_path, capsys):
     'argv, message',
     [
         (['--sizes', '224x'], 'give H or HxW'),
-        (['--models', 'RAVLT_XL'], 'unknown --models RAVLT_XL'),
-        (['--models', 'authors:RAVLT_S'], 'needs --authors-file'),
-        (['--iters', '0'], 'at least 1'),
-        (['--json', 'no/such/folder/x.json'], 'does not exist'),
+        (['--sizes', '0x224'], 'give H or HxW'),
+        (['--models', 'RAVLT_XL'], "argument --models: invalid choice: 'RAVLT_XL'"),
+        (['--models', 'authors:RAVLT_S', '--sizes', '32'], 'authors:RAVLT_S needs --authors-file'),
+        (['--json', 'no/such/folder/x.json'], 'its folder does not exist'),
     ],
 )
 def test_bad_input_is_a_usage_error(argv, message):
     with pytest.raises(UsageError, match=message):
-        resolution.main(argv)
+        run(*argv)
 
 
 @pytest.mark.parametrize(
     'argv, message',
     [
-        (['--figure', 'scaling.jpeg2000'], 'name a file ending in .png, .svg or .pdf'),
-        (['--json', '.'], 'it is a folder'),
+        (['--figure', 'scaling.jpeg2000'], 'expected a file name ending in .png or .svg or .pdf'),
+        (['--json', '.'], 'exists and is not a regular file'),
+        (['--json', 'log.txt'], 'expected a file name ending in .json'),
     ],
 )
 def test_outputs_are_checked_before_the_sweep(argv, message, tmp_path, monkeypatch):
@@ -80,4 +70,4 @@ def test_outputs_are_checked_before_the_sweep(argv, message, tmp_path, monkeypat
     monkeypatch.setattr(resolution, 'sweep', swept)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=message):
-        resolution.main(['--models', 'RAVLT_T', '--sizes', '64', *argv])
+        run('--models', 'RAVLT_T', '--sizes', '64', *argv)
