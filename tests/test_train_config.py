@@ -196,7 +196,7 @@ def test_variant_configs_hold_the_authors_recipe(variant):
     assert args.model == f'RAVLT_{variant.upper()}' and args.drop_path is None
     defaults = {k: v for k, v in vars(parse(['--data-path', 'P'])).items() if k != 'given'}
     assert {k: v for k, v in vars(args).items() if k != 'given'} == dict(
-        defaults, config=args.config, model=args.model, batch_size=128, num_workers=16, dist_eval=True
+        defaults, config=args.config, model=args.model, batch_size=128, dist_eval=True
     )
     with torch.device('meta'):
         model = timm.create_model(models.resolve_model_name(args.model))
@@ -218,7 +218,13 @@ def test_ablation_configs_are_the_ravlt_t_recipe_with_one_attention_kind(kind):
     }
     with torch.device('meta'):
         model = timm.create_model(models.resolve_model_name(args.model), **args.model_kwargs)
-    assert [type(stage.blocks[0].attn) for stage in model.layers] == [models.ATTENTION_TYPES[k] for k in expected]
+
+    def kind(attn):
+        return type(attn), getattr(attn, 'alpha', None), getattr(attn, 'gate_lepe', None)
+
+    assert [kind(stage.blocks[0].attn) for stage in model.layers] == [
+        kind(models.ATTENTION_TYPES[k](16, 1)) for k in expected
+    ]
 
 
 def test_demo_config_parses():
