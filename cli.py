@@ -111,24 +111,12 @@ class ArgumentParser(argparse.ArgumentParser):
         args.given = given - {'config'}
         return args
 
-    def add_training_group(self, title: str):
-        """An argument group of flags only training reads (--eval's settings line leaves them out)."""
-        group = self.add_argument_group(title)
-        group.training_only = True
-        return group
-
-    def to_config(self, args, training: bool = True) -> dict:
-        """The flag values as {flag name: value}, readable again with --config (`training=False`: without the
-        training groups' flags)."""
-        skip = (
-            set()
-            if training
-            else {a.dest for g in self._action_groups if hasattr(g, 'training_only') for a in g._group_actions}
-        )
+    def to_config(self, args) -> dict:
+        """The flag values as {flag name: value}, readable again with --config."""
         values = {}
         for action in self._actions:
             names = [o[2:] for o in action.option_strings if o.startswith('--')]
-            if names and action.dest not in ('help', 'config') and action.dest not in skip | set(values):
+            if names and action.dest not in ('help', 'config') and action.dest not in values:
                 value = getattr(args, action.dest)
                 values[action.dest] = (names[0], value.type if isinstance(value, torch.device) else value)
         return dict(values.values())
@@ -202,7 +190,7 @@ def add_common_arguments(parser: ArgumentParser, *, model: str, batch_size: int,
         metavar='JSON',
         help='extra model arguments, e.g. \'{"depths": [1, 1, 2, 1]}\' (a mapping in a config file)',
     )
-    training = parser.add_training_group('training')
+    training = parser.add_argument_group('training')
     rates = ', '.join(f'{name.upper()} {cfg["drop_path_rate"]}' for name, cfg in models.RAVLT_CONFIGS.items())
     training.add_argument(
         '--drop-path',
