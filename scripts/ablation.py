@@ -42,8 +42,7 @@ from utils import atomic_file
 
 KINDS = list(ATTENTION_TYPES)
 COLORS = {'linear': 'C0', 'rala_no_alpha': 'C4', 'rala_no_gate_lepe': 'C1', 'rala': 'C3', 'softmax': 'C2'}
-# Measured on 2 shared CPU cores (docs/ablation.md).
-TIME = 'The default run takes about 45 minutes on 2 CPU cores; --quick about 4 minutes.'
+TIME = 'The default run takes about 25 minutes on 2 idle CPU cores, --quick about 7 (docs/ablation.md).'
 QUICK = {'seeds': [0], 'batch_size': 4, 'warmup': 1, 'iters': 3}  # --quick, where no flag says otherwise; 2 epochs
 QUICK_EPOCHS = 2
 COST_KEYS = ('params', 'flops', 'flops_no_attn')

@@ -18,6 +18,7 @@ from errors import UsageError
 from helpers import ROOT
 from models import reference
 
+pytestmark = pytest.mark.usefixtures('one_thread')
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
