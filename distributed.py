@@ -71,8 +71,9 @@ def init_distributed(args):
     """Sets args.rank, world_size, device and dist_backend; with several processes the process group (NCCL on
     CUDA, gloo on the CPU unless --dist-backend) with --dist-timeout. Then only rank 0 prints."""
     launch = launch_environment()
-    os.environ.update(launch)  # torch's env:// initialisation reads them
     args.rank, args.world_size = int(launch['RANK']), int(launch['WORLD_SIZE'])
+    if args.world_size > 1:  # torch's env:// initialisation reads them (one process leaves the environment alone)
+        os.environ.update(launch)
     if (args.device or ('cuda' if torch.cuda.is_available() else 'cpu')) == 'cuda':
         if not torch.cuda.is_available():
             raise UsageError('--device cuda was asked for but CUDA is not available; use --device cpu')

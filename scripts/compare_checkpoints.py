@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import checkpoints
-from cli import run_cli
+import cli
 
 
 def tensors(checkpoint: dict) -> dict:
@@ -51,4 +51,5 @@ def command(argv=None):
 
 
 if __name__ == '__main__':
-    run_cli(command, sys.argv[1:])
+    with cli.one_line_errors():
+        command()
