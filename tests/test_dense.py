@@ -34,6 +34,10 @@ from models.dense import (
 )
 from train_helpers import assert_one_line_error, run_here
 
+# One torch thread: these tiny models gain nothing from more, and on a shared machine an oversubscribed thread pool
+# makes a second's step take a minute.
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 4), drop_path_rate=0.0)
 TINY_JSON = json.dumps(TINY)
 CATEGORY_IDS = (3, 7)  # not contiguous on purpose
