@@ -1,7 +1,7 @@
 """Every output (checkpoints, config.yaml, eval_results.json, the scripts' JSON and figures) goes through
-a regular file is replaced whole or not at all, and nothing that is not a regular file is ever replaced: a folder,
-a FIFO or a character device (a stand-in /dev/null here, never the machine's own) is refused in one line before
-anything is written. utils.check_output_file refuses such outputs before any work."""
+utils.atomic_file: a regular file is replaced whole or not at all, and nothing that is not a regular file is ever
+replaced: a folder, a FIFO or a character device (a stand-in /dev/null here, never the machine's own) is refused in
+one line before anything is written. utils.check_output_file refuses such outputs before any work."""
 
 import os
 import stat
