@@ -186,9 +186,11 @@ def main(args):
         if not args.eval:
             dataset_train, _ = build_dataset(is_train=True, args=args)
             if getattr(dataset_train, 'classes', None) != getattr(dataset_val, 'classes', None):
+                train, val = set(dataset_train.classes), set(dataset_val.classes)
                 raise UsageError(
-                    f'train/ and val/ must hold the same class folders: {len(dataset_train.classes)} '
-                    f'in train, {len(dataset_val.classes)} in val'
+                    'train/ and val/ must hold the same class folders: only in train/: '
+                    f'{", ".join(sorted(train - val)[:5]) or "none"}; only in val/: '
+                    f'{", ".join(sorted(val - train)[:5]) or "none"}'
                 )
 
         own = RAVLT_CONFIGS.get(resolve_model_name(args.model), {}).get('drop_path_rate')

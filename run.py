@@ -99,7 +99,16 @@ class Run:
             distributed.agree(error)
             self.resume_path = path
             flags = checkpoints.flags_of(self.checkpoint)
-            self.take_flags('the checkpoint', {dest: flags[dest] for dest in model_flags if dest in flags})
+            values = {dest: flags[dest] for dest in model_flags if dest in flags}
+            for action in parser._actions:  # a checkpoint of the other dense entry point: its --task
+                taken = action.dest in values and action.dest not in args.given
+                if taken and action.choices and values[action.dest] not in action.choices:
+                    raise UsageError(
+                        f'{path} was trained with {action.option_strings[0]} {values[action.dest]}, which '
+                        f'{parser.prog} does not take (it takes {", ".join(map(str, action.choices))})',
+                        everywhere=True,
+                    )
+            self.take_flags('the checkpoint', values)
 
     def __enter__(self):
         return self

@@ -1,11 +1,13 @@
 """Small helpers of the run and the loops: files replaced atomically, precision, seeding, data loaders whose every
 random draw is a function of (seed, epoch, rank, position), and metric logging."""
 
+import atexit
 import contextlib
 import ctypes
 import datetime
 import errno
 import glob
+import multiprocessing
 import os
 import random
 import signal
@@ -227,6 +229,17 @@ def _ignore_stop_signals(worker_id: int):
     worker handler would die of a SIGTERM that does not come from the parent; SIGUSR1 ends a process)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+@atexit.register  # runs before multiprocessing's own exit handler, registered when torch was imported
+def _end_loader_workers():
+    """Kill the daemonic children (loader workers) still alive at exit, as when an exception ends the process with a
+    traceback that keeps their loader referenced: multiprocessing's exit handler would end them with a SIGTERM,
+    which loader workers ignore, and then wait for them forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report their end as a failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def data_loader(dataset, sampler, batch_size: int, args, collate_fn=None, drop_last: bool = False):

@@ -1,32 +1,20 @@
-"""What an image folder holds is read as it is, or refused in one line: each folder once (a symbolic link loop
-or a second link to one folder would count its images again), only regular files (a FIFO named x.png would
-block the run forever), and every depth in 8-bit RGB (16-bit PNGs scaled, not clipped; float TIFFs in [0, 1]
-scaled; depths whose range is unknown refused)."""
+"""Image files as main.py meets them: a file that cannot be read as an image (cut short by a copy, gone since the
+folder was listed) ends the run with one line naming it, whether the main process or a data-loading worker
+reads it, in training and in evaluation; a tiny image (1 x 1) is an image like any other. A bug in a worker (not
+a bad file) ends the run with its traceback: the workers, which leave SIGTERM to their process, never keep it
+from exiting."""
 
-import os
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import main
-from cli import run_cli
-from datasets import ImageFolder
-from errors import UsageError
-from train_helpers import TINY, assert_one_line_error, run_main
+from helpers import ROOT
+from train_helpers import TINY, assert_one_line_error, command_env, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
-
-
-def image_folders(root, classes=('a', 'b'), images=2):
-    for split in ('train', 'val'):
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(images):
-                Image.new('RGB', (8, 8), (40 * i, 80, 120)).save(folder / f'{i}.png')
-    return root
-
 
 TRAIN = TINY + [
     '--batch-size',
@@ -46,98 +34,86 @@ TRAIN = TINY + [
 ]
 
 
-def test_a_symbolic_link_loop_is_refused_naming_the_link(tmp_path):
+def image_folders(root, classes=('a', 'b'), images=2, size=(8, 8)):
+    """An IMNET-style tree: `images` images of `size` per class in train/ and val/."""
+    for split in ('train', 'val'):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(images):
+                Image.new('RGB', size, (40 * i, 80, 120)).save(folder / f'{i}.png')
+    return root
+
+
+def cut_short(path):
+    """A JPEG whose end is missing, as an interrupted copy leaves it."""
+    Image.new('RGB', (64, 64), (10, 200, 30)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_a_truncated_training_image_is_one_line_naming_it(workers, tmp_path):
     root = image_folders(tmp_path / 'data')
-    (root / 'train' / 'a' / 'loop').symlink_to('.')
-    with pytest.raises(
-        UsageError,
-        match=f'{root / "train" / "a" / "loop"} is {root / "train" / "a"} again '
-        r'\(a symbolic link loop',
-    ):
-        ImageFolder(str(root / 'train'))
-
-
-def test_a_second_link_to_one_folder_is_refused_and_a_linked_class_folder_counts_once(tmp_path):
-    root = image_folders(tmp_path / 'data')
-    elsewhere = image_folders(tmp_path / 'elsewhere', classes=('c',), images=3)
-    (root / 'train' / 'c').symlink_to(elsewhere / 'train' / 'c')  # data kept elsewhere: a class like any other
-    dataset = ImageFolder(str(root / 'train'))
-    assert dataset.classes == ['a', 'b', 'c'] and len(dataset) == 7
-    assert [os.path.basename(p) for p, label in dataset.samples if label == 2] == ['0.png', '1.png', '2.png']
-    (root / 'train' / 'b' / 'more').symlink_to(root / 'train' / 'a')
-    with pytest.raises(UsageError, match='two links to one folder'):
-        ImageFolder(str(root / 'train'))
-
-
-def test_a_fifo_named_like_an_image_is_refused_before_it_can_block(tmp_path):
-    root = image_folders(tmp_path / 'data')
-    os.mkfifo(root / 'train' / 'b' / 'x.png')
-    with pytest.raises(UsageError, match=f'{root / "train" / "b" / "x.png"} is a FIFO, not a regular file'):
-        ImageFolder(str(root / 'train'))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    'make, fragments',
-    [
-        (
-            lambda root: (root / 'train' / 'a' / 'loop').symlink_to('.'),
-            ['symbolic link loop', 'its images would count twice; remove the link'],
-        ),
-        (lambda root: os.mkfifo(root / 'train' / 'b' / 'x.png'), ['x.png is a FIFO', 'only regular files are images']),
-    ],
-)
-def test_main_refuses_such_a_folder_in_one_line(make, fragments, tmp_path):
-    root = image_folders(tmp_path / 'data')
-    make(root)
-    result = run_main(TRAIN + ['--data-path', root], timeout=120)
-    assert_one_line_error(result.returncode, result.stdout, result.stderr, 2, *fragments)
-
-
-def write_image(root, name, array):
-    folder = root / 'train' / 'a'
-    folder.mkdir(parents=True)
-    Image.fromarray(array).save(folder / name)
-    return ImageFolder(str(root / 'train'))
-
-
-def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
-    levels = (np.arange(1024, dtype=np.uint16) * 64).reshape(32, 32)  # 1,024 levels over the 16-bit range
-    dataset = write_image(tmp_path, 'deep.png', levels)
-    assert Image.open(dataset.samples[0][0]).mode == 'I;16'
-    image = np.asarray(dataset[0][0])
-    assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
-    np.testing.assert_array_equal(image[..., 0], np.rint(levels / 257.0).astype(np.uint8))
-    assert (image[..., 0] == image[..., 2]).all() and len(np.unique(image)) == 256  # every 8-bit level
-
-
-def test_float_tiff_in_0_1_is_scaled_and_other_ranges_refused(tmp_path):
-    values = (np.arange(1024, dtype=np.float32) / 1023).reshape(32, 32)
-    dataset = write_image(tmp_path / 'unit', 'float.tiff', values)
-    image = np.asarray(dataset[0][0])
-    np.testing.assert_array_equal(image[..., 1], np.rint(values.astype(np.float64) * 255).astype(np.uint8))
-    assert image.max() == 255 and len(np.unique(image)) == 256
-    with pytest.raises(ValueError, match='a floating-point image with values from 0 to 300, not from 0 to 1'):
-        write_image(tmp_path / 'wide', 'float.tiff', np.linspace(0, 300, 64, dtype=np.float32).reshape(8, 8))[0]
-    with pytest.raises(ValueError, match='a 32-bit integer image'):
-        write_image(tmp_path / 'int32', 'int.tiff', np.arange(64, dtype=np.int32).reshape(8, 8) * 10**6)[0]
-
-
-@pytest.mark.slow
-def test_a_float_image_out_of_range_stops_training_naming_it(tmp_path, capsys):
-    root = image_folders(tmp_path / 'data', images=3)  # 6 images with it: 3 batches of 2, each image read
-    path = root / 'train' / 'a' / '2.png'
-    path.unlink()
-    path = path.with_name('wide.tiff')
-    Image.fromarray(np.full((8, 8), 7.5, np.float32)).save(path)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main.cli, [str(a) for a in TRAIN + ['--data-path', root]])
-    captured = capsys.readouterr()
-    assert_one_line_error(
-        exit_info.value.code,
-        captured.out,
-        captured.err,
-        2,
-        str(path),
-        'a floating-point image with values from 7.5 to 7.5',
+    (root / 'train' / 'a' / '1.png').unlink()  # 4 images: every one is read
+    truncated = root / 'train' / 'a' / 'cut.jpg'
+    cut_short(truncated)
+    result = run_here(main, TRAIN + ['--data-path', root, '--num_workers', workers])
+    line = assert_one_line_error(
+        result.returncode, result.stdout, result.stderr, 2, f'cannot load {truncated}', 'truncated'
     )
+    assert 'DataLoader worker' not in line
+
+
+def test_an_image_gone_since_the_folder_was_listed_is_one_line_naming_it_in_a_worker(tmp_path):
+    root = image_folders(tmp_path / 'data')
+    (root / 'train' / 'b' / '1.png').unlink()
+    gone = root / 'train' / 'b' / 'gone.png'
+    gone.symlink_to(root / 'nowhere.png')  # listed by its name, then missing when read
+    result = run_here(main, TRAIN + ['--data-path', root, '--num_workers', '2'])
+    assert_one_line_error(result.returncode, result.stdout, result.stderr, 2, f'cannot load {gone}', 'No such file')
+
+
+def test_a_damaged_validation_image_is_one_line_naming_it(tmp_path):
+    root = image_folders(tmp_path / 'data')
+    damaged = root / 'val' / 'b' / 'noise.png'
+    damaged.write_bytes(b'\x89PNG\r\n\x1a\n' + b'not a picture' * 10)
+    result = run_here(main, TINY + ['--data-path', root, '--eval', '--batch-size', '2'])
+    assert_one_line_error(
+        result.returncode, result.stdout, result.stderr, 2, f'cannot load {damaged}', 'cannot identify image file'
+    )
+
+
+def test_one_pixel_training_images_train(tmp_path):
+    root = image_folders(tmp_path / 'data', size=(1, 1))
+    result = run_here(main, TRAIN + ['--data-path', root, '--output_dir', tmp_path / 'out'])
+    assert result.returncode == 0, result.stderr
+    assert '* Weights: acc1 ' in result.stdout and (tmp_path / 'out' / 'checkpoint.pth').is_file()
+
+
+# main.py with a bug in the loading of every sample.
+BUGGY_MAIN = """
+import sys
+import cli, main, utils
+def broken(self, item):
+    raise KeyError('a bug in a transform')
+utils.SeededDataset.__getitem__ = broken
+with cli.one_line_errors():
+    main.main(main.get_args_parser().parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # a new interpreter
+def test_a_bug_in_a_loader_worker_ends_the_run_with_its_traceback(tmp_path):
+    root = image_folders(tmp_path / 'data')
+    argv = [str(a) for a in TRAIN + ['--data-path', root, '--num_workers', '2']]
+    result = subprocess.run(
+        [sys.executable, '-c', BUGGY_MAIN, *argv],
+        cwd=ROOT,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert 'Caught KeyError in DataLoader worker process' in result.stderr
+    assert result.stderr.rstrip().endswith("KeyError: 'a bug in a transform'")
