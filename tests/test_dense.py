@@ -669,7 +669,7 @@ def test_missing_files_and_class_mismatches_are_one_line_errors(coco_root, ade_r
     assert_refused(
         main_seg,
         seg_args(ade_root, tmp_path / 'c', 'semfpn', '--num-classes', '2'),
-        'holds label 3 but --num-classes is 2',
+        'holds label 3, outside 0..2',
     )
     # A checkpoint trained on 2 classes evaluated on 3.
     write_coco(tmp_path / 'three', 'val2017', categories=(3, 7, 9))
