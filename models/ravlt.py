@@ -488,7 +488,9 @@ class RAVLT(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module):
-        if isinstance(m, nn.Conv2d):
+        # Shape-only models (meta device: counting, checking checkpoints) skip the random draw, which on meta
+        # runs through torch's slow Python decompositions (about 2 s for RAVLT-L).
+        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

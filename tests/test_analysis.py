@@ -137,6 +137,7 @@ def run_rank_analysis(tmp_path, *extra):
     return json.loads((out / 'rank.json').read_text())
 
 
+@pytest.mark.slow  # DIGITS and a figure; the checkpoint test below runs in every tier
 def test_rank_analysis_writes_png_and_json(tmp_path):
     report = run_rank_analysis(tmp_path, '--model', 'RAVLT_T', '--model-kwargs', json.dumps(TINY_KWARGS))
     assert report['weights'] == 'random init (no checkpoint)' and report['images'] == '2 DIGITS val images'

@@ -183,12 +183,13 @@ def test_ctrl_c_in_the_first_epoch_says_nothing_was_written(trained, tmp_path, m
 
 def test_the_authors_drop_path_is_said_and_their_documented_command_gives_their_rate(trained):
     data, _ = trained
-    result = run_here(main, FOLDERS + ['--data-path', data, '--drop-path', '0.05', '--model-kwargs', '{}'])
+    result = run_here(main, FOLDERS + ['--data-path', data, '--drop-path', '0.05'])
     assert "note: --drop-path 0.05 replaces RAVLT_T's own 0.1" in result.stdout
     args = main.get_args_parser().parse_args(['--warmup-epochs', '5', '--model', 'RAVLT_T', '--epoch', '300'])
     assert args.drop_path is None  # the variant's own rate, 0.1, as the authors' RAVLT_T trained
 
 
+@pytest.mark.slow  # six epochs
 def test_the_schedule_can_step_as_the_authors_loop(trained, tmp_path):
     """Epoch e at lr(e - 1): epochs 0 and 1 both at the warm-up's start."""
     data, _ = trained

@@ -101,6 +101,7 @@ def image_folders(root, corrupt: bool):
     return broken
 
 
+@pytest.mark.slow  # two trainings
 def test_an_unreadable_validation_file_stops_the_run_and_the_previous_epoch_resumes(tmp_path, monkeypatch):
     """A validation JPEG cut short after epoch 0: epoch 1's evaluation stops the run with one line naming the file
     (exit 2), before epoch 1 is saved; fixed, the same command resumes from epoch 0 and ends as the clean run."""
