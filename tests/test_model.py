@@ -154,9 +154,12 @@ def run_with_probes(model, x):
     return logits, probes
 
 
-@pytest.mark.parametrize('fused', [False, True], ids=['model', 'reparameterized'])
 # The first case in every tier; the second (another batch and a non-square input) in the slow tier.
-@pytest.mark.parametrize('case', [0] + [pytest.param(i, marks=pytest.mark.slow) for i in range(1, len(GOLDEN['cases']))])
+SLOW_CASES = [pytest.param(i, marks=pytest.mark.slow) for i in range(1, len(GOLDEN['cases']))]
+
+
+@pytest.mark.parametrize('fused', [False, True], ids=['model', 'reparameterized'])
+@pytest.mark.parametrize('case', [0] + SLOW_CASES)
 def test_golden_logits_and_probes(golden_model, golden_fused, case, fused):
     case = GOLDEN['cases'][case]
     logits, probes = run_with_probes(golden_fused if fused else golden_model, hash_input(case['input_shape']))

@@ -158,7 +158,8 @@ def last_node_extractor(model, train: bool = False, **tracer_kwargs):
 
 
 @pytest.mark.parametrize('variant', VARIANT_PARAMS)
-@pytest.mark.parametrize('tracer', [pytest.param('torchvision', marks=pytest.mark.slow), 'timm'])  # timm's wraps torchvision's
+# timm's tracer wraps torchvision's: torchvision's alone in the slow tier.
+@pytest.mark.parametrize('tracer', [pytest.param('torchvision', marks=pytest.mark.slow), 'timm'])
 def test_fx_trace_equals_eager_and_scripts(variant, tracer):
     """Symbolic tracing needs no leaf modules or wrapped functions (torchvision's defaults); with timm's
     (its FX tests and `feature_cls='fx'`) the graph is the same. The graph scripts with TorchScript."""
