@@ -265,7 +265,7 @@ def _failure_line(e: BaseException):
     if isinstance(e, (FloatingPointError, RunFailure)):
         return EXIT_FAILURE, f'error: {e}', True
     if isinstance(e, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, f'error: interrupted; {e or "the checkpoints on disk are whole"}', True
+        return EXIT_INTERRUPTED, f'error: interrupted; {str(e) or "the checkpoints on disk are whole"}', True
     text = ' '.join(str(e).split())
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text:
         advice = 'lower --batch-size, the input size or --num_workers (or use --amp bf16)'

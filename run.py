@@ -295,11 +295,11 @@ class Run:
         stats, start_time = {}, time.time()
         with StopSignals() as stop:  # before the announcement: a signal after it is handled
             lr = optimizer.param_groups[0].get('initial_lr', optimizer.param_groups[0]['lr'])
-            print(
-                f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) from '
-                f'epoch {state.start_epoch}: total batch {args.batch_size * self.world_size}, lr {lr:.3g}'
-            )
-            try:
+            try:  # from the announcement on: Ctrl-C after it names the resume point
+                print(
+                    f'Start training for {num_epochs} epochs ({total_steps} steps of {steps_per_epoch} per epoch) '
+                    f'from epoch {state.start_epoch}: total batch {args.batch_size * self.world_size}, lr {lr:.3g}'
+                )
                 for epoch in range(state.start_epoch, num_epochs):
                     loader_train.sampler.set_epoch(epoch)
                     loader_train.sampler.skip(state.first_step * args.batch_size)

@@ -253,6 +253,15 @@ def test_bad_input_creates_no_output_folder(case, inputs, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize('message', ['', 'the resume point stays out/checkpoint.pth of epoch 4'])
+def test_ctrl_c_says_where_the_run_stands(message, capsys):
+    """Outside the training loop nothing names a resume point: the line says the files are whole."""
+    with pytest.raises(SystemExit) as stopped, cli.one_line_errors():
+        raise KeyboardInterrupt(message)
+    expected = message or 'the checkpoints on disk are whole'
+    assert stopped.value.code == 130 and capsys.readouterr().err == f'error: interrupted; {expected}\n'
+
+
 def test_flags_are_never_guessed():
     """An abbreviation is an unknown flag (argparse would take --input for --input-size), answered with the closest
     flag, as a mistyped config key is."""
@@ -396,7 +405,7 @@ def test_ctrl_c_is_one_line(tmp_path):
             break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert_one_line_error(process.returncode, out, err, 130, 'error: interrupted; the checkpoints on disk are whole')
+    assert_one_line_error(process.returncode, out, err, 130, 'error: interrupted; no checkpoint was written yet')
 
 
 @pytest.mark.slow
