@@ -21,3 +21,12 @@ def restores_kernel_settings(monkeypatch):
     deterministic = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Every test compiles from scratch. torch.compile remembers the shapes it saw for a function; seeing another
+    shape later it traces symbolically (automatic dynamic shapes), which made a later test's compile 4-6x slower."""
+    yield
+    if hasattr(torch, '_dynamo'):
+        torch._dynamo.reset()

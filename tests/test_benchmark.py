@@ -151,7 +151,9 @@ def test_matmul_rate_and_fractions():
 
 
 @pytest.mark.slow
-def test_onnxruntime_backend(capsys):
+def test_onnxruntime_backend(capsys, monkeypatch):
+    runners, make_runner = [], benchmark.make_runner
+    monkeypatch.setattr(benchmark, 'make_runner', lambda *a, **k: runners.append(make_runner(*a, **k)) or runners[-1])
     (row,) = run(  # no training step on ONNX Runtime
         *['--model', 'RAVLT_T', '--model-kwargs', TINY, '--backend', 'onnxruntime', '--mode', 'eval', 'train'],
         *'--batch-size 2 --input-size 64 96 --warmup 1 --iters 2 --memory --threads 1'.split(),
@@ -159,15 +161,9 @@ def test_onnxruntime_backend(capsys):
     assert (row['model'], row['backend'], row['mode']) == ('RAVLT_T', 'onnxruntime', 'eval')
     assert row['img_per_s'] > 0 and 0 < row['peak_mib'] < 100
     assert 'eval (onnxruntime): exporting to ONNX' in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_onnxruntime_runner_threads_do_not_spin(tmp_path):
-    """Spinning ONNX Runtime threads would take the cores from the contender that runs next."""
-    settings = benchmark.Settings(batch_size=1, input_size=(64, 64), threads=1)
-    contender = benchmark.Contender('RAVLT_T', backend='onnxruntime', model_kwargs=json.loads(TINY))
-    path = benchmark.export_for_onnxruntime(contender, settings, None, str(tmp_path))
-    options = benchmark.make_runner(contender, settings, onnx_file=path).session.get_session_options()
+    # Spinning ONNX Runtime threads would take the cores from the contender that runs next.
+    (runner,) = runners
+    options = runner.session.get_session_options()
     assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
     assert options.intra_op_num_threads == 1
 
