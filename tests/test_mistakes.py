@@ -16,7 +16,7 @@ import main_seg
 from datasets_dense import ADE20KSegmentation, CocoInstances
 from errors import UsageError
 from helpers import ROOT
-from train_helpers import TINY, assert_one_line_error, run_here
+from train_helpers import NO_AUGMENTATION, TINY, assert_one_line_error, run_here
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -33,27 +33,22 @@ def class_folders(root, classes=('cat', 'dog', 'fox'), per_class: int = 8, seed:
     return root
 
 
-FOLDERS = TINY + [
-    '--batch-size',
-    '8',
-    '--epochs',
-    '1',
-    '--warmup-epochs',
-    '0',
-    '--aa',
-    'none',
-    '--reprob',
-    '0',
-    '--mixup',
-    '0',
-    '--cutmix',
-    '0',
-    '--no-repeated-aug',
-    '--save-freq',
-    '0',
-    '--print-freq',
-    '1',
-]
+FOLDERS = (
+    TINY
+    + NO_AUGMENTATION
+    + [
+        '--batch-size',
+        '8',
+        '--epochs',
+        '1',
+        '--warmup-epochs',
+        '0',
+        '--save-freq',
+        '0',
+        '--print-freq',
+        '1',
+    ]
+)
 
 
 @pytest.fixture(scope='module')

@@ -37,31 +37,15 @@ TINY = [
     '--print-freq',
     '100',
 ]
+# The recipe's augmentations off: RandAugment, random erasing, mixup, cutmix, repeated augmentation.
+NO_AUGMENTATION = ['--aa', 'none', '--reprob', '0', '--mixup', '0', '--cutmix', '0', '--no-repeated-aug']
 # DIGITS without the ImageNet augmentations, at 1e-3 (0.016 * 32 / 512).
-DIGITS = TINY + [
-    '--data-set',
-    'DIGITS',
-    '--batch-size',
-    '32',
-    '--lr',
-    '0.016',
-    '--warmup-epochs',
-    '0',
-    '--aa',
-    'none',
-    '--reprob',
-    '0',
-    '--mixup',
-    '0',
-    '--cutmix',
-    '0',
-    '--smoothing',
-    '0',
-    '--no-repeated-aug',
-    '--model-ema-warmup',
-    '--save-freq',
-    '0',
-]
+DIGITS = (
+    TINY
+    + ['--data-set', 'DIGITS', '--batch-size', '32', '--lr', '0.016', '--warmup-epochs', '0', '--smoothing', '0']
+    + NO_AUGMENTATION
+    + ['--model-ema-warmup', '--save-freq', '0']
+)
 # FAKE (1,024 random 32 px images) with every random draw of the authors' recipe: RandAugment (python's
 # generator), random erasing (torch's), mixup / cutmix (numpy's), drop path (torch's), repeated augmentation.
 RANDOM = TINY + [
